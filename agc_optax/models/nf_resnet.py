@@ -1,0 +1,401 @@
+"""Normalizer-Free pre-activation ResNets (NF-ResNets), as in DeepMind's Haiku code.
+
+The model follows ``nfnets/nf_resnet.py`` in google-deepmind/deepmind-research number for number:
+
+* stem: a 7x7 stride-2 weight-standardized conv (with bias) followed by a 3x3 stride-2 SAME max
+  pool whose padding is -inf, with no activation in between;
+* body: bottleneck blocks ``out = act(x) * beta -> conv0 1x1 -> act -> conv1 3x3 (strided)
+  -> act -> conv2 1x1 [-> 2 * SE(out) * out]``, returned as ``out * skip_gain * alpha + shortcut``,
+  where the shortcut of a projection block is a strided 1x1 conv on ``act(x) * beta`` (no average
+  pooling);
+* head: ``pool = mean_hw(act(out))`` (no final conv), dropout, then the linear classifier ``head``.
+
+``beta = 1 / expected_std`` keeps the input of every residual branch at unit variance at
+initialization; ``expected_std`` grows by ``alpha^2`` in variance after every block and is reset to
+one after the first block of each stage.
+
+References:
+  Brock, De, Smith. Characterizing signal propagation to close the performance gap in unnormalized
+  ResNets. ICLR 2021, arXiv:2101.08692.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from agc_optax.models import layers
+
+__all__ = [
+    "NF_RESNET_VARIANTS",
+    "NFResBlock",
+    "NFResNet",
+    "NFResNetVariant",
+    "block_schedule",
+]
+
+Initializer = Callable[..., jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class NFResNetVariant:
+    """Depth preset of an NF-ResNet, as in DeepMind's ``NF_ResNet.variant_dict``.
+
+    Attributes:
+      depths: number of bottleneck blocks in each of the four stages.
+      drop_rate: dropout rate before the classifier used when the constructor gets
+        ``drop_rate=None``. DeepMind's table has no drop rate for NF-ResNets (its ``drop_rate=None``
+        default raises a ``KeyError``); zero is what every published configuration passes.
+    """
+
+    depths: tuple[int, ...]
+    drop_rate: float = 0.0
+
+
+NF_RESNET_VARIANTS: dict[str, NFResNetVariant] = {
+    # Not an official DeepMind variant: the depth used by the reference parity data.
+    "ResNet26": NFResNetVariant(depths=(2, 2, 2, 2)),
+    "ResNet50": NFResNetVariant(depths=(3, 4, 6, 3)),
+    "ResNet101": NFResNetVariant(depths=(3, 4, 23, 3)),
+    "ResNet152": NFResNetVariant(depths=(3, 8, 36, 3)),
+    "ResNet200": NFResNetVariant(depths=(3, 24, 36, 3)),
+    "ResNet288": NFResNetVariant(depths=(24, 24, 24, 24)),
+    "ResNet600": NFResNetVariant(depths=(50, 50, 50, 50)),
+}
+
+_BASE_WIDTHS = (64, 128, 256, 512)
+
+
+def block_schedule(
+    depths: Sequence[int], alpha: float, stochdepth_rate: float | None
+) -> list[tuple[int, float, float]]:
+    """Per-block ``(block_index_in_stage, beta, stochdepth_rate)`` of a normalizer-free network.
+
+    Args:
+      depths: blocks per stage.
+      alpha: the residual-branch scale.
+      stochdepth_rate: the rate of the last block; block ``i`` of ``n`` gets ``rate * i / n``.
+
+    Returns:
+      One tuple per block, in order.
+    """
+    schedule = []
+    expected_std = 1.0
+    num_blocks = sum(depths)
+    index = 0
+    for depth in depths:
+        for block_index in range(depth):
+            rate = 0.0 if stochdepth_rate is None else stochdepth_rate * index / num_blocks
+            schedule.append((block_index, 1.0 / expected_std, rate))
+            index += 1
+            # The first block of a stage has a projection shortcut that re-normalizes the signal,
+            # so the variance restarts from one, plus that block's own residual contribution.
+            if block_index == 0:
+                expected_std = 1.0
+            expected_std = (expected_std**2 + alpha**2) ** 0.5
+    return schedule
+
+
+def _conv(
+    in_features: int,
+    out_features: int,
+    kernel_size: int,
+    *,
+    strides: int = 1,
+    scaled: bool,
+    dtype: Any,
+    param_dtype: Any,
+    rngs: nnx.Rngs,
+) -> nnx.Module:
+    """A weight-standardized conv, or a plain He-initialized conv for the unscaled baseline."""
+    if scaled:
+        return layers.WSConv(
+            in_features,
+            out_features,
+            kernel_size,
+            strides=strides,
+            padding="SAME",
+            dtype=dtype,
+            param_dtype=param_dtype,
+            rngs=rngs,
+        )
+    # He init preserves the second moment through relu + conv, which is the textbook unnormalized
+    # ResNet the paper contrasts NF-ResNets with.
+    return nnx.Conv(
+        in_features,
+        out_features,
+        (kernel_size, kernel_size),
+        strides=strides,
+        padding="SAME",
+        use_bias=True,
+        kernel_init=nnx.initializers.variance_scaling(2.0, "fan_in", "normal"),
+        dtype=dtype,
+        param_dtype=param_dtype,
+        rngs=rngs,
+    )
+
+
+class NFResBlock(nnx.Module):
+    """Normalizer-free pre-activation bottleneck block.
+
+    Args:
+      in_features: input channels.
+      out_features: output channels; the bottleneck has ``int(out_features * bottleneck_ratio)``.
+      stride: stride of ``conv1`` and of the shortcut conv.
+      beta: the input scale ``1 / expected_std``.
+      alpha: the residual-branch scale.
+      activation: the (gamma-scaled) nonlinearity.
+      stochdepth_rate: stochastic-depth drop rate; none is used outside ``(0, 1)``.
+      skipinit_gain: initializer of the scalar ``skip_gain``.
+      use_se: whether to add squeeze-excite on the block output.
+      se_ratio: squeeze-excite hidden ratio.
+      bottleneck_ratio: bottleneck width over ``out_features``.
+      scaled: ``False`` builds the unscaled, unnormalized variant (plain convs).
+      dtype: computation dtype.
+      param_dtype: parameter dtype.
+      rngs: random keys.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        stride: int = 1,
+        beta: float = 1.0,
+        alpha: float = 0.2,
+        activation: Callable[[jax.Array], jax.Array],
+        stochdepth_rate: float | None = None,
+        skipinit_gain: Initializer = nnx.initializers.zeros,
+        use_se: bool = False,
+        se_ratio: float = 0.25,
+        bottleneck_ratio: float = 0.25,
+        scaled: bool = True,
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        self.in_features, self.out_features = in_features, out_features
+        self.stride = stride
+        self.beta, self.alpha = beta, alpha
+        self.activation = activation
+        self.width = int(out_features * bottleneck_ratio)
+        if self.width < 1:
+            raise ValueError(
+                f"`bottleneck_ratio`={bottleneck_ratio} gives a bottleneck of {self.width} "
+                f"channels for {out_features} output channels; use wider stages"
+            )
+        conv = dict(scaled=scaled, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.use_projection = stride > 1 or in_features != out_features
+        self.conv_shortcut = (
+            _conv(in_features, out_features, 1, strides=stride, **conv)
+            if self.use_projection
+            else None
+        )
+        self.conv0 = _conv(in_features, self.width, 1, **conv)
+        self.conv1 = _conv(self.width, self.width, 3, strides=stride, **conv)
+        self.conv2 = _conv(self.width, out_features, 1, **conv)
+        self.stoch_depth = (
+            layers.StochasticDepth(stochdepth_rate, rngs=rngs)
+            if stochdepth_rate is not None and 0.0 < stochdepth_rate < 1.0
+            else None
+        )
+        self.se = (
+            layers.SqueezeExcite(out_features, out_features, se_ratio, rngs=rngs)
+            if use_se
+            else None
+        )
+        self.skip_gain = nnx.Param(skipinit_gain(rngs.params(), (), param_dtype))
+
+    def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Returns ``(output, residual-branch average channel variance)``."""
+        out = self.activation(x) * self.beta
+        shortcut = self.conv_shortcut(out) if self.conv_shortcut is not None else x
+        out = self.conv0(out)
+        out = self.conv1(self.activation(out))
+        out = self.conv2(self.activation(out))
+        if self.se is not None:
+            out = 2 * self.se(out) * out
+        res_avg_var = jnp.mean(jnp.var(out.astype(jnp.float32), axis=(0, 1, 2)))
+        if self.stoch_depth is not None:
+            out = self.stoch_depth(out)
+        out = out * self.skip_gain[...].astype(out.dtype)
+        return out * self.alpha + shortcut, res_avg_var
+
+
+class Stem(nnx.Module):
+    """7x7 stride-2 conv and a 3x3 stride-2 max pool (SAME, -inf padding), no activation."""
+
+    def __init__(self, in_features: int, out_features: int, *, scaled: bool, dtype: Any,
+                 param_dtype: Any, rngs: nnx.Rngs):
+        self.conv = _conv(in_features, out_features, 7, strides=2, scaled=scaled, dtype=dtype,
+                          param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return layers.max_pool_same(self.conv(x), 3, 2)
+
+
+class NFResNet(nnx.Module):
+    """Normalizer-Free pre-activation ResNet (DeepMind's ``NF_ResNet``).
+
+    Keyword names and defaults follow DeepMind's constructor. The unscaled baseline of the paper's
+    signal-propagation plots (an unnormalized ResNet without scaling) is
+    ``NFResNet(..., scaled=False)``: plain He-initialized convs instead of weight standardization,
+    ``beta = alpha = 1``, ``skip_gain`` initialized to one and activations without gamma.
+
+    Args:
+      num_classes: classifier outputs.
+      variant: a key of :data:`NF_RESNET_VARIANTS` (``'ResNet26'``, ``'ResNet50'`` ...).
+      width: width multiplier: stages have ``(64, 128, 256, 512) * width`` channels and the stem
+        ``int(16 * width)``.
+      alpha: residual-branch scale.
+      stochdepth_rate: stochastic-depth rate of the last block (linear in the block index).
+      drop_rate: dropout before the classifier; ``None`` takes the variant's (zero).
+      activation: name of a gamma-scaled activation in :data:`agc_optax.models.layers.GAMMAS`.
+      fc_init: initializer of ``head/kernel``; ``None`` gives DeepMind's N(0, 0.01).
+      skipinit_gain: initializer of every block's scalar ``skip_gain`` (zeros: SkipInit).
+      use_se: squeeze-excite on each block output.
+      se_ratio: squeeze-excite hidden ratio.
+      widths: explicit stage widths, replacing ``(64, 128, 256, 512) * width``.
+      depths: explicit blocks per stage, replacing the variant's.
+      stem_width: explicit stem channels, replacing ``int(16 * width)``.
+      scaled: ``False`` builds the unscaled, unnormalized comparison model (see above).
+      in_features: input channels.
+      dtype: computation dtype (e.g. ``jnp.bfloat16``); weight standardization stays float32.
+      param_dtype: parameter dtype.
+      rngs: keys for ``params``, ``dropout`` and stochastic depth.
+
+    Example:
+      >>> from flax import nnx
+      >>> import jax.numpy as jnp
+      >>> model = NFResNet(10, variant="ResNet26", width=1, rngs=nnx.Rngs(0))
+      >>> model(jnp.zeros((1, 32, 32, 3))).shape
+      (1, 10)
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        variant: str = "ResNet50",
+        width: float = 4,
+        alpha: float = 0.2,
+        stochdepth_rate: float = 0.1,
+        drop_rate: float | None = None,
+        activation: str = "relu",
+        fc_init: Initializer | None = None,
+        skipinit_gain: Initializer = nnx.initializers.zeros,
+        use_se: bool = False,
+        se_ratio: float = 0.25,
+        *,
+        widths: Sequence[int] | None = None,
+        depths: Sequence[int] | None = None,
+        stem_width: int | None = None,
+        scaled: bool = True,
+        in_features: int = 3,
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        if variant not in NF_RESNET_VARIANTS:
+            raise ValueError(
+                f"`variant`={variant!r} is not an NF-ResNet variant; choose one of "
+                f"{sorted(NF_RESNET_VARIANTS)} or pass `depths=`"
+            )
+        preset = NF_RESNET_VARIANTS[variant]
+        self.variant = variant
+        self.depths = tuple(int(d) for d in (preset.depths if depths is None else depths))
+        self.widths = tuple(
+            int(w) for w in ([b * width for b in _BASE_WIDTHS] if widths is None else widths)
+        )
+        if len(self.widths) != len(self.depths):
+            raise ValueError(
+                f"`widths` has {len(self.widths)} stages but `depths` has {len(self.depths)}; "
+                "give one width per stage"
+            )
+        if any(d < 1 for d in self.depths):
+            raise ValueError(f"`depths`={self.depths}: every stage needs at least one block")
+        self.drop_rate = float(preset.drop_rate if drop_rate is None else drop_rate)
+        if not 0.0 <= self.drop_rate < 1.0:
+            raise ValueError(f"`drop_rate`={drop_rate} must be in [0, 1)")
+        self.scaled = scaled
+        self.activation = layers.scaled_activation(activation) if scaled else _plain(activation)
+        if not scaled:
+            alpha = 1.0
+            skipinit_gain = nnx.initializers.ones
+        self.alpha = alpha
+        ch = int(16 * width) if stem_width is None else int(stem_width)
+        common = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.stem = Stem(in_features, ch, scaled=scaled, **common)
+
+        blocks = []
+        schedule = iter(block_schedule(self.depths, alpha, stochdepth_rate))
+        for stage, (block_width, stride) in enumerate(zip(self.widths, (1, 2, 2, 2), strict=False)):
+            for _ in range(self.depths[stage]):
+                block_index, beta, rate = next(schedule)
+                blocks.append(
+                    NFResBlock(
+                        ch,
+                        block_width,
+                        stride=stride if block_index == 0 else 1,
+                        beta=beta if scaled else 1.0,
+                        alpha=alpha,
+                        activation=self.activation,
+                        stochdepth_rate=rate,
+                        skipinit_gain=skipinit_gain,
+                        use_se=use_se,
+                        se_ratio=se_ratio,
+                        scaled=scaled,
+                        **common,
+                    )
+                )
+                ch = block_width
+        self.blocks = nnx.List(blocks)
+        self.dropout = nnx.Dropout(self.drop_rate, rngs=rngs)
+        self.head = nnx.Linear(
+            ch,
+            num_classes,
+            kernel_init=nnx.initializers.normal(0.01) if fc_init is None else fc_init,
+            **common,
+        )
+
+    def forward_features(self, x: jax.Array, *, return_metrics: bool = False) -> dict[str, Any]:
+        """Runs the network and returns DeepMind's output dict.
+
+        Args:
+          x: images, NHWC.
+          return_metrics: also return ``avg_sq_mean_{i}`` and ``avg_var_{i}`` of the stem output
+            (``i = 0``) and of every block output (``i = block + 1``), and ``res_avg_var_{i}`` of
+            every residual branch before the skip gain.
+
+        Returns:
+          ``{'pool', 'logits'}`` plus the metrics when asked for.
+        """
+        outputs: dict[str, Any] = {}
+        out = self.stem(x)
+        if return_metrics:
+            outputs.update(layers.signal_metrics(out, 0))
+        for i, block in enumerate(self.blocks):
+            out, res_avg_var = block(out)
+            if return_metrics:
+                outputs.update(layers.signal_metrics(out, i + 1))
+                outputs[f"res_avg_var_{i}"] = res_avg_var
+        pool = jnp.mean(self.activation(out), axis=(1, 2))
+        outputs["pool"] = pool
+        outputs["logits"] = self.head(self.dropout(pool))
+        return outputs
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """Returns the logits (no softmax) for NHWC images."""
+        return self.forward_features(x)["logits"]
+
+
+def _plain(name: str) -> Callable[[jax.Array], jax.Array]:
+    """The activation ``name`` without its gamma, for the unscaled baseline."""
+    scaled = layers.scaled_activation(name)  # raises the ValueError for unknown names
+    gamma = layers.GAMMAS[name]
+    return lambda x: scaled(x) / gamma
