@@ -32,11 +32,14 @@ from flax import nnx
 from agc_optax.models import layers
 
 __all__ = [
+    "MODEL_CONFIGS",
     "NF_RESNET_VARIANTS",
     "NFResBlock",
     "NFResNet",
+    "NFResNetConfig",
     "NFResNetVariant",
     "block_schedule",
+    "build",
 ]
 
 Initializer = Callable[..., jax.Array]
@@ -399,3 +402,37 @@ def _plain(name: str) -> Callable[[jax.Array], jax.Array]:
     scaled = layers.scaled_activation(name)  # raises the ValueError for unknown names
     gamma = layers.GAMMAS[name]
     return lambda x: scaled(x) / gamma
+
+
+@dataclasses.dataclass(frozen=True)
+class NFResNetConfig:
+    """Constructor arguments of a registered NF-ResNet (DeepMind's defaults)."""
+
+    variant: str = "ResNet50"
+    width: float = 4
+    alpha: float = 0.2
+    stochdepth_rate: float = 0.1
+    drop_rate: float | None = None
+    activation: str = "relu"
+    use_se: bool = False
+    se_ratio: float = 0.25
+
+
+MODEL_CONFIGS: dict[str, NFResNetConfig] = {
+    f"nf_resnet{depth}": NFResNetConfig(variant=f"ResNet{depth}")
+    for depth in (26, 50, 101, 152, 200)
+}
+
+
+def build(
+    config: NFResNetConfig,
+    *,
+    num_classes: int,
+    dtype: Any,
+    param_dtype: Any,
+    rngs: nnx.Rngs,
+    **overrides: Any,
+) -> NFResNet:
+    """Builds an :class:`NFResNet` from a registry config; ``overrides`` replace its fields."""
+    kwargs = {**dataclasses.asdict(config), **overrides}
+    return NFResNet(num_classes, dtype=dtype, param_dtype=param_dtype, rngs=rngs, **kwargs)

@@ -1,0 +1,234 @@
+"""Adaptive Gradient Clipping (Brock et al. 2021) as an optax transform with per-leaf unit rules."""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from agc_optax.unit_axes import (
+    ExcludeRule,
+    UnitAxes,
+    UnitAxesRule,
+    leaf_paths,
+    num_units,
+    resolve_unit_axes,
+    squared_unit_norms,
+)
+
+
+class AdaptiveGradClipState(NamedTuple):
+    """Statistics of the last update, kept when ``stats=True``.
+
+    Attributes:
+      clip_fraction: clipped units / eligible (non-excluded) units, float32 scalar.
+      max_ratio: the largest ``||G_i|| / max(||W_i||, eps)`` over all eligible units.
+      num_units: how many units are eligible, int32 scalar.
+    """
+
+    clip_fraction: jax.Array
+    max_ratio: jax.Array
+    num_units: jax.Array
+
+
+def _check_hyperparameter(name: str, value: Any) -> None:
+    # Traced values (inject_hyperparams, schedules under jit) cannot be checked here.
+    if isinstance(value, numbers.Real | np.ndarray) and np.ndim(value) == 0:
+        if not np.isfinite(value) or value < 0:
+            raise ValueError(f"`{name}` must be a finite number >= 0, got {value!r}.")
+
+
+def _check_float(path: str, leaf: Any, what: str) -> None:
+    dtype = getattr(leaf, "dtype", None)
+    if dtype is None or not jnp.issubdtype(dtype, jnp.inexact):
+        raise TypeError(
+            f"`{path}`: {what} has dtype {dtype}; AGC needs floating-point leaves. Pass only "
+            f"trainable float parameters (e.g. `nnx.state(model, nnx.Param)`), or skip this leaf "
+            f"with `exclude=r\"{path}$\"`."
+        )
+
+
+def _plan(params: Any, unit_axes: UnitAxesRule, exclude: ExcludeRule) -> list[tuple[str, UnitAxes]]:
+    """Resolves and validates the unit axes of every leaf of params (trace-time Python only)."""
+    plan = resolve_unit_axes(params, unit_axes, exclude)
+    for (path, axes), leaf in zip(plan, jax.tree.leaves(params), strict=True):
+        if axes is not None:
+            _check_float(path, leaf, "the parameter")
+    return plan
+
+
+def _check_updates_match(updates: Any, params: Any) -> None:
+    upaths, ppaths = leaf_paths(updates), leaf_paths(params)
+    if upaths != ppaths:
+        missing = sorted(set(upaths) - set(ppaths))
+        extra = sorted(set(ppaths) - set(upaths))
+        detail = "; ".join(
+            s
+            for s in (
+                f"in updates but not params: {', '.join(f'`{p}`' for p in missing[:5])}"
+                if missing
+                else "",
+                f"in params but not updates: {', '.join(f'`{p}`' for p in extra[:5])}"
+                if extra
+                else "",
+            )
+            if s
+        ) or "the same paths in a different order"
+        raise ValueError(
+            "adaptive_grad_clip: `updates` and `params` must have the same tree structure "
+            f"({detail}). Pass the params the gradients were taken with, filtered the same way."
+        )
+    for path, g, w in zip(upaths, jax.tree.leaves(updates), jax.tree.leaves(params), strict=True):
+        if np.shape(g) != np.shape(w):
+            raise ValueError(
+                f"`{path}`: gradient shape {np.shape(g)} differs from parameter shape "
+                f"{np.shape(w)}; pass the params the gradients were taken with."
+            )
+
+
+def _safe_sqrt(x: jax.Array) -> jax.Array:
+    # sqrt has an infinite derivative at 0; keep jax.grad through the transform finite.
+    positive = x > 0
+    return jnp.where(positive, jnp.sqrt(jnp.where(positive, x, 1)), 0)
+
+
+def _clip_leaf(
+    g: jax.Array, w: jax.Array, axes: tuple[int, ...], clipping: Any, eps: Any
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Returns (clipped g, per-unit clipped mask, per-unit squared ratio ||G||^2/max(||W||,eps)^2)."""
+    g_sq = squared_unit_norms(g, axes)
+    w_floor_sq = jnp.maximum(squared_unit_norms(w, axes), jnp.square(eps))
+    # Compare squares: no sqrt on the hot path, and zero gradients never divide.
+    max_sq = jnp.square(clipping) * w_floor_sq
+    clip = g_sq > max_sq
+    scale = jnp.where(clip, _safe_sqrt(max_sq) * jax.lax.rsqrt(jnp.where(clip, g_sq, 1)), 1)
+    # scale is exactly 1 for unclipped units, so they come back bit for bit (also in bf16, which
+    # converts to float32 and back exactly).
+    clipped = (g * scale.astype(jnp.promote_types(g.dtype, scale.dtype))).astype(g.dtype)
+    safe_den = jnp.where(w_floor_sq > 0, w_floor_sq, 1)
+    ratio_sq = jnp.where(w_floor_sq > 0, g_sq / safe_den, jnp.where(g_sq > 0, jnp.inf, 0))
+    return clipped, clip, ratio_sq
+
+
+def adaptive_grad_clip(
+    clipping: float | jax.Array = 0.01,
+    eps: float | jax.Array = 1e-3,
+    *,
+    unit_axes: UnitAxesRule = None,
+    exclude: ExcludeRule = None,
+    stats: bool = False,
+) -> optax.GradientTransformation:
+    r"""Adaptive Gradient Clipping: clips each unit's gradient relative to its weight's norm.
+
+    For every parameter leaf :math:`W` with gradient :math:`G`, and every unit :math:`i` of it
+    (a slice picked by the leaf's unit axes, see :func:`agc_optax.infer_unit_axes`):
+
+    .. math::
+
+      G_i \leftarrow \begin{cases}
+        \lambda \frac{\max(\|W_i\|, \epsilon)}{\|G_i\|} G_i
+          & \text{if } \|G_i\| > \lambda \max(\|W_i\|, \epsilon) \\
+        G_i & \text{otherwise (returned bit for bit)}
+      \end{cases}
+
+    with :math:`\lambda` = ``clipping``. Norms accumulate in at least float32; each output leaf
+    keeps its gradient's dtype.
+
+    Compared with ``optax.adaptive_grad_clip``, units are chosen per leaf by path-aware rules,
+    with defaults that are right for Flax's Conv1D, attention, Embed and ``(1, N)`` kernels.
+
+    Non-finite gradients: a unit holding a NaN is returned unchanged; a unit holding an Inf (and
+    no NaN) becomes non-finite too (its Inf entries become NaN). So ``optax.apply_if_finite``
+    placed after this transform still skips the step. Finite gradients always give finite
+    results; a unit whose float32 squared norm overflows is clipped to zero.
+
+    Args:
+      clipping: the maximum ratio :math:`\lambda` of a unit's gradient norm to its weight norm.
+        DeepMind's NFNets use 0.01 at batch size 4096; small batches favour larger values. May be
+        a traced scalar (``optax.inject_hyperparams``).
+      eps: floor on weight norms, so zero-initialised weights can still move. May be traced.
+      unit_axes: which axes of each leaf index units. ``None`` infers them
+        (:func:`agc_optax.infer_unit_axes`); or a callable ``(path, leaf) -> axes | None``; or a
+        sequence of ``(regex, axes)`` pairs matched with ``re.search`` against leaf paths (first
+        match wins, unmatched leaves inferred); or a pytree matching params whose leaves are
+        tuples of ints or None. ``()`` makes the whole leaf one unit, ``None`` leaves it alone.
+      exclude: leaves to pass through untouched: a regex, a sequence of regexes, or a callable
+        ``(path, leaf) -> bool``. The paper recommends excluding the classifier,
+        ``exclude=r"head/kernel"``.
+      stats: keep :class:`AdaptiveGradClipState` (clip fraction, max ratio, number of units) of
+        the last update in the state; read it from any chain with
+        ``optax.tree.get(opt_state, "clip_fraction")``.
+
+    Returns:
+      An ``optax.GradientTransformation`` whose ``update`` needs ``params``.
+
+    References:
+      Brock, De, Smith, Simonyan. High-Performance Large-Scale Image Recognition Without
+      Normalization. ICML 2021. arXiv:2102.06171.
+
+    Example:
+      >>> import jax.numpy as jnp, optax, agc_optax
+      >>> params = {"dense": {"kernel": jnp.ones((4, 2)), "bias": jnp.zeros(2)}}
+      >>> grads = {"dense": {"kernel": jnp.full((4, 2), 10.0), "bias": jnp.ones(2)}}
+      >>> tx = optax.chain(agc_optax.adaptive_grad_clip(0.01), optax.sgd(0.1))
+      >>> updates, _ = tx.update(grads, tx.init(params), params)
+      >>> float(jnp.linalg.norm(updates["dense"]["kernel"][:, 0]))  # 0.1 * 0.01 * ||(1,1,1,1)||
+      0.002
+    """
+    _check_hyperparameter("clipping", clipping)
+    _check_hyperparameter("eps", eps)
+
+    def _stats_state(plan: list[tuple[str, UnitAxes]], params: Any) -> AdaptiveGradClipState:
+        count = sum(
+            num_units(np.shape(w), axes)
+            for (_, axes), w in zip(plan, jax.tree.leaves(params), strict=True)
+            if axes is not None
+        )
+        return AdaptiveGradClipState(
+            clip_fraction=jnp.zeros((), jnp.float32),
+            max_ratio=jnp.zeros((), jnp.float32),
+            num_units=jnp.asarray(count, jnp.int32),
+        )
+
+    def init_fn(params: Any) -> optax.OptState:
+        plan = _plan(params, unit_axes, exclude)  # bad rules fail at init, not at step 1
+        return _stats_state(plan, params) if stats else optax.EmptyState()
+
+    def update_fn(updates: Any, state: optax.OptState, params: Any = None):
+        if params is None:
+            raise ValueError(
+                "adaptive_grad_clip needs the parameters: call `tx.update(grads, state, params)`."
+            )
+        _check_updates_match(updates, params)
+        plan = _plan(params, unit_axes, exclude)
+        g_leaves, treedef = jax.tree.flatten(updates)
+        out, clipped_counts, ratios = [], [], []
+        for (path, axes), g, w in zip(plan, g_leaves, jax.tree.leaves(params), strict=True):
+            if axes is None:
+                out.append(g)
+                continue
+            _check_float(path, g, "the gradient")
+            new_g, clip, ratio_sq = _clip_leaf(g, w, axes, clipping, eps)
+            out.append(new_g)
+            if stats:
+                clipped_counts.append(jnp.sum(clip, dtype=jnp.int32))
+                ratios.append(jnp.max(ratio_sq).astype(jnp.float32))
+        new_updates = jax.tree.unflatten(treedef, out)
+        if not stats:
+            return new_updates, state
+        if not clipped_counts:
+            return new_updates, _stats_state(plan, params)
+        total = _stats_state(plan, params).num_units
+        clipped = sum(clipped_counts)
+        new_state = AdaptiveGradClipState(
+            clip_fraction=clipped.astype(jnp.float32) / total.astype(jnp.float32),
+            max_ratio=jnp.sqrt(jnp.max(jnp.stack(ratios))),
+            num_units=total,
+        )
+        return new_updates, new_state
+
+    return optax.GradientTransformation(init_fn, update_fn)

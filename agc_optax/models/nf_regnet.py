@@ -1,0 +1,363 @@
+"""Normalizer-Free RegNets (NF-RegNet B0-B8), as in DeepMind's Haiku code.
+
+The model follows ``nfnets/nf_regnet.py`` of google-deepmind/deepmind-research:
+
+* stem: one 3x3 stride-2 weight-standardized conv, no activation and no pooling;
+* body: four stages whose first block has stride 2. A block computes ``out = act(x) * beta``;
+  the shortcut is ``conv_shortcut(avg_pool_2x2(out))`` when strided (the average excludes padded
+  cells), ``conv_shortcut(out)`` on a channel change and ``x`` otherwise; the branch is
+  ``conv0 1x1 -> act -> conv1 3x3 grouped (strided) -> 2 * SE(.) * . -> act -> conv2 1x1``, with
+  squeeze-excite on the expanded width, and the block returns ``out * skip_gain * alpha +
+  shortcut``. The expanded width is ``in * expansion`` rounded down to a multiple of
+  ``group_size``; the very first block uses an expansion of one, as EfficientNet does;
+* head: ``final_conv`` 1x1 to ``1280 * ch // 440`` channels, act, spatial mean, dropout and the
+  zero-initialized linear classifier ``head``.
+
+The registry's ``nf_regnet_b*`` models use DeepMind's training arguments
+(``experiment_nf_regnets.py``): width 0.75, expansion 2.25, group size 8, SE ratio 0.5,
+alpha 0.2, stochastic depth 0.1, the variant's dropout and ``silu``.
+
+References:
+  Brock, De, Smith. Characterizing signal propagation to close the performance gap in unnormalized
+  ResNets. ICLR 2021, arXiv:2101.08692.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from agc_optax.models import layers
+from agc_optax.models.nf_resnet import block_schedule
+
+__all__ = [
+    "MODEL_CONFIGS",
+    "NF_REGNET_VARIANTS",
+    "NFRegNet",
+    "NFRegNetBlock",
+    "NFRegNetConfig",
+    "NFRegNetVariant",
+    "build",
+]
+
+Initializer = Callable[..., jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class NFRegNetVariant:
+    """A row of DeepMind's ``nf_regnet_params``.
+
+    Attributes:
+      widths: stage widths before the ``width`` multiplier.
+      depths: blocks per stage.
+      train_imsize: training resolution.
+      test_imsize: evaluation resolution.
+      drop_rate: dropout before the classifier.
+    """
+
+    widths: tuple[int, ...]
+    depths: tuple[int, ...]
+    train_imsize: int
+    test_imsize: int
+    drop_rate: float
+
+
+NF_REGNET_VARIANTS: dict[str, NFRegNetVariant] = {
+    "B0": NFRegNetVariant((48, 104, 208, 440), (1, 3, 6, 6), 192, 224, 0.2),
+    "B1": NFRegNetVariant((48, 104, 208, 440), (2, 4, 7, 7), 224, 256, 0.2),
+    "B2": NFRegNetVariant((56, 112, 232, 488), (2, 4, 8, 8), 240, 272, 0.3),
+    "B3": NFRegNetVariant((56, 128, 248, 528), (2, 5, 9, 9), 288, 320, 0.3),
+    "B4": NFRegNetVariant((64, 144, 288, 616), (2, 6, 11, 11), 320, 384, 0.4),
+    "B5": NFRegNetVariant((80, 168, 336, 704), (3, 7, 14, 14), 384, 456, 0.4),
+    "B6": NFRegNetVariant((88, 184, 376, 792), (3, 8, 16, 16), 448, 528, 0.5),
+    "B7": NFRegNetVariant((96, 208, 416, 880), (4, 10, 19, 19), 512, 600, 0.5),
+    "B8": NFRegNetVariant((104, 232, 456, 968), (4, 11, 22, 22), 600, 672, 0.5),
+}
+
+
+def _activation(name: str) -> Callable[[jax.Array], jax.Array]:
+    # DeepMind's constructor default is 'swish', a name missing from its own table (the default
+    # raises a KeyError there); every experiment passes 'silu', the same function.
+    return layers.scaled_activation("silu" if name == "swish" else name)
+
+
+class NFRegNetBlock(nnx.Module):
+    """NF-RegNet inverted-bottleneck block with grouped 3x3 conv and squeeze-excite.
+
+    Args:
+      in_features: input channels.
+      out_features: output channels.
+      expansion: expanded width over ``in_features``, rounded down to a multiple of ``group_size``.
+      se_ratio: squeeze-excite hidden ratio (of the expanded width).
+      group_size: channels per group of ``conv1``.
+      stride: stride of ``conv1`` and of the shortcut's average pool.
+      beta: the input scale ``1 / expected_std``.
+      alpha: the residual-branch scale.
+      activation: the (gamma-scaled) nonlinearity.
+      stochdepth_rate: stochastic-depth drop rate; none is used outside ``(0, 1)``.
+      dtype: computation dtype.
+      param_dtype: parameter dtype.
+      rngs: random keys.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        expansion: float = 2.25,
+        se_ratio: float = 0.5,
+        group_size: int = 8,
+        stride: int = 1,
+        beta: float = 1.0,
+        alpha: float = 0.2,
+        activation: Callable[[jax.Array], jax.Array],
+        stochdepth_rate: float | None = None,
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        self.in_features, self.out_features = in_features, out_features
+        self.stride = stride
+        self.beta, self.alpha = beta, alpha
+        self.activation = activation
+        self.groups = int(in_features * expansion) // group_size
+        if self.groups < 1:
+            raise ValueError(
+                f"`group_size`={group_size} exceeds the expanded width "
+                f"{int(in_features * expansion)} of a block with {in_features} input channels; "
+                "use a smaller group size or wider stages"
+            )
+        self.width = group_size * self.groups
+        common = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.conv0 = layers.WSConv(in_features, self.width, 1, **common)
+        self.conv1 = layers.WSConv(
+            self.width, self.width, 3, strides=stride, feature_group_count=self.groups, **common
+        )
+        self.se = layers.SqueezeExcite(self.width, self.width, se_ratio, **common)
+        self.conv2 = layers.WSConv(self.width, out_features, 1, **common)
+        self.use_projection = stride > 1 or in_features != out_features
+        # Unlike NF-ResNet, the projection is unstrided: striding is done by the average pool.
+        self.conv_shortcut = (
+            layers.WSConv(in_features, out_features, 1, **common) if self.use_projection else None
+        )
+        self.stoch_depth = (
+            layers.StochasticDepth(stochdepth_rate, rngs=rngs)
+            if stochdepth_rate is not None and 0.0 < stochdepth_rate < 1.0
+            else None
+        )
+        self.skip_gain = nnx.Param(jnp.zeros((), param_dtype))
+
+    def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Returns ``(output, residual-branch average channel variance)``."""
+        out = self.activation(x) * self.beta
+        if self.stride > 1:
+            shortcut = layers.avg_pool_same(out, 2, 2)
+            if self.conv_shortcut is not None:
+                shortcut = self.conv_shortcut(shortcut)
+        elif self.conv_shortcut is not None:
+            shortcut = self.conv_shortcut(out)
+        else:
+            shortcut = x
+        out = self.conv1(self.activation(self.conv0(out)))
+        # The factor 2 restores unit variance: a sigmoid gate averages about one half at init.
+        out = 2 * self.se(out) * out
+        out = self.conv2(self.activation(out))
+        res_avg_var = jnp.mean(jnp.var(out.astype(jnp.float32), axis=(0, 1, 2)))
+        if self.stoch_depth is not None:
+            out = self.stoch_depth(out)
+        out = out * self.skip_gain[...].astype(out.dtype)
+        return out * self.alpha + shortcut, res_avg_var
+
+
+class Stem(nnx.Module):
+    """A single 3x3 stride-2 weight-standardized conv."""
+
+    def __init__(self, in_features: int, out_features: int, *, dtype: Any, param_dtype: Any,
+                 rngs: nnx.Rngs):
+        self.conv = layers.WSConv(in_features, out_features, 3, strides=2, dtype=dtype,
+                                  param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.conv(x)
+
+
+class NFRegNet(nnx.Module):
+    """Normalizer-Free RegNet (DeepMind's ``NF_RegNet``).
+
+    Keyword names and defaults follow DeepMind's constructor, except ``activation``: DeepMind's
+    default ``'swish'`` is accepted as an alias of ``'silu'``, which its experiments use.
+
+    Args:
+      num_classes: classifier outputs.
+      variant: a key of :data:`NF_REGNET_VARIANTS` (``'B0'`` ... ``'B8'``).
+      width: multiplier of the variant's stage widths (each rounded down with ``int``).
+      expansion: bottleneck expansion of every block but the first (which uses 1).
+      group_size: channels per group of the 3x3 convs.
+      se_ratio: squeeze-excite hidden ratio.
+      alpha: residual-branch scale.
+      stochdepth_rate: stochastic-depth rate of the last block (linear in the block index).
+      drop_rate: dropout before the classifier; ``None`` takes the variant's.
+      activation: name of a gamma-scaled activation in :data:`agc_optax.models.layers.GAMMAS`.
+      fc_init: initializer of ``head/kernel`` (DeepMind: zeros).
+      widths: explicit stage widths (before ``width``), replacing the variant's.
+      depths: explicit blocks per stage, replacing the variant's.
+      in_features: input channels.
+      dtype: computation dtype (e.g. ``jnp.bfloat16``); weight standardization stays float32.
+      param_dtype: parameter dtype.
+      rngs: keys for ``params``, ``dropout`` and stochastic depth.
+
+    Example:
+      >>> from flax import nnx
+      >>> import jax.numpy as jnp
+      >>> model = NFRegNet(10, "B0", depths=(1, 1, 1, 1), rngs=nnx.Rngs(0))
+      >>> model(jnp.zeros((1, 32, 32, 3))).shape
+      (1, 10)
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        variant: str = "B0",
+        width: float = 0.75,
+        expansion: float = 2.25,
+        group_size: int = 8,
+        se_ratio: float = 0.5,
+        alpha: float = 0.2,
+        stochdepth_rate: float = 0.1,
+        drop_rate: float | None = None,
+        activation: str = "swish",
+        fc_init: Initializer = nnx.initializers.zeros,
+        *,
+        widths: Sequence[int] | None = None,
+        depths: Sequence[int] | None = None,
+        in_features: int = 3,
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        if variant not in NF_REGNET_VARIANTS:
+            raise ValueError(
+                f"`variant`={variant!r} is not an NF-RegNet variant; choose one of "
+                f"{sorted(NF_REGNET_VARIANTS)}"
+            )
+        preset = NF_REGNET_VARIANTS[variant]
+        self.variant = variant
+        self.train_imsize, self.test_imsize = preset.train_imsize, preset.test_imsize
+        base_widths = tuple(preset.widths if widths is None else widths)
+        self.depths = tuple(int(d) for d in (preset.depths if depths is None else depths))
+        if len(base_widths) != len(self.depths):
+            raise ValueError(
+                f"`widths` has {len(base_widths)} stages but `depths` has {len(self.depths)}; "
+                "give one width per stage"
+            )
+        if any(d < 1 for d in self.depths):
+            raise ValueError(f"`depths`={self.depths}: every stage needs at least one block")
+        self.widths = tuple(int(w * width) for w in base_widths)
+        self.drop_rate = float(preset.drop_rate if drop_rate is None else drop_rate)
+        if not 0.0 <= self.drop_rate < 1.0:
+            raise ValueError(f"`drop_rate`={drop_rate} must be in [0, 1)")
+        self.activation = _activation(activation)
+        self.alpha = alpha
+        common = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+        ch = self.widths[0]
+        self.stem = Stem(in_features, ch, **common)
+        blocks = []
+        schedule = iter(block_schedule(self.depths, alpha, stochdepth_rate))
+        index = 0
+        for out_ch, depth in zip(self.widths, self.depths, strict=True):
+            for _ in range(depth):
+                block_index, beta, rate = next(schedule)
+                blocks.append(
+                    NFRegNetBlock(
+                        ch,
+                        out_ch,
+                        expansion=1.0 if index == 0 else expansion,
+                        se_ratio=se_ratio,
+                        group_size=group_size,
+                        stride=2 if block_index == 0 else 1,
+                        beta=beta,
+                        alpha=alpha,
+                        activation=self.activation,
+                        stochdepth_rate=rate,
+                        **common,
+                    )
+                )
+                ch = out_ch
+                index += 1
+        self.blocks = nnx.List(blocks)
+        # EfficientNet-B0's head widens 320 -> 1280; DeepMind keeps that ratio relative to 440.
+        self.final_conv = layers.WSConv(ch, 1280 * ch // 440, 1, **common)
+        self.dropout = nnx.Dropout(self.drop_rate, rngs=rngs)
+        self.head = nnx.Linear(1280 * ch // 440, num_classes, kernel_init=fc_init, **common)
+
+    def forward_features(self, x: jax.Array, *, return_metrics: bool = False) -> dict[str, Any]:
+        """Runs the network and returns DeepMind's output dict.
+
+        Args:
+          x: images, NHWC.
+          return_metrics: also return ``avg_sq_mean_{i}`` and ``avg_var_{i}`` of the stem output
+            (``i = 0``) and of every block output (``i = block + 1``), and ``res_avg_var_{i}`` of
+            every residual branch before the skip gain.
+
+        Returns:
+          ``{'pool', 'logits'}`` plus the metrics when asked for.
+        """
+        outputs: dict[str, Any] = {}
+        out = self.stem(x)
+        if return_metrics:
+            outputs.update(layers.signal_metrics(out, 0))
+        for i, block in enumerate(self.blocks):
+            out, res_avg_var = block(out)
+            if return_metrics:
+                outputs.update(layers.signal_metrics(out, i + 1))
+                outputs[f"res_avg_var_{i}"] = res_avg_var
+        out = self.activation(self.final_conv(out))
+        pool = jnp.mean(out, axis=(1, 2))
+        outputs["pool"] = pool
+        outputs["logits"] = self.head(self.dropout(pool))
+        return outputs
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """Returns the logits (no softmax) for NHWC images."""
+        return self.forward_features(x)["logits"]
+
+
+@dataclasses.dataclass(frozen=True)
+class NFRegNetConfig:
+    """Constructor arguments of a registered NF-RegNet (DeepMind's experiment kwargs)."""
+
+    variant: str = "B0"
+    width: float = 0.75
+    expansion: float = 2.25
+    group_size: int = 8
+    se_ratio: float = 0.5
+    alpha: float = 0.2
+    stochdepth_rate: float = 0.1
+    drop_rate: float | None = None
+    activation: str = "silu"
+
+
+MODEL_CONFIGS: dict[str, NFRegNetConfig] = {
+    f"nf_regnet_{v.lower()}": NFRegNetConfig(variant=v) for v in NF_REGNET_VARIANTS
+}
+
+
+def build(
+    config: NFRegNetConfig,
+    *,
+    num_classes: int,
+    dtype: Any,
+    param_dtype: Any,
+    rngs: nnx.Rngs,
+    **overrides: Any,
+) -> NFRegNet:
+    """Builds an :class:`NFRegNet` from a registry config; ``overrides`` replace its fields."""
+    kwargs = {**dataclasses.asdict(config), **overrides}
+    return NFRegNet(num_classes, dtype=dtype, param_dtype=param_dtype, rngs=rngs, **kwargs)

@@ -1,0 +1,540 @@
+"""NFNets: Normalizer-Free Networks F0-F7 and the wider "+" variants.
+
+Reads top to bottom like Figure 2 of the paper, and matches DeepMind's Haiku
+model (``nfnets/nfnet.py``) number for number:
+
+* ``Stem``: four 3x3 WSConvs (16 s2, 32, 64, ``widths[0] // 2`` s2), with the
+  scaled activation between them but not after the last.
+* ``NFBlock``: ``out = act(x) * beta``; main branch ``conv0 1x1 -> act -> conv1
+  3x3 grouped, strided -> act -> conv1b 3x3 grouped -> act -> conv2 1x1``, then
+  ``2 * SE(out) * out``, stochastic depth and the scalar ``skip_gain``; the
+  output is ``out * skip_gain * alpha + shortcut``. The shortcut is
+  ``conv_shortcut(avg_pool(act(x) * beta))`` when strided,
+  ``conv_shortcut(act(x) * beta)`` on a channel change, and the raw ``x``
+  otherwise.
+* Head: ``final_conv`` 1x1 to ``final_conv_mult * widths[-1]`` channels, act,
+  mean over H and W (``pool``), dropout, ``head`` (``nnx.Linear``).
+
+``beta = 1 / expected_std``, where ``expected_std`` starts at 1, grows as
+``sqrt(expected_std**2 + alpha**2)`` after every block, and is reset to 1 after
+the first block of each stage (before that growth). Block ``i`` of ``n`` drops
+its branch with rate ``stochdepth_rate * i / n``.
+
+References:
+  Brock, De, Smith, Simonyan 2021, "High-Performance Large-Scale Image
+  Recognition Without Normalization", arXiv:2102.06171.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from agc_optax.models.layers import (
+    SqueezeExcite,
+    StochasticDepth,
+    WSConv,
+    avg_pool_same,
+    scaled_activation,
+    signal_metrics,
+)
+
+__all__ = ["MODEL_CONFIGS", "NFBlock", "NFNet", "NFNetConfig", "NFNET_VARIANTS", "Stem", "build"]
+
+Array = jax.Array
+Dtype = Any
+
+_STAGE_STRIDES = (1, 2, 2, 2)
+
+
+@dataclasses.dataclass(frozen=True)
+class NFNetConfig:
+    """One NFNet variant (DeepMind's ``base.nfnet_params`` entry).
+
+    Attributes:
+      variant: DeepMind's name, e.g. ``"F0"`` or ``"F0+"``.
+      widths: output channels of each stage.
+      depths: blocks per stage.
+      train_imsize: training resolution.
+      test_imsize: evaluation resolution.
+      drop_rate: dropout rate before the classifier.
+      ra_level: RandAugment level string of the training recipe.
+      expansions: bottleneck ratio of each stage.
+      group_widths: channels per group of the grouped 3x3 convs, per stage.
+      big_widths: per stage, whether the bottleneck follows the output width
+        (True) or the input width (False).
+    """
+
+    variant: str
+    widths: tuple[int, ...]
+    depths: tuple[int, ...]
+    train_imsize: int
+    test_imsize: int
+    drop_rate: float
+    ra_level: str = "405"
+    expansions: tuple[float, ...] = (0.5, 0.5, 0.5, 0.5)
+    group_widths: tuple[int, ...] = (128, 128, 128, 128)
+    big_widths: tuple[bool, ...] = (True, True, True, True)
+
+    def __post_init__(self) -> None:
+        n = len(self.widths)
+        for field in ("depths", "expansions", "group_widths", "big_widths"):
+            if len(getattr(self, field)) != n:
+                raise ValueError(
+                    f"NFNetConfig `{field}`: expected {n} entries (one per stage, like "
+                    f"`widths`), got {getattr(self, field)!r}"
+                )
+        if n > len(_STAGE_STRIDES):
+            raise ValueError(f"NFNetConfig `widths`: at most 4 stages, got {n}")
+
+
+def _f_series() -> dict[str, NFNetConfig]:
+    # (depth multiplier, train res, test res, RandAugment level, dropout) per F-variant.
+    table = {
+        "F0": (1, 192, 256, "405", 0.2),
+        "F1": (2, 224, 320, "410", 0.3),
+        "F2": (3, 256, 352, "410", 0.4),
+        "F3": (4, 320, 416, "415", 0.4),
+        "F4": (5, 384, 512, "415", 0.5),
+        "F5": (6, 416, 544, "415", 0.5),
+        "F6": (7, 448, 576, "415", 0.5),
+        "F7": (8, 480, 608, "415", 0.5),
+    }
+    configs = {}
+    for name, (mult, train, test, ra, drop) in table.items():
+        depths = tuple(mult * d for d in (1, 2, 6, 3))
+        configs[name] = NFNetConfig(name, (256, 512, 1536, 1536), depths, train, test, drop, ra)
+        configs[name + "+"] = dataclasses.replace(
+            configs[name], variant=name + "+", widths=(384, 768, 2048, 2048)
+        )
+    return configs
+
+
+NFNET_VARIANTS: dict[str, NFNetConfig] = _f_series()
+
+# Registry names -> configs (see `agc_optax.models.registry`).
+MODEL_CONFIGS: dict[str, NFNetConfig] = {
+    "nfnet_" + name.lower().replace("+", "_plus"): config
+    for name, config in NFNET_VARIANTS.items()
+}
+
+
+class Stem(nnx.Module):
+    """Four 3x3 WSConvs downsampling by 4: 16 s2 -> 32 -> 64 -> ``out_features`` s2."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        activation: Callable[[Array], Array],
+        *,
+        dtype: Dtype | None = None,
+        param_dtype: Dtype = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.activation = activation
+        self.conv0 = WSConv(in_features, 16, 3, strides=2, **kw)
+        self.conv1 = WSConv(16, 32, 3, **kw)
+        self.conv2 = WSConv(32, 64, 3, **kw)
+        self.conv3 = WSConv(64, out_features, 3, strides=2, **kw)
+
+    def __call__(self, x: Array) -> Array:
+        x = self.activation(self.conv0(x))
+        x = self.activation(self.conv1(x))
+        x = self.activation(self.conv2(x))
+        return self.conv3(x)  # No activation: each block starts with one.
+
+
+class NFBlock(nnx.Module):
+    """The NFNet bottleneck block (see the module docstring for the figure).
+
+    Args:
+      in_features: input channels.
+      out_features: output channels.
+      expansion: bottleneck ratio.
+      se_ratio: squeeze-excite hidden ratio (of ``out_features``).
+      group_size: channels per group in the 3x3 convs.
+      stride: stride of ``conv1`` and of the shortcut's average pool.
+      beta: input scale, ``1 / expected_std``.
+      alpha: residual branch scale.
+      activation: the scaled activation.
+      big_width: bottleneck from ``out_features`` (True) or ``in_features``.
+      use_two_convs: whether to have ``conv1b``.
+      stochdepth_rate: drop-path rate; stochastic depth exists only when it is
+        in (0, 1), as in DeepMind's code.
+      dtype: computation dtype.
+      param_dtype: parameter dtype.
+      rngs: ``nnx.Rngs`` with ``params`` and (for training) ``dropout`` streams.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        expansion: float = 0.5,
+        se_ratio: float = 0.5,
+        group_size: int = 128,
+        stride: int = 1,
+        beta: float = 1.0,
+        alpha: float = 0.2,
+        activation: Callable[[Array], Array],
+        big_width: bool = True,
+        use_two_convs: bool = True,
+        stochdepth_rate: float | None = None,
+        dtype: Dtype | None = None,
+        param_dtype: Dtype = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        width = int((out_features if big_width else in_features) * expansion)
+        groups = width // group_size
+        if groups < 1:
+            raise ValueError(
+                f"NFBlock: bottleneck width {width} is below `group_size` {group_size}, so "
+                "the grouped convs would have 0 groups; use wider stages or a larger `width`"
+            )
+        self.in_features, self.out_features = in_features, out_features
+        self.width = group_size * groups
+        self.groups = groups
+        self.stride = stride
+        self.beta, self.alpha = beta, alpha
+        self.activation = activation
+        self.use_projection = stride > 1 or in_features != out_features
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.conv0 = WSConv(in_features, self.width, 1, **kw)
+        self.conv1 = WSConv(
+            self.width, self.width, 3, strides=stride, feature_group_count=groups, **kw
+        )
+        self.conv1b = (
+            WSConv(self.width, self.width, 3, feature_group_count=groups, **kw)
+            if use_two_convs
+            else None
+        )
+        self.conv2 = WSConv(self.width, out_features, 1, **kw)
+        self.conv_shortcut = (
+            WSConv(in_features, out_features, 1, **kw) if self.use_projection else None
+        )
+        self.se = SqueezeExcite(out_features, out_features, se_ratio, **kw)
+        has_sd = stochdepth_rate is not None and 0.0 < stochdepth_rate < 1.0
+        self.stoch_depth = StochasticDepth(stochdepth_rate, rngs=rngs) if has_sd else None
+        self.skip_gain = nnx.Param(jnp.zeros((), param_dtype))
+
+    def __call__(
+        self,
+        x: Array,
+        *,
+        beta: float | Array | None = None,
+        stochdepth_rate: float | Array | None = None,
+    ) -> tuple[Array, Array]:
+        """Runs the block.
+
+        Args:
+          x: input of shape ``(N, H, W, in_features)``.
+          beta: overrides ``self.beta`` (traced per layer by the scanned stacks).
+          stochdepth_rate: overrides the stochastic depth rate (same reason).
+
+        Returns:
+          ``(output, res_avg_var)``, the latter being the average channel variance
+          of the residual branch before stochastic depth and ``skip_gain``.
+        """
+        beta = self.beta if beta is None else beta
+        out = self.activation(x) * beta
+        if self.stride > 1:
+            shortcut = avg_pool_same(out, window=2, stride=2)
+            if self.conv_shortcut is not None:
+                shortcut = self.conv_shortcut(shortcut)
+        elif self.conv_shortcut is not None:
+            shortcut = self.conv_shortcut(out)
+        else:
+            shortcut = x  # Not activated: the signal's scale keeps accumulating.
+        out = self.conv0(out)
+        out = self.conv1(self.activation(out))
+        if self.conv1b is not None:
+            out = self.conv1b(self.activation(out))
+        out = self.conv2(self.activation(out))
+        out = (self.se(out) * 2) * out  # x2 restores the variance halved by the gate.
+        res_avg_var = jnp.mean(jnp.var(out.astype(jnp.float32), axis=(0, 1, 2)))
+        if self.stoch_depth is not None:
+            out = self.stoch_depth(out, rate=stochdepth_rate)
+        out = out * self.skip_gain[...].astype(out.dtype)
+        return out * self.alpha + shortcut.astype(out.dtype), res_avg_var
+
+
+class NFBlockStack(nnx.Module):
+    """A run of identical NFBlocks (identity shortcut) applied with ``nnx.scan``.
+
+    Parameters carry a leading axis of length ``len(betas)``; ``beta`` and the
+    stochastic depth rate, which differ from block to block, are scanned inputs.
+    """
+
+    def __init__(
+        self,
+        features: int,
+        *,
+        betas: Sequence[float],
+        stochdepth_rates: Sequence[float],
+        rngs: nnx.Rngs,
+        **block_kwargs: Any,
+    ):
+        self.betas = tuple(float(b) for b in betas)
+        self.stochdepth_rates = tuple(float(r) for r in stochdepth_rates)
+        self.num_layers = len(self.betas)
+        # A rate of 0 must still get a StochasticDepth module so all layers share one
+        # structure; it is a no-op at rate 0 (floor(1 + U) == 1).
+        has_sd = any(0.0 < r < 1.0 for r in self.stochdepth_rates)
+        template_rate = max(self.stochdepth_rates) if has_sd else None
+
+        @nnx.split_rngs(splits=self.num_layers)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def make(r: nnx.Rngs) -> NFBlock:
+            return NFBlock(
+                features, features, stride=1, stochdepth_rate=template_rate, rngs=r,
+                **block_kwargs,
+            )
+
+        self.block = make(rngs)
+
+    def __call__(self, x: Array) -> tuple[Array, Array, Array]:
+        """Returns ``(output, per-layer outputs' metrics, per-layer res_avg_var)``."""
+        betas = jnp.asarray(self.betas, jnp.float32)
+        rates = jnp.asarray(self.stochdepth_rates, jnp.float32)
+
+        @nnx.scan(in_axes=(nnx.Carry, 0, 0, 0), out_axes=(nnx.Carry, 0))
+        def body(h, block, beta, rate):
+            h, res_avg_var = block(h, beta=beta.astype(h.dtype), stochdepth_rate=rate)
+            m = signal_metrics(h, "")
+            return h, (m["avg_sq_mean_"], m["avg_var_"], res_avg_var)
+
+        x, (sq_mean, var, res_var) = body(x, self.block, betas, rates)
+        return x, jnp.stack([sq_mean, var], axis=-1), res_var
+
+
+class NFNet(nnx.Module):
+    """Normalizer-Free Network with DeepMind's constructor and numerics.
+
+    Args:
+      num_classes: classifier outputs.
+      variant: ``"F0"`` ... ``"F7"``, ``"F0+"`` ... ``"F7+"``, or an `NFNetConfig`.
+      width: multiplier of the stage widths.
+      se_ratio: squeeze-excite hidden ratio.
+      alpha: residual branch scale.
+      stochdepth_rate: drop-path rate of the last block (linear in block index).
+      drop_rate: dropout before the classifier (``None``: the variant's rate).
+      activation: a name from `agc_optax.models.GAMMAS`.
+      fc_init: initializer of ``head/kernel`` (``None``: normal with stddev 0.01).
+      final_conv_mult: ``final_conv`` channels as a multiple of the last width.
+      final_conv_ch: explicit ``final_conv`` channels (when ``final_conv_mult`` is None).
+      use_two_convs: whether blocks have the second grouped conv ``conv1b``.
+      widths: override the variant's stage widths.
+      depths: override the variant's stage depths.
+      scan_blocks: run each stage's identity-shortcut blocks (all but the first)
+        with ``nnx.scan``, which cuts compile time of deep variants. Outputs and
+        parameter counts are unchanged, but those blocks' leaves gain a leading
+        layer axis (paths ``blocks/<j>/block/...``): for adaptive gradient
+        clipping, the unit of a stacked kernel is ``(layer, output channel)``, so
+        give such leaves the unit-axes rule ``(0, -1)`` (and ``(0,)`` for the
+        stacked ``skip_gain``, gains and biases).
+      dtype: computation dtype (e.g. ``jnp.bfloat16``); weight standardization
+        always runs in float32.
+      param_dtype: parameter dtype.
+      rngs: ``nnx.Rngs`` with a ``params`` stream, and ``dropout`` for training.
+
+    Attributes:
+      stem, blocks, final_conv, dropout, head: the submodules; ``blocks`` is an
+        ``nnx.List``, so leaf paths read ``blocks/0/conv0/kernel``.
+      config: the resolved `NFNetConfig`.
+    """
+
+    def __init__(
+        self,
+        num_classes: int = 1000,
+        variant: str | NFNetConfig = "F0",
+        width: float = 1.0,
+        se_ratio: float = 0.5,
+        alpha: float = 0.2,
+        stochdepth_rate: float = 0.1,
+        drop_rate: float | None = None,
+        activation: str = "gelu",
+        fc_init: Callable[..., Array] | None = None,
+        final_conv_mult: float | None = 2,
+        final_conv_ch: int | None = None,
+        use_two_convs: bool = True,
+        *,
+        widths: Sequence[int] | None = None,
+        depths: Sequence[int] | None = None,
+        scan_blocks: bool = False,
+        dtype: Dtype | None = None,
+        param_dtype: Dtype = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        if isinstance(variant, NFNetConfig):
+            config = variant
+        elif variant in NFNET_VARIANTS:
+            config = NFNET_VARIANTS[variant]
+        else:
+            raise ValueError(
+                f"`variant`: unknown NFNet variant {variant!r}; expected one of "
+                f"{list(NFNET_VARIANTS)} or an NFNetConfig (use `widths=`/`depths=` "
+                "for custom sizes)"
+            )
+        if widths is not None:
+            config = dataclasses.replace(config, widths=tuple(int(w) for w in widths))
+        if depths is not None:
+            config = dataclasses.replace(config, depths=tuple(int(d) for d in depths))
+        if final_conv_mult is None and final_conv_ch is None:
+            raise ValueError("NFNet: give one of `final_conv_mult` or `final_conv_ch`")
+        self.config = config
+        self.num_classes = num_classes
+        self.alpha = alpha
+        self.drop_rate = config.drop_rate if drop_rate is None else drop_rate
+        self.train_imsize, self.test_imsize = config.train_imsize, config.test_imsize
+        self.activation = scaled_activation(activation)
+        self.scan_blocks = scan_blocks
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+        ch = config.widths[0] // 2
+        self.stem = Stem(3, ch, self.activation, **kw)
+
+        blocks: list[nnx.Module] = []
+        expected_std = 1.0
+        num_blocks = sum(config.depths)
+        index = 0
+        stages = zip(
+            config.widths, config.depths, config.expansions, config.group_widths,
+            config.big_widths, _STAGE_STRIDES, strict=False,
+        )
+        for stage_width, depth, expansion, group_size, big_width, stride in stages:
+            out_ch = int(stage_width * width)
+            common = dict(
+                expansion=expansion, se_ratio=se_ratio, group_size=group_size, alpha=alpha,
+                activation=self.activation, big_width=big_width, use_two_convs=use_two_convs,
+                **kw,
+            )
+            run_betas: list[float] = []
+            run_rates: list[float] = []
+            for block_index in range(depth):
+                beta = 1.0 / expected_std
+                sd_rate = stochdepth_rate * index / num_blocks
+                block_stride = stride if block_index == 0 else 1
+                identity = block_stride == 1 and ch == out_ch
+                if scan_blocks and identity and block_index > 0:
+                    run_betas.append(beta)
+                    run_rates.append(sd_rate)
+                else:
+                    blocks.append(
+                        NFBlock(
+                            ch, out_ch, stride=block_stride, beta=beta,
+                            stochdepth_rate=sd_rate, **common,
+                        )
+                    )
+                ch = out_ch
+                index += 1
+                if block_index == 0:
+                    expected_std = 1.0  # Reset, but the first block still adds alpha^2.
+                expected_std = (expected_std**2 + alpha**2) ** 0.5
+            if len(run_betas) == 1:
+                blocks.append(
+                    NFBlock(
+                        ch, ch, beta=run_betas[0], stochdepth_rate=run_rates[0], **common
+                    )
+                )
+            elif run_betas:
+                blocks.append(
+                    NFBlockStack(ch, betas=run_betas, stochdepth_rates=run_rates, **common)
+                )
+        self.blocks = nnx.List(blocks)
+        self.num_blocks = num_blocks
+
+        final_ch = final_conv_ch if final_conv_mult is None else int(final_conv_mult * ch)
+        self.final_conv = WSConv(ch, final_ch, 1, **kw)
+        self.dropout = nnx.Dropout(self.drop_rate, rngs=rngs)
+        self.head = nnx.Linear(
+            final_ch,
+            num_classes,
+            kernel_init=fc_init or nnx.initializers.normal(0.01),
+            dtype=dtype,
+            param_dtype=param_dtype,
+            rngs=rngs,
+        )
+
+    def block_locations(self) -> list[tuple[int, int | None]]:
+        """Maps DeepMind's global block index to ``(position in blocks, layer)``.
+
+        ``layer`` is ``None`` for an unrolled `NFBlock` and the index along the
+        stacked axis for an `NFBlockStack`.
+        """
+        locations: list[tuple[int, int | None]] = []
+        for pos, item in enumerate(self.blocks):
+            if isinstance(item, NFBlockStack):
+                locations.extend((pos, layer) for layer in range(item.num_layers))
+            else:
+                locations.append((pos, None))
+        return locations
+
+    def forward_features(self, x: Array, *, return_metrics: bool = False) -> dict[str, Array]:
+        """Runs the network and returns DeepMind's output dict.
+
+        Args:
+          x: images of shape ``(N, H, W, 3)``.
+          return_metrics: also return ``avg_sq_mean_<i>``, ``avg_var_<i>`` (``i = 0``
+            is the stem output, ``i`` the output of block ``i - 1``) and
+            ``res_avg_var_<i>`` (the residual branch of block ``i``).
+
+        Returns:
+          A dict with ``pool`` (the pooled features), ``logits`` and the metrics.
+        """
+        outputs: dict[str, Array] = {}
+        out = self.stem(x)
+        if return_metrics:
+            outputs.update(signal_metrics(out, 0))
+        index = 0
+        for item in self.blocks:
+            if isinstance(item, NFBlockStack):
+                out, stats, res_vars = item(out)
+                for layer in range(item.num_layers):
+                    if return_metrics:
+                        outputs[f"avg_sq_mean_{index + 1}"] = stats[layer, 0]
+                        outputs[f"avg_var_{index + 1}"] = stats[layer, 1]
+                        outputs[f"res_avg_var_{index}"] = res_vars[layer]
+                    index += 1
+            else:
+                out, res_avg_var = item(out)
+                if return_metrics:
+                    outputs.update(signal_metrics(out, index + 1))
+                    outputs[f"res_avg_var_{index}"] = res_avg_var
+                index += 1
+        out = self.activation(self.final_conv(out))
+        pool = jnp.mean(out, axis=(1, 2))
+        outputs["pool"] = pool
+        outputs["logits"] = self.head(self.dropout(pool))
+        return outputs
+
+    def __call__(self, x: Array) -> Array:
+        """Returns the logits (no softmax) for images of shape ``(N, H, W, 3)``."""
+        return self.forward_features(x)["logits"]
+
+
+def build(
+    config: NFNetConfig,
+    *,
+    num_classes: int,
+    dtype: Dtype | None,
+    param_dtype: Dtype,
+    rngs: nnx.Rngs,
+    **overrides: Any,
+) -> NFNet:
+    """Registry builder: an `NFNet` for ``config`` with constructor ``overrides``."""
+    return NFNet(
+        num_classes,
+        variant=config,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        rngs=rngs,
+        **overrides,
+    )

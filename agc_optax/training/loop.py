@@ -1,0 +1,200 @@
+"""Train state, the train and eval steps, and the EMA of the weights.
+
+The NNX model is split once into a static graph definition and plain pytrees: trainable
+parameters, batch statistics (ResNet-50's BatchNorm; empty for normalizer-free nets) and the RNG
+streams. Parameters travel as pure nested dicts, so optax, AGC (which names leaves by path such as
+``head/kernel``), the EMA and orbax all see the same simple tree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from agc_optax.training.parallel import DATA_AXIS
+
+
+class TrainState(NamedTuple):
+    """Everything a step changes; checkpointed as one pytree.
+
+    Attributes:
+      step: number of completed training steps, int32 scalar.
+      params: trainable parameters, a pure nested dict.
+      batch_stats: non-trainable statistics (BatchNorm), a pure nested dict, often empty.
+      opt_state: the optax state.
+      ema_params: exponential moving average of ``params`` (a copy of ``params`` when disabled).
+    """
+
+    step: jax.Array
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+    ema_params: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitModel:
+    """A model taken apart for functional use under ``jit``/``pmap``.
+
+    Attributes:
+      train_graph: graph definition with dropout/stochastic depth on (``model.train()``).
+      eval_graph: graph definition in inference mode (``model.eval()``).
+      params_template: the ``nnx.State`` of parameters, used to rebuild states from pure dicts.
+      stats_template: the ``nnx.State`` of batch statistics.
+      rng_state: the RNG stream variables; re-keyed every step from ``(seed, step)``.
+    """
+
+    train_graph: Any
+    eval_graph: Any
+    params_template: Any
+    stats_template: Any
+    rng_state: Any
+
+    def merge(self, train: bool, params: Any, batch_stats: Any) -> nnx.Module:
+        """A live module holding ``params`` and ``batch_stats`` (pure dicts), for tracing."""
+        p = jax.tree.map(lambda x: x, self.params_template)
+        nnx.replace_by_pure_dict(p, params)
+        s = jax.tree.map(lambda x: x, self.stats_template)
+        nnx.replace_by_pure_dict(s, batch_stats)
+        graph = self.train_graph if train else self.eval_graph
+        return nnx.merge(graph, p, s, self.rng_state)
+
+
+def split_model(model: nnx.Module) -> tuple[SplitModel, Any, Any]:
+    """Splits ``model`` into a :class:`SplitModel` and pure ``(params, batch_stats)`` dicts."""
+    model.eval()
+    eval_graph, _, _, _ = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
+    model.train()
+    train_graph, params, stats, rng_state = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
+    split = SplitModel(train_graph, eval_graph, params, stats, rng_state)
+    return split, nnx.to_pure_dict(params), nnx.to_pure_dict(stats)
+
+
+def ema_decay(step: jax.Array, decay: float) -> jax.Array:
+    """DeepMind's EMA warm-up: ``min(decay, (1 + t) / (10 + t))``, so early averages forget fast."""
+    t = step.astype(jnp.float32)
+    return jnp.minimum(decay, (1.0 + t) / (10.0 + t))
+
+
+def init_state(params: Any, batch_stats: Any, tx: optax.GradientTransformation) -> TrainState:
+    """The state before step 0."""
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        batch_stats=batch_stats,
+        opt_state=tx.init(params),
+        ema_params=jax.tree.map(jnp.copy, params),
+    )
+
+
+def _cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float) -> jax.Array:
+    one_hot = jax.nn.one_hot(labels, logits.shape[-1], dtype=jnp.float32)
+    if label_smoothing:
+        one_hot = optax.smooth_labels(one_hot, label_smoothing)
+    return optax.softmax_cross_entropy(logits.astype(jnp.float32), one_hot)
+
+
+def make_train_step(
+    model: SplitModel,
+    tx: optax.GradientTransformation,
+    *,
+    seed: int,
+    label_smoothing: float = 0.0,
+    ema: float | None = None,
+    dtype: Any = jnp.float32,
+    pmap: bool = False,
+) -> Callable[[TrainState, tuple[jax.Array, jax.Array]], tuple[TrainState, dict[str, jax.Array]]]:
+    """Builds the (not yet jitted) train step ``(state, (images, labels)) -> (state, metrics)``.
+
+    Args:
+      model: the split model.
+      tx: the optimizer; AGC inside it sees the gradients after they are averaged over devices.
+      seed: root of the per-step dropout / stochastic-depth keys.
+      label_smoothing: label smoothing of the cross-entropy.
+      ema: EMA decay, or ``None`` to keep ``ema_params`` equal to ``params``.
+      dtype: compute dtype of the inputs (the model's own ``dtype`` sets its activations).
+      pmap: the step runs under ``jax.pmap`` over axis ``data``: average gradients, loss and batch
+        statistics with ``lax.pmean`` (once); under ``jit`` XLA inserts that reduction itself.
+
+    Returns:
+      The step function. Metrics: ``loss``, ``accuracy``, ``grad_norm`` (of the averaged
+      gradients, before clipping), ``param_norm``, ``update_norm``, ``learning_rate`` is not
+      included (read it from the schedule), and ``clip_fraction`` when the optimizer keeps AGC
+      statistics.
+    """
+    root = jax.random.key(seed)
+
+    def step_fn(state: TrainState, batch: tuple[jax.Array, jax.Array]):
+        images, labels = batch
+        key = jax.random.fold_in(root, state.step)
+        if pmap:  # distinct masks per device, as the jit version draws distinct masks per row
+            key = jax.random.fold_in(key, jax.lax.axis_index(DATA_AXIS))
+
+        def loss_fn(params):
+            module = model.merge(True, params, state.batch_stats)
+            nnx.reseed(module, dropout=key)
+            logits = module(images.astype(dtype))
+            loss = _cross_entropy(logits, labels, label_smoothing).mean()
+            stats = nnx.to_pure_dict(nnx.state(module, nnx.BatchStat))
+            return loss, (logits, stats)
+
+        (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state.params
+        )
+        accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
+        if pmap:
+            grads, loss, accuracy, batch_stats = jax.lax.pmean(
+                (grads, loss, accuracy, batch_stats), DATA_AXIS
+            )
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        if ema is None:
+            ema_params = params
+        else:
+            d = ema_decay(state.step, ema)
+            ema_params = jax.tree.map(lambda e, p: d * e + (1 - d) * p, state.ema_params, params)
+        metrics = {
+            "loss": loss,
+            "accuracy": accuracy,
+            "grad_norm": optax.global_norm(grads),
+            "param_norm": optax.global_norm(params),
+            "update_norm": optax.global_norm(updates),
+        }
+        clip_fraction = optax.tree.get(opt_state, "clip_fraction", None)
+        if clip_fraction is not None:
+            metrics["clip_fraction"] = clip_fraction
+        new_state = TrainState(state.step + 1, params, batch_stats, opt_state, ema_params)
+        return new_state, metrics
+
+    return step_fn
+
+
+def make_eval_step(
+    model: SplitModel, *, dtype: Any = jnp.float32, pmap: bool = False
+) -> Callable[..., dict[str, jax.Array]]:
+    """Builds ``(params, batch_stats, images, labels, mask) -> sums`` in inference mode.
+
+    Returns sums (``correct``, ``loss``, ``count``) rather than means, so padded final batches
+    and many batches combine exactly.
+    """
+
+    def eval_fn(params, batch_stats, images, labels, mask):
+        module = model.merge(False, params, batch_stats)
+        logits = module(images.astype(dtype))
+        loss = _cross_entropy(logits, labels, 0.0)
+        sums = {
+            "correct": jnp.sum((jnp.argmax(logits, -1) == labels) * mask),
+            "loss": jnp.sum(loss * mask),
+            "count": jnp.sum(mask),
+        }
+        if pmap:
+            sums = jax.lax.psum(sums, DATA_AXIS)
+        return sums
+
+    return eval_fn

@@ -1,0 +1,28 @@
+"""Independent float64 NumPy reference of AGC (Brock et al. 2021, eq. 3), used by the tests."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def reduce_axes(ndim: int, unit_axes: tuple[int, ...]) -> tuple[int, ...]:
+    units = {a % ndim for a in unit_axes} if ndim else set()
+    return tuple(a for a in range(ndim) if a not in units)
+
+
+def unit_norms(x: np.ndarray, unit_axes: tuple[int, ...]) -> np.ndarray:
+    x = np.asarray(x, np.float64)
+    return np.sqrt(np.sum(x * x, axis=reduce_axes(x.ndim, unit_axes), keepdims=True))
+
+
+def agc(g, w, unit_axes, clipping, eps):
+    """Returns (clipped gradient in float64, clipped mask, ratio ||G||/max(||W||, eps))."""
+    g64 = np.asarray(g, np.float64)
+    g_norm = unit_norms(g64, unit_axes)
+    w_floor = np.maximum(unit_norms(w, unit_axes), eps)
+    bound = clipping * w_floor
+    clip = g_norm > bound
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out = np.where(clip, g64 * (bound / g_norm), g64)
+        ratio = g_norm / w_floor
+    return out, clip, ratio
