@@ -9,10 +9,13 @@ from agc_optax.models.layers import (
     scaled_activation,
     signal_metrics,
 )
+from agc_optax.models.nfnet import NFNet, NFNetConfig
 from agc_optax.models.registry import create_model, get_config, list_models
 
 __all__ = [
     "GAMMAS",
+    "NFNet",
+    "NFNetConfig",
     "SqueezeExcite",
     "StochasticDepth",
     "WSConv",
