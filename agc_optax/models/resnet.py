@@ -1,0 +1,261 @@
+"""A standard BatchNorm ResNet (torchvision's ResNet-50 v1.5 layout) in Flax NNX.
+
+The normalized baseline that NF models are compared with. It matches torchvision's
+``resnet50`` parameter for parameter (25,557,032): a 7x7 stride-2 conv, BatchNorm, relu and a
+3x3 stride-2 max pool; post-activation bottleneck blocks ``conv0 1x1 -> bn0 -> relu -> conv1
+3x3 (strided, "v1.5") -> bn1 -> relu -> conv2 1x1 -> bn2``, added to the shortcut (a strided 1x1
+conv and BatchNorm on a shape change) and passed through relu; global average pooling and
+``head``.
+Convolutions have no bias and use explicit symmetric padding as PyTorch does.
+
+It has the same call signature as the NF families: ``model(x)`` returns logits,
+``model.forward_features(x, return_metrics=True)`` adds the signal-propagation metrics, and
+``model.train()`` / ``model.eval()`` switch BatchNorm between batch and running statistics.
+
+References:
+  He, Zhang, Ren, Sun. Deep residual learning for image recognition. CVPR 2016, arXiv:1512.03385.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from agc_optax.models import layers
+
+__all__ = ["MODEL_CONFIGS", "ResNet", "ResNetBlock", "ResNetConfig", "build"]
+
+# torchvision: kaiming_normal_(mode="fan_out", nonlinearity="relu").
+_CONV_INIT = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+def _conv_bn(
+    in_features: int,
+    out_features: int,
+    kernel_size: int,
+    *,
+    strides: int = 1,
+    bn_momentum: float,
+    dtype: Any,
+    param_dtype: Any,
+    rngs: nnx.Rngs,
+) -> tuple[nnx.Conv, nnx.BatchNorm]:
+    pad = kernel_size // 2
+    conv = nnx.Conv(
+        in_features,
+        out_features,
+        (kernel_size, kernel_size),
+        strides=strides,
+        padding=((pad, pad), (pad, pad)),
+        use_bias=False,
+        kernel_init=_CONV_INIT,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        rngs=rngs,
+    )
+    bn = nnx.BatchNorm(
+        out_features,
+        momentum=bn_momentum,
+        epsilon=1e-5,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        rngs=rngs,
+    )
+    return conv, bn
+
+
+class ResNetBlock(nnx.Module):
+    """Post-activation bottleneck block (stride on the 3x3 conv, torchvision's v1.5).
+
+    Args:
+      in_features: input channels.
+      out_features: output channels; the bottleneck has ``out_features // 4``.
+      stride: stride of ``conv1`` and of the shortcut conv.
+      bn_momentum: BatchNorm running-average momentum (Flax convention).
+      dtype: computation dtype.
+      param_dtype: parameter dtype.
+      rngs: random keys.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        stride: int = 1,
+        bn_momentum: float = 0.9,
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        width = out_features // 4
+        if width < 1:
+            raise ValueError(f"`out_features`={out_features}: a bottleneck needs at least 4")
+        common = dict(bn_momentum=bn_momentum, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.conv0, self.bn0 = _conv_bn(in_features, width, 1, **common)
+        self.conv1, self.bn1 = _conv_bn(width, width, 3, strides=stride, **common)
+        self.conv2, self.bn2 = _conv_bn(width, out_features, 1, **common)
+        if stride > 1 or in_features != out_features:
+            self.conv_shortcut, self.bn_shortcut = _conv_bn(
+                in_features, out_features, 1, strides=stride, **common
+            )
+        else:
+            self.conv_shortcut = self.bn_shortcut = None
+
+    def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Returns ``(output, residual-branch average channel variance)``."""
+        if self.conv_shortcut is not None:
+            shortcut = self.bn_shortcut(self.conv_shortcut(x))
+        else:
+            shortcut = x
+        out = jax.nn.relu(self.bn0(self.conv0(x)))
+        out = jax.nn.relu(self.bn1(self.conv1(out)))
+        out = self.bn2(self.conv2(out))
+        res_avg_var = jnp.mean(jnp.var(out.astype(jnp.float32), axis=(0, 1, 2)))
+        return jax.nn.relu(out + shortcut), res_avg_var
+
+
+class Stem(nnx.Module):
+    """7x7 stride-2 conv, BatchNorm, relu, 3x3 stride-2 max pool (padding 1, -inf)."""
+
+    def __init__(self, in_features: int, out_features: int, *, bn_momentum: float, dtype: Any,
+                 param_dtype: Any, rngs: nnx.Rngs):
+        self.conv, self.bn = _conv_bn(in_features, out_features, 7, strides=2,
+                                      bn_momentum=bn_momentum, dtype=dtype,
+                                      param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        out = jax.nn.relu(self.bn(self.conv(x)))
+        return nnx.max_pool(out, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+
+
+class ResNet(nnx.Module):
+    """BatchNorm bottleneck ResNet; the defaults give torchvision's ResNet-50.
+
+    Args:
+      num_classes: classifier outputs.
+      depths: blocks per stage.
+      widths: output channels per stage (four times the bottleneck width).
+      stem_width: channels of the stem conv.
+      bn_momentum: BatchNorm momentum in Flax's convention (torchvision's 0.1 is 0.9 here).
+      in_features: input channels.
+      dtype: computation dtype.
+      param_dtype: parameter dtype.
+      rngs: keys for ``params``.
+
+    Example:
+      >>> from flax import nnx
+      >>> import jax.numpy as jnp
+      >>> model = ResNet(10, depths=(1, 1), widths=(64, 128), stem_width=16, rngs=nnx.Rngs(0))
+      >>> model(jnp.zeros((2, 32, 32, 3))).shape
+      (2, 10)
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        depths: Sequence[int] = (3, 4, 6, 3),
+        widths: Sequence[int] = (256, 512, 1024, 2048),
+        stem_width: int = 64,
+        *,
+        bn_momentum: float = 0.9,
+        in_features: int = 3,
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        self.depths = tuple(int(d) for d in depths)
+        self.widths = tuple(int(w) for w in widths)
+        if len(self.depths) != len(self.widths):
+            raise ValueError(
+                f"`widths` has {len(self.widths)} stages but `depths` has {len(self.depths)}; "
+                "give one width per stage"
+            )
+        if any(d < 1 for d in self.depths):
+            raise ValueError(f"`depths`={self.depths}: every stage needs at least one block")
+        common = dict(bn_momentum=bn_momentum, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.stem = Stem(in_features, stem_width, **common)
+        blocks = []
+        ch = stem_width
+        for stage, (width, depth) in enumerate(zip(self.widths, self.depths, strict=True)):
+            for index in range(depth):
+                stride = 2 if stage > 0 and index == 0 else 1
+                blocks.append(ResNetBlock(ch, width, stride=stride, **common))
+                ch = width
+        self.blocks = nnx.List(blocks)
+        # torchvision's nn.Linear init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for kernel and bias.
+        bound_init = nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+        self.head = nnx.Linear(
+            ch,
+            num_classes,
+            kernel_init=bound_init,
+            bias_init=_uniform_bias(ch),
+            dtype=dtype,
+            param_dtype=param_dtype,
+            rngs=rngs,
+        )
+
+    def forward_features(self, x: jax.Array, *, return_metrics: bool = False) -> dict[str, Any]:
+        """Runs the network; returns ``{'pool', 'logits'}`` and, if asked, the signal metrics.
+
+        The metric keys are those of the NF families: ``avg_sq_mean_{i}``/``avg_var_{i}`` for the
+        stem output (``i = 0``) and each block output, ``res_avg_var_{i}`` for each residual
+        branch (after its last BatchNorm, before the addition).
+        """
+        outputs: dict[str, Any] = {}
+        out = self.stem(x)
+        if return_metrics:
+            outputs.update(layers.signal_metrics(out, 0))
+        for i, block in enumerate(self.blocks):
+            out, res_avg_var = block(out)
+            if return_metrics:
+                outputs.update(layers.signal_metrics(out, i + 1))
+                outputs[f"res_avg_var_{i}"] = res_avg_var
+        pool = jnp.mean(out, axis=(1, 2))
+        outputs["pool"] = pool
+        outputs["logits"] = self.head(pool)
+        return outputs
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """Returns the logits (no softmax) for NHWC images."""
+        return self.forward_features(x)["logits"]
+
+
+def _uniform_bias(fan_in: int):
+    bound = 1.0 / fan_in**0.5
+
+    def init(key: jax.Array, shape: Sequence[int], dtype: Any = jnp.float32) -> jax.Array:
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+@dataclasses.dataclass(frozen=True)
+class ResNetConfig:
+    """Constructor arguments of a registered BatchNorm ResNet."""
+
+    depths: tuple[int, ...] = (3, 4, 6, 3)
+    widths: tuple[int, ...] = (256, 512, 1024, 2048)
+    stem_width: int = 64
+
+
+MODEL_CONFIGS: dict[str, ResNetConfig] = {"resnet50": ResNetConfig()}
+
+
+def build(
+    config: ResNetConfig,
+    *,
+    num_classes: int,
+    dtype: Any,
+    param_dtype: Any,
+    rngs: nnx.Rngs,
+    **overrides: Any,
+) -> ResNet:
+    """Builds a :class:`ResNet` from a registry config; ``overrides`` replace its fields."""
+    kwargs = {**dataclasses.asdict(config), **overrides}
+    return ResNet(num_classes, dtype=dtype, param_dtype=param_dtype, rngs=rngs, **kwargs)
