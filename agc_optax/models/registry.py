@@ -22,6 +22,9 @@ __all__ = ["create_model", "get_config", "list_models"]
 # break the others.
 _FAMILIES: tuple[str, ...] = (
     ".nfnet",
+    ".nf_resnet",
+    ".nf_regnet",
+    ".resnet",
 )
 
 
