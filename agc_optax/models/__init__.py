@@ -1,5 +1,12 @@
 """Normalizer-free networks in Flax NNX, with DeepMind parity and weight loading."""
 
+from agc_optax.models.haiku_weights import (
+    HaikuWeightsError,
+    download_nfnet_weights,
+    load_haiku_params,
+    load_params,
+    save_params,
+)
 from agc_optax.models.layers import (
     GAMMAS,
     SqueezeExcite,
@@ -17,6 +24,7 @@ from agc_optax.models.resnet import ResNet, ResNetConfig
 
 __all__ = [
     "GAMMAS",
+    "HaikuWeightsError",
     "NFNet",
     "NFNetConfig",
     "NFRegNet",
@@ -29,9 +37,13 @@ __all__ = [
     "StochasticDepth",
     "WSConv",
     "create_model",
+    "download_nfnet_weights",
     "estimate_gamma",
     "get_config",
     "list_models",
+    "load_haiku_params",
+    "load_params",
+    "save_params",
     "scaled_activation",
     "signal_metrics",
 ]

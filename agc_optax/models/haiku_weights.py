@@ -1,0 +1,435 @@
+"""Weights: DeepMind's Haiku checkpoints into NNX models, and our own orbax format.
+
+DeepMind's parameters are keyed ``<module path>/<param>``, with submodules joined
+by ``/~/`` (``NFNet/~/nf_block_3/~/conv1/w``). The conversion is a plain table:
+each family registers a function from the Haiku module path (split at ``/~/``,
+without the top-level name) and parameter name to an NNX leaf path, keyed on the
+top-level module name (``NFNet``, ``NF_ResNet``, ``NF_RegNet``). Block numbers
+are global and parsed as integers (``nf_block`` is 0, ``nf_block_10`` is 10);
+models built with stacked (scanned) blocks expose ``block_locations()``, and
+block paths are redirected into the stacked leaves.
+
+No tensor needs a transpose: Haiku's HWIO conv kernels and (in, out) linear
+weights are Flax's layouts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import urllib.request
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+
+__all__ = [
+    "HaikuWeightsError",
+    "download_nfnet_weights",
+    "haiku_to_nnx_path",
+    "load_haiku_params",
+    "load_params",
+    "register_haiku_family",
+    "save_params",
+]
+
+# Maps (module path below the top-level name, param name) to an NNX leaf path, or
+# None when the key is not part of the family.
+FamilyMapper = Callable[[tuple[str, ...], str], "str | None"]
+
+_FAMILY_MAPPERS: dict[str, FamilyMapper] = {}
+
+
+class HaikuWeightsError(ValueError):
+    """Raised when a checkpoint and a model disagree (lists every problem at once)."""
+
+
+def register_haiku_family(top_level_name: str, mapper: FamilyMapper) -> None:
+    """Registers the Haiku -> NNX name mapping of a model family.
+
+    Args:
+      top_level_name: the Haiku top-level module, e.g. ``"NF_ResNet"``.
+      mapper: ``mapper(modules, param) -> "nnx/leaf/path" | None``, where
+        ``modules`` is the module path split at ``/~/`` without the top-level
+        name, e.g. ``("nf_block_3", "conv1")``, and ``param`` is ``"w"``. Block
+        paths use the global block index: ``"blocks/3/conv1/kernel"``.
+    """
+    _FAMILY_MAPPERS[top_level_name] = mapper
+
+
+# Haiku parameter names -> NNX names (convs say `bias`, linears say `b`).
+_PARAM_NAMES = {"w": "kernel", "b": "bias", "bias": "bias", "gain": "gain"}
+
+
+def block_index(name: str, prefix: str) -> int | None:
+    """Parses Haiku's numbered module names: ``prefix`` -> 0, ``prefix_12`` -> 12."""
+    if name == prefix:
+        return 0
+    match = re.fullmatch(re.escape(prefix) + r"_(\d+)", name)
+    return int(match.group(1)) if match else None
+
+
+def map_block_layer(modules: tuple[str, ...], param: str) -> str | None:
+    """Maps a layer inside a residual block (``conv0``, SE linears...) to NNX names.
+
+    Shared by the NF families: ``conv0``, ``conv1``, ``conv1b``, ``conv2``,
+    ``conv_shortcut`` keep their names; ``squeeze_excite/~/linear`` and
+    ``linear_1`` become ``se/fc0`` and ``se/fc1``.
+    """
+    if param not in _PARAM_NAMES:
+        return None
+    leaf = _PARAM_NAMES[param]
+    if len(modules) == 1 and modules[0] in {"conv0", "conv1", "conv1b", "conv2", "conv_shortcut"}:
+        return f"{modules[0]}/{leaf}"
+    if len(modules) == 2 and modules[0] == "squeeze_excite":
+        fc = {"linear": "fc0", "linear_1": "fc1"}.get(modules[1])
+        return f"se/{fc}/{leaf}" if fc else None
+    return None
+
+
+def _map_nfnet(modules: tuple[str, ...], param: str) -> str | None:
+    head = modules[0] if modules else ""
+    if len(modules) == 1 and param in _PARAM_NAMES:
+        stem = re.fullmatch(r"stem_conv([0-3])", head)
+        if stem:
+            return f"stem/conv{stem.group(1)}/{_PARAM_NAMES[param]}"
+        if head == "final_conv":
+            return f"final_conv/{_PARAM_NAMES[param]}"
+        if head == "linear":
+            return f"head/{_PARAM_NAMES[param]}"
+    index = block_index(head, "nf_block")
+    if index is None:
+        return None
+    if len(modules) == 1:
+        return f"blocks/{index}/skip_gain" if param == "skip_gain" else None
+    inner = map_block_layer(modules[1:], param)
+    return f"blocks/{index}/{inner}" if inner else None
+
+
+register_haiku_family("NFNet", _map_nfnet)
+
+
+def haiku_to_nnx_path(key: str) -> str | None:
+    """Returns the NNX leaf path for a flat Haiku key, or None if it has no mapping.
+
+    Example:
+      >>> haiku_to_nnx_path("NFNet/~/nf_block_10/~/squeeze_excite/~/linear_1/w")
+      'blocks/10/se/fc1/kernel'
+    """
+    module, sep, param = key.rpartition("/")
+    if not sep:
+        return None
+    parts = tuple(module.split("/~/"))
+    mapper = _FAMILY_MAPPERS.get(parts[0])
+    return mapper(parts[1:], param) if mapper else None
+
+
+def _read_source(params: Any, allow_pickle: bool) -> dict[str, np.ndarray]:
+    """Flattens any accepted input format to ``{"module/param": ndarray}``."""
+    if isinstance(params, str | os.PathLike):
+        path = Path(params)
+        with open(path, "rb") as f:
+            magic = f.read(4)
+        if magic.startswith(b"PK"):  # A real npz (zip) archive.
+            with np.load(path, allow_pickle=False) as npz:
+                return {k: np.asarray(npz[k]) for k in npz.files}
+        if not allow_pickle:
+            raise ValueError(
+                f"`params`: {str(path)!r} is not an npz archive; DeepMind's released "
+                "`*_haiku.npz` files are dill pickles. Pass `allow_pickle=True` if you "
+                "trust the file (unpickling can run arbitrary code)."
+            )
+        try:
+            import dill
+        except ImportError as e:
+            raise ImportError(
+                "Reading DeepMind's pickled checkpoints needs `dill`: pip install dill"
+            ) from e
+        with open(path, "rb") as f:
+            params = dill.load(f)
+    if isinstance(params, np.lib.npyio.NpzFile):
+        return {k: np.asarray(params[k]) for k in params.files}
+    if not isinstance(params, Mapping):
+        raise TypeError(
+            "`params`: expected a nested {module: {param: array}} dict, a flat "
+            f"{{'module/param': array}} dict, an npz path or NpzFile; got {type(params).__name__}"
+        )
+    flat: dict[str, np.ndarray] = {}
+    for module, value in params.items():
+        if isinstance(value, Mapping):
+            for name, array in value.items():
+                flat[f"{module}/{name}"] = np.asarray(array)
+        else:
+            flat[str(module)] = np.asarray(value)
+    return flat
+
+
+def _path_str(path: tuple[Any, ...]) -> str:
+    return "/".join(str(p) for p in path)
+
+
+def _leaf_shape(leaf: Any) -> tuple[int, ...]:
+    return tuple(getattr(leaf, "shape", ()))
+
+
+def _resolve(model: nnx.Module, path: str) -> tuple[str, int | None]:
+    """Redirects ``blocks/<global index>/...`` into stacked leaves when the model has them."""
+    locate = getattr(model, "block_locations", None)
+    match = re.fullmatch(r"blocks/(\d+)/(.+)", path)
+    if locate is None or match is None:
+        return path, None
+    locations = locate()
+    index = int(match.group(1))
+    if index >= len(locations):
+        return path, None  # Reported as unexpected: the model has fewer blocks.
+    pos, layer = locations[index]
+    if layer is None:
+        return f"blocks/{pos}/{match.group(2)}", None
+    return f"blocks/{pos}/block/{match.group(2)}", layer
+
+
+def load_haiku_params(
+    model: nnx.Module, params: Any, *, allow_pickle: bool = False
+) -> nnx.Module:
+    """Fills an NNX model with DeepMind's Haiku parameters, in place.
+
+    Every source key must map to a model leaf and every ``nnx.Param`` leaf must be
+    filled, with equal shapes; otherwise one `HaikuWeightsError` lists every
+    missing, unexpected and mismatched key with both names and shapes. The model
+    may come from ``nnx.eval_shape`` (nothing is allocated twice).
+
+    Args:
+      model: an NFNet (or another registered family's model).
+      params: a nested ``{module: {param: array}}`` dict (Haiku's format), a flat
+        ``{"module/param": array}`` dict, an npz path or ``np.load`` result, or the
+        path of one of DeepMind's dill-pickled ``*_haiku.npz`` files.
+      allow_pickle: allow reading a pickled file (needs the ``dill`` package).
+
+    Returns:
+      ``model``, for chaining.
+
+    Raises:
+      HaikuWeightsError: listing all problems at once.
+      TypeError: for an unsupported ``params`` type.
+
+    Example:
+      >>> import numpy as np
+      >>> from flax import nnx
+      >>> from agc_optax.models import NFNet, load_haiku_params
+      >>> model = nnx.eval_shape(lambda: NFNet(10, widths=[256] * 4, depths=[1] * 4,
+      ...                                      rngs=nnx.Rngs(0)))
+      >>> load_haiku_params(model, {"NFNet/~/linear": {"w": np.zeros((512, 10))}})
+      Traceback (most recent call last):
+      ...
+      agc_optax.models.haiku_weights.HaikuWeightsError: ...
+    """
+    source = _read_source(params, allow_pickle)
+    state = nnx.state(model, nnx.Param)
+    targets = {_path_str(path): var for path, var in nnx.to_flat_state(state)}
+    filled: dict[str, dict[int | None, np.ndarray]] = {}
+    unexpected: list[str] = []
+    mismatched: list[str] = []
+    for key in sorted(source):
+        array = source[key]
+        mapped = haiku_to_nnx_path(key)
+        if mapped is None:
+            unexpected.append(f"{key} {array.shape} (no NNX name for this key)")
+            continue
+        target, layer = _resolve(model, mapped)
+        if target not in targets:
+            unexpected.append(f"{key} {array.shape} -> {target} (not in the model)")
+            continue
+        shape = _leaf_shape(targets[target])
+        if layer is not None:
+            shape = shape[1:]
+            if layer >= _leaf_shape(targets[target])[0]:
+                unexpected.append(f"{key} -> {target}[{layer}] (not in the model)")
+                continue
+        if tuple(array.shape) != shape:
+            mismatched.append(f"{key} {tuple(array.shape)} vs {target} {shape}")
+            continue
+        filled.setdefault(target, {})[layer] = array
+    missing = []
+    for target, var in targets.items():
+        shape = _leaf_shape(var)
+        got = filled.get(target, {})
+        if None in got:
+            continue
+        stacked = [d for d in got if d is not None]
+        if got and len(stacked) == shape[0]:
+            continue
+        if got:
+            absent = sorted(set(range(shape[0])) - set(stacked))
+            missing.append(f"{target} {shape} (stacked layers {absent} absent)")
+        else:
+            missing.append(f"{target} {shape}")
+    if missing or unexpected or mismatched:
+        lines = [
+            "load_haiku_params: the checkpoint does not match the model "
+            f"({len(missing)} missing, {len(unexpected)} unexpected, "
+            f"{len(mismatched)} shape mismatches)"
+        ]
+        for title, items in (
+            ("missing model leaves", missing),
+            ("unexpected checkpoint keys", unexpected),
+            ("shape mismatches (checkpoint vs model)", mismatched),
+        ):
+            if items:
+                lines.append(f"{title}:")
+                lines.extend(f"  {item}" for item in items)
+        raise HaikuWeightsError("\n".join(lines))
+
+    for target, layers in filled.items():
+        var = targets[target]
+        dtype = var.get_value().dtype if hasattr(var, "get_value") else var.value.dtype
+        if None in layers:
+            value = layers[None]
+        else:
+            value = np.stack([layers[i] for i in range(len(layers))])
+        var.set_value(jax.numpy.asarray(value, dtype=dtype))
+    nnx.update(model, state)
+    return model
+
+
+def _pure_params(model: nnx.Module) -> tuple[nnx.State, dict[str, Any]]:
+    state = nnx.state(model, nnx.Param)
+    return state, {_path_str(p): v.get_value() for p, v in nnx.to_flat_state(state)}
+
+
+def save_params(model: nnx.Module, path: str | os.PathLike) -> None:
+    """Saves the model's ``nnx.Param`` leaves with orbax (``agc_optax[train]``).
+
+    Args:
+      model: any NNX model.
+      path: a directory that must not exist yet.
+    """
+    try:
+        import orbax.checkpoint as ocp
+    except ImportError as e:
+        raise ImportError("save_params needs orbax: pip install 'agc_optax[train]'") from e
+    _, flat = _pure_params(model)
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(Path(path).absolute(), flat)
+    checkpointer.wait_until_finished()
+
+
+def load_params(model: nnx.Module, path: str | os.PathLike) -> nnx.Module:
+    """Restores parameters written by `save_params` into ``model``, in place.
+
+    Raises:
+      HaikuWeightsError: when the checkpoint's leaf paths or shapes differ from
+        the model's (all differences listed).
+    """
+    try:
+        import orbax.checkpoint as ocp
+    except ImportError as e:
+        raise ImportError("load_params needs orbax: pip install 'agc_optax[train]'") from e
+    state, flat = _pure_params(model)
+    checkpointer = ocp.StandardCheckpointer()
+    path = Path(path).absolute()
+    metadata = checkpointer.metadata(path)
+    tree = getattr(metadata, "item_metadata", metadata)
+    saved = {k: tuple(getattr(v, "shape", ())) for k, v in dict(tree).items()}
+    want = {k: tuple(v.shape) for k, v in flat.items()}
+    problems = [f"  missing in checkpoint: {k} {s}" for k, s in want.items() if k not in saved]
+    problems += [f"  unexpected in checkpoint: {k} {s}" for k, s in saved.items() if k not in want]
+    problems += [
+        f"  shape mismatch: {k} checkpoint {saved[k]} vs model {s}"
+        for k, s in want.items()
+        if k in saved and saved[k] != s
+    ]
+    if problems:
+        raise HaikuWeightsError(
+            f"load_params: {str(path)!r} does not match the model:\n" + "\n".join(problems)
+        )
+    abstract = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in flat.items()}
+    restored = checkpointer.restore(path, abstract)
+    for p, var in nnx.to_flat_state(state):
+        var.set_value(restored[_path_str(p)])
+    nnx.update(model, state)
+    return model
+
+
+_NFNET_URL = "https://storage.googleapis.com/dm-nfnets/{variant}_haiku.npz"
+_RELEASED = ("F0", "F1", "F2", "F3", "F4", "F5", "F6")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def fetch_cached(url: str, path: Path, sha256: str | None = None) -> Path:
+    """Downloads ``url`` to ``path`` once and verifies it on every call.
+
+    The first download records its SHA-256 next to the file (``<name>.sha256``);
+    later calls re-hash the cached file against ``sha256`` if given, else against
+    that record, so a truncated or altered cache is detected. A failed check
+    deletes nothing and raises.
+
+    Raises:
+      ValueError: when a checksum does not match.
+    """
+    path = Path(path)
+    record = path.with_name(path.name + ".sha256")
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(path.name + ".part")
+        with urllib.request.urlopen(url) as response, open(partial, "wb") as f:  # noqa: S310
+            for chunk in iter(lambda: response.read(1 << 20), b""):
+                f.write(chunk)
+        got = _sha256(partial)
+        if sha256 is not None and got != sha256:
+            raise ValueError(
+                f"download of {url}: sha256 {got} does not match the expected {sha256}; "
+                f"the partial file is kept at {partial}"
+            )
+        partial.replace(path)
+        record.write_text(got + "\n")
+        return path
+    expected = sha256 or (record.read_text().strip() if record.exists() else None)
+    got = _sha256(path)
+    if expected is not None and got != expected:
+        raise ValueError(
+            f"cached file {str(path)!r}: sha256 {got} does not match {expected}; "
+            "delete it to download again"
+        )
+    if not record.exists():
+        record.write_text(got + "\n")
+    return path
+
+
+def download_nfnet_weights(
+    variant: str,
+    cache_dir: str | os.PathLike | None = None,
+    *,
+    sha256: str | None = None,
+) -> Path:
+    """Downloads DeepMind's released ImageNet weights for an NFNet (needs network).
+
+    The file is a dill pickle of the nested Haiku dict; load it with
+    ``load_haiku_params(NFNet(1000, variant), path, allow_pickle=True)`` (needs
+    ``dill``).
+
+    Args:
+      variant: ``"F0"`` ... ``"F6"``.
+      cache_dir: where to keep the file (default ``~/.cache/agc_optax``).
+      sha256: the expected digest, if you have one; otherwise the digest of the
+        first download is recorded and later cache hits are checked against it.
+
+    Returns:
+      The path of the cached file.
+    """
+    if variant not in _RELEASED:
+        raise ValueError(f"`variant`: DeepMind released {list(_RELEASED)}, got {variant!r}")
+    cache = Path(cache_dir) if cache_dir else Path.home() / ".cache" / "agc_optax"
+    return fetch_cached(
+        _NFNET_URL.format(variant=variant), cache / f"{variant}_haiku.npz", sha256
+    )
