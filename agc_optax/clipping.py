@@ -48,7 +48,7 @@ def _check_float(path: str, leaf: Any, what: str) -> None:
         raise TypeError(
             f"`{path}`: {what} has dtype {dtype}; AGC needs floating-point leaves. Pass only "
             f"trainable float parameters (e.g. `nnx.state(model, nnx.Param)`), or skip this leaf "
-            f"with `exclude=r\"{path}$\"`."
+            f'with `exclude=r"{path}$"`.'
         )
 
 
@@ -66,18 +66,21 @@ def _check_updates_match(updates: Any, params: Any) -> None:
     if upaths != ppaths:
         missing = sorted(set(upaths) - set(ppaths))
         extra = sorted(set(ppaths) - set(upaths))
-        detail = "; ".join(
-            s
-            for s in (
-                f"in updates but not params: {', '.join(f'`{p}`' for p in missing[:5])}"
-                if missing
-                else "",
-                f"in params but not updates: {', '.join(f'`{p}`' for p in extra[:5])}"
-                if extra
-                else "",
+        detail = (
+            "; ".join(
+                s
+                for s in (
+                    f"in updates but not params: {', '.join(f'`{p}`' for p in missing[:5])}"
+                    if missing
+                    else "",
+                    f"in params but not updates: {', '.join(f'`{p}`' for p in extra[:5])}"
+                    if extra
+                    else "",
+                )
+                if s
             )
-            if s
-        ) or "the same paths in a different order"
+            or "the same paths in a different order"
+        )
         raise ValueError(
             "adaptive_grad_clip: `updates` and `params` must have the same tree structure "
             f"({detail}). Pass the params the gradients were taken with, filtered the same way."
@@ -99,7 +102,7 @@ def _safe_sqrt(x: jax.Array) -> jax.Array:
 def _clip_leaf(
     g: jax.Array, w: jax.Array, axes: tuple[int, ...], clipping: Any, eps: Any
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Returns (clipped g, per-unit clipped mask, per-unit squared ratio ||G||^2/max(||W||,eps)^2)."""
+    """Returns (clipped g, per-unit clip mask, per-unit ||G||^2 / max(||W||, eps)^2)."""
     g_sq = squared_unit_norms(g, axes)
     w_floor_sq = jnp.maximum(squared_unit_norms(w, axes), jnp.square(eps))
     # Compare squares: no sqrt on the hot path, and zero gradients never divide.
@@ -176,7 +179,8 @@ def adaptive_grad_clip(
       >>> grads = {"dense": {"kernel": jnp.full((4, 2), 10.0), "bias": jnp.ones(2)}}
       >>> tx = optax.chain(agc_optax.adaptive_grad_clip(0.01), optax.sgd(0.1))
       >>> updates, _ = tx.update(grads, tx.init(params), params)
-      >>> float(jnp.linalg.norm(updates["dense"]["kernel"][:, 0]))  # 0.1 * 0.01 * ||(1,1,1,1)||
+      >>> # Each kernel column is clipped to 0.01 * ||(1, 1, 1, 1)|| = 0.02, then scaled by 0.1.
+      >>> round(float(jnp.linalg.norm(updates["dense"]["kernel"][:, 0])), 6)
       0.002
     """
     _check_hyperparameter("clipping", clipping)

@@ -62,7 +62,8 @@ def sgd_agc(
 
     Example:
       >>> import jax.numpy as jnp, agc_optax
-      >>> params = {"conv": {"kernel": jnp.ones((3, 3, 2, 4))}, "head": {"kernel": jnp.ones((4, 2))}}
+      >>> params = {
+      ...     "conv": {"kernel": jnp.ones((3, 3, 2, 4))}, "head": {"kernel": jnp.ones((4, 2))}}
       >>> tx = agc_optax.sgd_agc(learning_rate=0.1)
       >>> state = tx.init(params)
     """

@@ -1,9 +1,9 @@
 """Leaf paths and per-leaf unit-axis rules.
 
 A *unit* is the slice of a parameter whose gradient norm AGC compares with its weight norm. For a
-leaf of shape ``S`` and unit axes ``U``, there is one unit per index into the axes ``U``; the norm of
-a unit reduces over every other axis. ``()`` makes the whole leaf one unit; ``None`` leaves the leaf
-unclipped.
+leaf of shape ``S`` and unit axes ``U``, there is one unit per index into the axes ``U``; the
+norm of a unit reduces over every other axis. ``()`` makes the whole leaf one unit; ``None``
+leaves the leaf unclipped.
 
 Every rule in this module speaks in *paths*: the leaf's pytree keys joined by ``/``, with the
 trailing ``value`` attribute of a Flax NNX ``Variable`` dropped, so that one rule matches the leaves
@@ -12,7 +12,8 @@ of an ``nnx.Optimizer`` update (``blocks/0/kernel``) and of an ``nnx.split`` sta
 
 Writing rules for layouts the defaults cannot know:
 
-* ``LinearGeneral`` with several output axes, kernel ``(in, H, D)``: ``(r"attn/qkv/kernel", (-2, -1))``.
+* ``LinearGeneral`` with several output axes, kernel ``(in, H, D)``:
+  ``(r"attn/qkv/kernel", (-2, -1))``.
 * Scanned or stacked layers with a leading layer axis, kernel ``(L, in, out)``: the layer axis also
   indexes units, ``(r"layers/.*/kernel", (0, -1))``.
 * PyTorch-style ``(out, in)`` weights: one unit per row, ``(r"weight$", (0,))``.
@@ -111,9 +112,7 @@ def infer_unit_axes(path: str, shape: Sequence[int]) -> tuple[int, ...]:
 
 
 def _is_axes(x: Any) -> bool:
-    return x is None or (
-        isinstance(x, tuple) and all(isinstance(a, int | np.integer) for a in x)
-    )
+    return x is None or (isinstance(x, tuple) and all(isinstance(a, int | np.integer) for a in x))
 
 
 def _is_pattern_list(rule: Any) -> bool:
@@ -318,7 +317,9 @@ class UnitTable:
             for r in self.rows
         ]
         widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header))]
-        lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in [header]]
+        lines = [
+            "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in [header]
+        ]
         lines.append("  ".join("-" * w for w in widths))
         lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in body]
         clipped = sum(r.num_units for r in self.rows if r.unit_axes is not None)
@@ -333,7 +334,8 @@ def describe(params: Any, unit_axes: UnitAxesRule = None, exclude: ExcludeRule =
     """Shows the units AGC will use for each leaf of ``params``, to check rules before training.
 
     Args:
-      params: a pytree of arrays (or ``jax.ShapeDtypeStruct``), e.g. ``nnx.state(model, nnx.Param)``.
+      params: a pytree of arrays (or ``jax.ShapeDtypeStruct``), e.g.
+        ``nnx.state(model, nnx.Param)``.
       unit_axes: the same rule ``adaptive_grad_clip`` takes.
       exclude: the same rule ``adaptive_grad_clip`` takes.
 
