@@ -78,7 +78,9 @@ def load_dataset(name: str, data_dir: str | None = None, *, image_size: int = 16
         return load_digits(image_size)
     if name == "cifar10":
         if not data_dir:
-            raise DataError("`--dataset cifar10` needs `--data-dir` pointing at cifar-10-batches-py")
+            raise DataError(
+                "`--dataset cifar10` needs `--data-dir` pointing at cifar-10-batches-py"
+            )
         return load_cifar10(data_dir)
     if name.startswith("tfds:"):
         if not data_dir:
@@ -96,7 +98,7 @@ def load_digits(image_size: int = 16, test_fraction: float = 0.2) -> Dataset:
       test_fraction: share of images held out, chosen by a fixed permutation.
 
     Returns:
-      The :class:`Dataset` with 1-channel images.
+      The :class:`Dataset`, images ``(N, image_size, image_size, 3)``.
     """
     if image_size % 8:
         raise DataError(f"`image_size` must be a multiple of 8 for digits, got {image_size}")
@@ -105,7 +107,8 @@ def load_digits(image_size: int = 16, test_fraction: float = 0.2) -> Dataset:
     bunch = _load()
     images = bunch.images.astype(np.float32) / 16.0
     factor = image_size // 8
-    images = images.repeat(factor, axis=1).repeat(factor, axis=2)[..., None]
+    # Three identical channels: every model family in the zoo takes RGB input.
+    images = images.repeat(factor, axis=1).repeat(factor, axis=2)[..., None].repeat(3, axis=-1)
     labels = bunch.target.astype(np.int32)
     # A fixed split, independent of the training seed, so test accuracy is comparable across runs.
     order = np.random.default_rng(0).permutation(len(labels))
@@ -132,7 +135,9 @@ def _read_cifar_batch(path: str) -> tuple[np.ndarray, np.ndarray]:
     except FileNotFoundError:
         raise DataError(f"missing CIFAR-10 file `{path}`") from None
     except Exception as e:  # a truncated or foreign file: say which one
-        raise DataError(f"`{path}` is not a CIFAR-10 python batch ({type(e).__name__}: {e})") from None
+        raise DataError(
+            f"`{path}` is not a CIFAR-10 python batch ({type(e).__name__}: {e})"
+        ) from None
     if len(images) != len(labels):
         raise DataError(f"`{path}`: {len(images)} images but {len(labels)} labels")
     return images, labels
@@ -197,7 +202,9 @@ def load_tfds(name: str, data_dir: str) -> Dataset:
             x, y = tfds.as_numpy(ds)
             splits[split] = (np.asarray(x), np.asarray(y, np.int32))
     except Exception as e:  # tfds raises many types for "not prepared here"
-        raise DataError(f"cannot read TFDS `{name}` from `{data_dir}` ({type(e).__name__})") from None
+        raise DataError(
+            f"cannot read TFDS `{name}` from `{data_dir}` ({type(e).__name__})"
+        ) from None
     train_x = splits["train"][0].astype(np.float32) / 255.0
     mean = train_x.mean(axis=(0, 1, 2))
     std = train_x.std(axis=(0, 1, 2)) + 1e-6
@@ -280,7 +287,9 @@ class TrainBatches:
         idx = perm[start : start + self.local_batch_size]
         images, labels = self.split.images[idx], self.split.labels[idx]
         if self.augment:
-            images = _crop_flip(images, np.random.default_rng([self.seed, step, 1, self.process_index]))
+            images = _crop_flip(
+                images, np.random.default_rng([self.seed, step, 1, self.process_index])
+            )
         return images, labels
 
     def iterate(self, start_step: int, num_steps: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:

@@ -63,7 +63,9 @@ class SplitModel:
         s = jax.tree.map(lambda x: x, self.stats_template)
         nnx.replace_by_pure_dict(s, batch_stats)
         graph = self.train_graph if train else self.eval_graph
-        return nnx.merge(graph, p, s, self.rng_state)
+        # Fresh Variable objects (tree.map rebuilds them) so the module may mutate its RNG
+        # counters inside the current trace without touching the shared template.
+        return nnx.merge(graph, p, s, jax.tree.map(lambda x: x, self.rng_state))
 
 
 def split_model(model: nnx.Module) -> tuple[SplitModel, Any, Any]:
@@ -124,9 +126,8 @@ def make_train_step(
 
     Returns:
       The step function. Metrics: ``loss``, ``accuracy``, ``grad_norm`` (of the averaged
-      gradients, before clipping), ``param_norm``, ``update_norm``, ``learning_rate`` is not
-      included (read it from the schedule), and ``clip_fraction`` when the optimizer keeps AGC
-      statistics.
+      gradients, before clipping), ``param_norm``, ``update_norm``, and ``clip_fraction`` when
+      the optimizer keeps AGC statistics.
     """
     root = jax.random.key(seed)
 

@@ -1,0 +1,103 @@
+"""Metrics as JSON lines, and the loss / accuracy / clip-fraction plot."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any
+
+
+class MetricsWriter:
+    """Appends one JSON object per line; a no-op on processes other than 0.
+
+    Appending (rather than truncating) keeps the history of a resumed run in one file.
+
+    Args:
+      path: the ``.jsonl`` file.
+      enabled: write at all (``jax.process_index() == 0``).
+    """
+
+    def __init__(self, path: str, *, enabled: bool = True):
+        self.path = path
+        self.enabled = enabled
+        self._file = open(path, "a", encoding="utf-8") if enabled else None  # noqa: SIM115
+
+    def write(self, record: dict[str, Any]) -> None:
+        """Writes ``record`` (numbers are converted to plain floats/ints)."""
+        if self._file is None:
+            return
+        clean = {k: _plain(v) for k, v in record.items()}
+        self._file.write(json.dumps(clean) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def _plain(v: Any) -> Any:
+    if isinstance(v, str | int | bool) or v is None:
+        return v
+    f = float(v)
+    return f if math.isfinite(f) else None
+
+
+def read_metrics(path: str) -> list[dict[str, Any]]:
+    """All records of a metrics file, in order."""
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_metrics(path: str, out_png: str) -> str:
+    """Plots training/eval loss, accuracy and the AGC clip fraction against the step.
+
+    Args:
+      path: the metrics ``.jsonl`` file (records with ``split`` ``"train"`` or ``"eval"``).
+      out_png: where the figure goes.
+
+    Returns:
+      ``out_png``.
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")  # no display on servers and in CI
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ImportError("plots need matplotlib: pip install 'agc_optax[train]'") from None
+
+    records = read_metrics(path)
+
+    def series(split: str, key: str) -> tuple[list[float], list[float]]:
+        pts = [
+            (r["step"], r[key])
+            for r in records
+            if r.get("split") == split and r.get(key) is not None
+        ]
+        return [p[0] for p in pts], [p[1] for p in pts]
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for ax, key, title in zip(
+        axes,
+        ("loss", "accuracy", "clip_fraction"),
+        ("loss", "accuracy", "AGC clip fraction"),
+        strict=True,
+    ):
+        for split, style in (("train", "-"), ("eval", "o-"), ("eval_ema", "s--")):
+            xs, ys = series(split, key)
+            if xs:
+                ax.plot(xs, ys, style, label=split, markersize=4)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        if ax.has_data():
+            ax.legend()
+        else:
+            ax.text(0.5, 0.5, "not recorded (no AGC)", ha="center", transform=ax.transAxes)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(out_png)), exist_ok=True)
+    fig.savefig(out_png, dpi=100)
+    plt.close(fig)
+    return out_png
