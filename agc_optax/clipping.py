@@ -12,12 +12,15 @@ import optax
 
 from agc_optax.unit_axes import (
     ExcludeRule,
+    NormOrder,
     UnitAxes,
     UnitAxesRule,
+    check_norm,
     leaf_paths,
+    norm_power,
     num_units,
+    powered_unit_norms,
     resolve_unit_axes,
-    squared_unit_norms,
 )
 
 
@@ -93,28 +96,49 @@ def _check_updates_match(updates: Any, params: Any) -> None:
             )
 
 
+def _whole_leaf(path: str, leaf: Any) -> tuple[int, ...]:
+    del path, leaf
+    return ()
+
+
 def _safe_sqrt(x: jax.Array) -> jax.Array:
     # sqrt has an infinite derivative at 0; keep jax.grad through the transform finite.
     positive = x > 0
     return jnp.where(positive, jnp.sqrt(jnp.where(positive, x, 1)), 0)
 
 
-def _clip_leaf(
-    g: jax.Array, w: jax.Array, axes: tuple[int, ...], clipping: Any, eps: Any
+def unit_clip_scale(
+    g: jax.Array, w: jax.Array, axes: tuple[int, ...], clipping: Any, eps: Any, norm: NormOrder = 2
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Returns (clipped g, per-unit clip mask, per-unit ||G||^2 / max(||W||, eps)^2)."""
-    g_sq = squared_unit_norms(g, axes)
-    w_floor_sq = jnp.maximum(squared_unit_norms(w, axes), jnp.square(eps))
-    # Compare squares: no sqrt on the hot path, and zero gradients never divide.
-    max_sq = jnp.square(clipping) * w_floor_sq
-    clip = g_sq > max_sq
-    scale = jnp.where(clip, _safe_sqrt(max_sq) * jax.lax.rsqrt(jnp.where(clip, g_sq, 1)), 1)
-    # scale is exactly 1 for unclipped units, so they come back bit for bit (also in bf16, which
-    # converts to float32 and back exactly).
-    clipped = (g * scale.astype(jnp.promote_types(g.dtype, scale.dtype))).astype(g.dtype)
-    safe_den = jnp.where(w_floor_sq > 0, w_floor_sq, 1)
-    ratio_sq = jnp.where(w_floor_sq > 0, g_sq / safe_den, jnp.where(g_sq > 0, jnp.inf, 0))
-    return clipped, clip, ratio_sq
+    """Per-unit AGC factors (keepdims): (scale, clip mask, ratio ||G_i|| / max(||W_i||, eps)).
+
+    ``scale`` is exactly 1 where a unit is not clipped. The ratio is only for statistics.
+    """
+    power = norm_power(norm)
+    g_pow = powered_unit_norms(g, axes, norm)
+    w_floor_pow = jnp.maximum(powered_unit_norms(w, axes, norm), eps**power)
+    # For L2, compare squared norms: no sqrt on the hot path, and zero gradients never divide.
+    max_pow = clipping**power * w_floor_pow
+    clip = g_pow > max_pow
+    safe_g_pow = jnp.where(clip, g_pow, 1)
+    if power == 2:
+        factor = _safe_sqrt(max_pow) * jax.lax.rsqrt(safe_g_pow)
+    else:
+        factor = max_pow / safe_g_pow
+    scale = jnp.where(clip, factor, 1)
+    safe_den = jnp.where(w_floor_pow > 0, w_floor_pow, 1)
+    ratio_pow = jnp.where(w_floor_pow > 0, g_pow / safe_den, jnp.where(g_pow > 0, jnp.inf, 0))
+    ratio = jnp.sqrt(ratio_pow) if power == 2 else ratio_pow
+    return scale, clip, ratio
+
+
+def apply_scale(g: jax.Array, scale: jax.Array) -> jax.Array:
+    """``g * scale`` in the wider of the two dtypes, cast back to ``g.dtype``.
+
+    A scale of exactly 1 returns g bit for bit, also in bf16 (which widens to float32 and back
+    exactly).
+    """
+    return (g * scale.astype(jnp.promote_types(g.dtype, scale.dtype))).astype(g.dtype)
 
 
 def adaptive_grad_clip(
@@ -124,6 +148,8 @@ def adaptive_grad_clip(
     unit_axes: UnitAxesRule = None,
     exclude: ExcludeRule = None,
     stats: bool = False,
+    granularity: str = "unit",
+    norm: NormOrder | None = None,
 ) -> optax.GradientTransformation:
     r"""Adaptive Gradient Clipping: clips each unit's gradient relative to its weight's norm.
 
@@ -165,6 +191,11 @@ def adaptive_grad_clip(
       stats: keep :class:`AdaptiveGradClipState` (clip fraction, max ratio, number of units) of
         the last update in the state; read it from any chain with
         ``optax.tree.get(opt_state, "clip_fraction")``.
+      granularity: ``"unit"`` (default) uses the unit rules; ``"layer"`` makes every clipped leaf
+        one unit, the layer-wise ablation of the paper (sec. 4.1). Excluded leaves stay excluded.
+      norm: the unit norm: 2 (the paper's; ``None`` means 2 and keeps ``inject_hyperparams``
+        from tracing it), 1, or ``float("inf")`` (as timm's ``norm_type``). Both sides of the
+        comparison use the same norm.
 
     Returns:
       An ``optax.GradientTransformation`` whose ``update`` needs ``params``.
@@ -185,6 +216,10 @@ def adaptive_grad_clip(
     """
     _check_hyperparameter("clipping", clipping)
     _check_hyperparameter("eps", eps)
+    norm = check_norm(norm)
+    if granularity not in ("unit", "layer"):
+        raise ValueError(f"`granularity` must be 'unit' or 'layer', got {granularity!r}.")
+    rule = _whole_leaf if granularity == "layer" else unit_axes
 
     def _stats_state(plan: list[tuple[str, UnitAxes]], params: Any) -> AdaptiveGradClipState:
         count = sum(
@@ -199,7 +234,7 @@ def adaptive_grad_clip(
         )
 
     def init_fn(params: Any) -> optax.OptState:
-        plan = _plan(params, unit_axes, exclude)  # bad rules fail at init, not at step 1
+        plan = _plan(params, rule, exclude)  # bad rules fail at init, not at step 1
         return _stats_state(plan, params) if stats else optax.EmptyState()
 
     def update_fn(updates: Any, state: optax.OptState, params: Any = None):
@@ -208,7 +243,7 @@ def adaptive_grad_clip(
                 "adaptive_grad_clip needs the parameters: call `tx.update(grads, state, params)`."
             )
         _check_updates_match(updates, params)
-        plan = _plan(params, unit_axes, exclude)
+        plan = _plan(params, rule, exclude)
         g_leaves, treedef = jax.tree.flatten(updates)
         out, clipped_counts, ratios = [], [], []
         for (path, axes), g, w in zip(plan, g_leaves, jax.tree.leaves(params), strict=True):
@@ -216,11 +251,11 @@ def adaptive_grad_clip(
                 out.append(g)
                 continue
             _check_float(path, g, "the gradient")
-            new_g, clip, ratio_sq = _clip_leaf(g, w, axes, clipping, eps)
-            out.append(new_g)
+            scale, clip, ratio = unit_clip_scale(g, w, axes, clipping, eps, norm)
+            out.append(apply_scale(g, scale))
             if stats:
                 clipped_counts.append(jnp.sum(clip, dtype=jnp.int32))
-                ratios.append(jnp.max(ratio_sq).astype(jnp.float32))
+                ratios.append(jnp.max(ratio).astype(jnp.float32))
         new_updates = jax.tree.unflatten(treedef, out)
         if not stats:
             return new_updates, state
@@ -230,7 +265,7 @@ def adaptive_grad_clip(
         clipped = sum(clipped_counts)
         new_state = AdaptiveGradClipState(
             clip_fraction=clipped.astype(jnp.float32) / total.astype(jnp.float32),
-            max_ratio=jnp.sqrt(jnp.max(jnp.stack(ratios))),
+            max_ratio=jnp.max(jnp.stack(ratios)),
             num_units=total,
         )
         return new_updates, new_state

@@ -42,6 +42,8 @@ UnitAxesRule = (
     | Any  # a pytree matching params whose leaves are tuples of ints or None
 )
 ExcludeRule = None | str | Sequence[str] | Callable[[str, Any], bool]
+NormOrder = int | float
+"""A unit norm: 2 (Euclidean), 1, or ``math.inf``."""
 
 #: Last path names that hold per-channel vectors or scalars: one unit for the whole leaf.
 VECTOR_NAMES = frozenset({"bias", "scale", "gain", "skip_gain", "offset", "b"})
@@ -240,13 +242,14 @@ def num_units(shape: Sequence[int], unit_axes: tuple[int, ...]) -> int:
     return math.prod(shape[a] for a in unit_axes)
 
 
-def unitwise_norm(x: jax.Array, unit_axes: Sequence[int]) -> jax.Array:
-    """The L2 norm of each unit of ``x``, accumulated in at least float32.
+def unitwise_norm(x: jax.Array, unit_axes: Sequence[int], norm: NormOrder = 2) -> jax.Array:
+    """The norm of each unit of ``x``, accumulated in at least float32.
 
     Args:
       x: an array.
       unit_axes: the axes that index units (``()``: the whole array is one unit). Negative axes
         are allowed.
+      norm: 2 (Euclidean, the default), 1, or ``float("inf")`` (largest magnitude).
 
     Returns:
       The norms, with the reduced axes kept as size 1 so they broadcast against ``x``: for a
@@ -255,7 +258,40 @@ def unitwise_norm(x: jax.Array, unit_axes: Sequence[int]) -> jax.Array:
     """
     x = jnp.asarray(x)
     axes = _normalize_axes("x", tuple(unit_axes), x.shape, "`unit_axes`")
-    return jnp.sqrt(squared_unit_norms(x, axes))
+    powered = powered_unit_norms(x, axes, check_norm(norm))
+    return jnp.sqrt(powered) if norm == 2 else powered
+
+
+def check_norm(norm: Any) -> NormOrder:
+    """Validates a norm order: 1, 2 or inf; ``None`` means 2."""
+    if norm is None:
+        return 2
+    if isinstance(norm, jax.core.Tracer):
+        raise TypeError(
+            "`norm` picks code, so it cannot be traced: with optax.inject_hyperparams, add "
+            "'norm' to static_args."
+        )
+    if norm not in (1, 2, math.inf):
+        raise ValueError(f"`norm` must be 1, 2 or float('inf'), got {norm!r}.")
+    return norm
+
+
+def norm_power(norm: NormOrder) -> int:
+    """The power in which :func:`powered_unit_norms` returns a norm (2 for L2, else 1)."""
+    return 2 if norm == 2 else 1
+
+
+def powered_unit_norms(x: jax.Array, unit_axes: tuple[int, ...], norm: NormOrder = 2) -> jax.Array:
+    """Each unit's norm raised to :func:`norm_power` (keepdims, at least float32).
+
+    The squared L2 norm needs no square root, so comparisons against a squared bound stay cheap.
+    """
+    if norm == 2:
+        return squared_unit_norms(x, unit_axes)
+    magnitude = jnp.abs(x)
+    magnitude = magnitude.astype(jnp.promote_types(magnitude.dtype, jnp.float32))
+    reduce = jnp.sum if norm == 1 else jnp.max
+    return reduce(magnitude, axis=reduction_axes(unit_axes, x.ndim), keepdims=True)
 
 
 def squared_unit_norms(x: jax.Array, unit_axes: tuple[int, ...]) -> jax.Array:

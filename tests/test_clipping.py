@@ -311,3 +311,63 @@ def test_out_of_range_rule_is_a_clear_error_at_init():
 def test_bad_hyperparameters(name, kw):
     with pytest.raises(ValueError, match=f"`{name}` must be a finite number"):
         agc_optax.adaptive_grad_clip(**kw)
+
+
+# ----------------------------------------------------------------------------- options
+
+
+def _np_agc_pnorm(g, w, axes, clipping, eps, norm):
+    red = ref.reduce_axes(g.ndim, axes)
+    measure = (
+        (lambda x: np.sum(np.abs(x), axis=red, keepdims=True))
+        if norm == 1
+        else (lambda x: np.max(np.abs(x), axis=red, keepdims=True))
+    )
+    g64, w64 = g.astype(np.float64), w.astype(np.float64)
+    bound = clipping * np.maximum(measure(w64), eps)
+    gn = measure(g64)
+    return np.where(gn > bound, g64 * bound / np.where(gn > 0, gn, 1), g64)
+
+
+@pytest.mark.parametrize("norm", [1, float("inf")])
+def test_l1_and_linf_norms_match_reference(norm):
+    rng = np.random.default_rng(5)
+    w = rng.standard_normal((3, 3, 4, 6)).astype(np.float32)
+    g = (rng.standard_normal((3, 3, 4, 6)) * 0.03).astype(np.float32)
+    out, _ = _apply(
+        {"conv": {"kernel": jnp.asarray(g)}}, {"conv": {"kernel": jnp.asarray(w)}}, 0.02, norm=norm
+    )
+    want = _np_agc_pnorm(g, w, (3,), 0.02, 1e-3, norm)
+    assert not np.allclose(want, g)
+    np.testing.assert_allclose(out["conv"]["kernel"], want, rtol=1e-5)
+    np.testing.assert_allclose(
+        agc_optax.unitwise_norm(jnp.asarray(g), (-1,), norm=norm).ravel(),
+        np.linalg.norm(g.reshape(-1, 6).astype(np.float64), ord=norm, axis=0),
+        rtol=1e-5,
+    )
+
+
+def test_layer_granularity_is_one_unit_per_leaf_and_keeps_exclusions():
+    rng = np.random.default_rng(6)
+    params = {"a": {"kernel": rng.standard_normal((5, 4))}, "head": {"kernel": np.ones((4, 2))}}
+    grads = {
+        "a": {"kernel": rng.standard_normal((5, 4)) * 0.05},
+        "head": {"kernel": np.ones((4, 2))},
+    }
+    params, grads = (
+        jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), t) for t in (params, grads)
+    )
+    out, state = _apply(grads, params, 0.02, granularity="layer", exclude="head", stats=True)
+    want = ref.agc(
+        np.asarray(grads["a"]["kernel"]), np.asarray(params["a"]["kernel"]), (), 0.02, 1e-3
+    )[0]
+    np.testing.assert_allclose(out["a"]["kernel"], want, rtol=1e-6)
+    np.testing.assert_array_equal(out["head"]["kernel"], grads["head"]["kernel"])
+    assert int(state.num_units) == 1
+
+
+def test_bad_options():
+    with pytest.raises(ValueError, match="`norm` must be 1, 2 or float"):
+        agc_optax.adaptive_grad_clip(norm=3)
+    with pytest.raises(ValueError, match="`granularity` must be 'unit' or 'layer'"):
+        agc_optax.adaptive_grad_clip(granularity="tensor")
