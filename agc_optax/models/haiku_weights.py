@@ -33,6 +33,7 @@ __all__ = [
     "haiku_to_nnx_path",
     "load_haiku_params",
     "load_params",
+    "materialize_abstract_state",
     "register_haiku_family",
     "save_params",
 ]
@@ -192,8 +193,38 @@ def _resolve(model: nnx.Module, path: str) -> tuple[str, int | None]:
     return f"blocks/{pos}/block/{match.group(2)}", layer
 
 
+def materialize_abstract_state(model: nnx.Module, seed: int = 0) -> nnx.Module:
+    """Gives concrete values to the non-parameter leaves of an ``nnx.eval_shape`` model.
+
+    A model built under ``nnx.eval_shape`` keeps abstract RNG streams (the
+    dropout / stochastic-depth keys and counters) after its parameters are
+    loaded; this fills keys from ``seed`` (one independent key per stream) and
+    every other abstract leaf with zeros, so the model can run and train.
+
+    Returns:
+      ``model``, for chaining.
+    """
+    state = nnx.state(model)
+    base = jax.random.key(seed)
+    changed = False
+    for i, (_, var) in enumerate(nnx.to_flat_state(state)):
+        value = var.get_value()
+        if not isinstance(value, jax.ShapeDtypeStruct) or isinstance(var, nnx.Param):
+            continue
+        if jax.dtypes.issubdtype(value.dtype, jax.dtypes.prng_key):
+            size = int(np.prod(value.shape))
+            keys = jax.random.split(jax.random.fold_in(base, i), size).reshape(value.shape)
+            var.set_value(keys)
+        else:
+            var.set_value(jax.numpy.zeros(value.shape, value.dtype))
+        changed = True
+    if changed:
+        nnx.update(model, state)
+    return model
+
+
 def load_haiku_params(
-    model: nnx.Module, params: Any, *, allow_pickle: bool = False
+    model: nnx.Module, params: Any, *, allow_pickle: bool = False, seed: int = 0
 ) -> nnx.Module:
     """Fills an NNX model with DeepMind's Haiku parameters, in place.
 
@@ -208,6 +239,9 @@ def load_haiku_params(
         ``{"module/param": array}`` dict, an npz path or ``np.load`` result, or the
         path of one of DeepMind's dill-pickled ``*_haiku.npz`` files.
       allow_pickle: allow reading a pickled file (needs the ``dill`` package).
+      seed: seeds the RNG streams (dropout, stochastic depth) of a model built with
+        ``nnx.eval_shape``, which are otherwise abstract; see
+        `materialize_abstract_state`. Concrete streams are left alone.
 
     Returns:
       ``model``, for chaining.
@@ -292,7 +326,7 @@ def load_haiku_params(
             value = np.stack([layers[i] for i in range(len(layers))])
         var.set_value(jax.numpy.asarray(value, dtype=dtype))
     nnx.update(model, state)
-    return model
+    return materialize_abstract_state(model, seed)
 
 
 def _pure_params(model: nnx.Module) -> tuple[nnx.State, dict[str, Any]]:

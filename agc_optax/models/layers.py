@@ -211,12 +211,19 @@ def avg_pool_same(x: Array, window: int = 2, stride: int = 2) -> Array:
     Returns:
       The pooled array, of the same dtype.
     """
-    dims = _window(x, window)
-    strides = _window(x, stride)
-    total = jax.lax.reduce_window(x, jnp.zeros((), x.dtype), jax.lax.add, dims, strides, "SAME")
-    ones = jnp.ones((1,) + x.shape[1:-1] + (1,), x.dtype)
-    count = jax.lax.reduce_window(ones, jnp.zeros((), x.dtype), jax.lax.add, dims, strides, "SAME")
-    return total / count
+    # Python/NumPy init values let JAX recognise the sum monoid (differentiable).
+    total = jax.lax.reduce_window(
+        x, np.zeros((), x.dtype), jax.lax.add, _window(x, window), _window(x, stride), "SAME"
+    )
+    # The count of real (unpadded) cells is static: build it in NumPy, per axis.
+    count = np.ones((), np.float32)
+    for size in x.shape[1:-1]:
+        out = -(-size // stride)
+        low = max((out - 1) * stride + window - size, 0) // 2
+        starts = np.arange(out) * stride - low
+        per_axis = np.minimum(starts + window, size) - np.maximum(starts, 0)
+        count = count[..., None] * per_axis.astype(np.float32)
+    return total / jnp.asarray(count[None, ..., None], x.dtype)
 
 
 def max_pool_same(x: Array, window: int = 3, stride: int = 2) -> Array:
@@ -230,9 +237,8 @@ def max_pool_same(x: Array, window: int = 3, stride: int = 2) -> Array:
     Returns:
       The pooled array, of the same dtype.
     """
-    init = jnp.array(-jnp.inf, x.dtype)
     return jax.lax.reduce_window(
-        x, init, jax.lax.max, _window(x, window), _window(x, stride), "SAME"
+        x, np.array(-np.inf, x.dtype), jax.lax.max, _window(x, window), _window(x, stride), "SAME"
     )
 
 
