@@ -62,8 +62,10 @@ def register_haiku_family(top_level_name: str, mapper: FamilyMapper) -> None:
     _FAMILY_MAPPERS[top_level_name] = mapper
 
 
-# Haiku parameter names -> NNX names (convs say `bias`, linears say `b`).
-_PARAM_NAMES = {"w": "kernel", "b": "bias", "bias": "bias", "gain": "gain"}
+# Haiku parameter names -> NNX names: WSConv2D has `w`, `gain`, `bias`; hk.Linear
+# has `w` and `b`.
+CONV_PARAMS = {"w": "kernel", "gain": "gain", "bias": "bias"}
+LINEAR_PARAMS = {"w": "kernel", "b": "bias"}
 
 
 def block_index(name: str, prefix: str) -> int | None:
@@ -81,27 +83,25 @@ def map_block_layer(modules: tuple[str, ...], param: str) -> str | None:
     ``conv_shortcut`` keep their names; ``squeeze_excite/~/linear`` and
     ``linear_1`` become ``se/fc0`` and ``se/fc1``.
     """
-    if param not in _PARAM_NAMES:
-        return None
-    leaf = _PARAM_NAMES[param]
-    if len(modules) == 1 and modules[0] in {"conv0", "conv1", "conv1b", "conv2", "conv_shortcut"}:
-        return f"{modules[0]}/{leaf}"
-    if len(modules) == 2 and modules[0] == "squeeze_excite":
+    convs = {"conv0", "conv1", "conv1b", "conv2", "conv_shortcut"}
+    if len(modules) == 1 and modules[0] in convs and param in CONV_PARAMS:
+        return f"{modules[0]}/{CONV_PARAMS[param]}"
+    if len(modules) == 2 and modules[0] == "squeeze_excite" and param in LINEAR_PARAMS:
         fc = {"linear": "fc0", "linear_1": "fc1"}.get(modules[1])
-        return f"se/{fc}/{leaf}" if fc else None
+        return f"se/{fc}/{LINEAR_PARAMS[param]}" if fc else None
     return None
 
 
 def _map_nfnet(modules: tuple[str, ...], param: str) -> str | None:
     head = modules[0] if modules else ""
-    if len(modules) == 1 and param in _PARAM_NAMES:
+    if len(modules) == 1:
         stem = re.fullmatch(r"stem_conv([0-3])", head)
-        if stem:
-            return f"stem/conv{stem.group(1)}/{_PARAM_NAMES[param]}"
-        if head == "final_conv":
-            return f"final_conv/{_PARAM_NAMES[param]}"
-        if head == "linear":
-            return f"head/{_PARAM_NAMES[param]}"
+        if stem and param in CONV_PARAMS:
+            return f"stem/conv{stem.group(1)}/{CONV_PARAMS[param]}"
+        if head == "final_conv" and param in CONV_PARAMS:
+            return f"final_conv/{CONV_PARAMS[param]}"
+        if head == "linear" and param in LINEAR_PARAMS:
+            return f"head/{LINEAR_PARAMS[param]}"
     index = block_index(head, "nf_block")
     if index is None:
         return None
@@ -267,6 +267,7 @@ def load_haiku_params(
     filled: dict[str, dict[int | None, np.ndarray]] = {}
     unexpected: list[str] = []
     mismatched: list[str] = []
+    reported: set[str] = set()  # Mismatched targets are not listed again as missing.
     for key in sorted(source):
         array = source[key]
         mapped = haiku_to_nnx_path(key)
@@ -285,13 +286,14 @@ def load_haiku_params(
                 continue
         if tuple(array.shape) != shape:
             mismatched.append(f"{key} {tuple(array.shape)} vs {target} {shape}")
+            reported.add(target)
             continue
         filled.setdefault(target, {})[layer] = array
     missing = []
     for target, var in targets.items():
         shape = _leaf_shape(var)
         got = filled.get(target, {})
-        if None in got:
+        if None in got or target in reported:
             continue
         stacked = [d for d in got if d is not None]
         if got and len(stacked) == shape[0]:

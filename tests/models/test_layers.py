@@ -268,6 +268,16 @@ def test_avg_pool_same_excludes_padding():
     np.testing.assert_allclose(got, want, atol=1e-6)
 
 
+def test_pools_are_differentiable_under_jit():
+    x = jnp.asarray(np.random.default_rng(4).standard_normal((1, 5, 5, 2)), jnp.float32)
+    g_avg = jax.jit(jax.grad(lambda v: avg_pool_same(v).sum()))(x)
+    # Each input cell feeds one window, with weight 1 / (cells in that window).
+    assert float(g_avg[0, 0, 0, 0]) == pytest.approx(0.25)
+    assert float(g_avg[0, 4, 4, 0]) == pytest.approx(1.0)
+    g_max = jax.jit(jax.grad(lambda v: max_pool_same(v).sum()))(x)
+    assert np.all(np.isfinite(np.asarray(g_max))) and float(g_max.sum()) == pytest.approx(18.0)
+
+
 def test_max_pool_same_pads_with_minus_infinity():
     x = -1.0 - np.random.default_rng(3).random((1, 6, 5, 2))  # All negative.
     got = np.asarray(max_pool_same(jnp.asarray(x, jnp.float32)))

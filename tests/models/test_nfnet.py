@@ -403,8 +403,12 @@ def test_scan_blocks_same_numbers_as_unrolled():
                                    rtol=1e-5, err_msg=key)
     # Training mode runs through the scan: per-layer stochastic depth draws fresh masks.
     scanned.train()
+    stream = scanned.blocks[2].block.stoch_depth.rngs
+    counts = np.asarray(stream.count[...]).copy()
     first, second = np.asarray(_fwd(scanned, x)), np.asarray(_fwd(scanned, x))
     assert np.all(np.isfinite(first)) and not np.allclose(first, second)
+    assert counts.shape == (2,)  # One stream per stacked layer...
+    np.testing.assert_array_equal(np.asarray(stream.count[...]), counts + 2)  # ...advancing.
 
 
 def test_activation_choice_is_used():
