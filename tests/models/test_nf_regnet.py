@@ -1,0 +1,197 @@
+"""NF-RegNet: DeepMind's parameter layout and counts, block details, jit/grad, dtypes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from agc_optax.models import NFRegNet, create_model, get_config, load_haiku_params
+from agc_optax.models.haiku_weights import haiku_to_nnx_path
+from agc_optax.models.nf_regnet import _avg_pool_same
+
+REFERENCE = Path(__file__).resolve().parents[2].parent / "shared" / "reference"
+VARIANTS = ("B0", "B1", "B2", "B3", "B4", "B5", "B6", "B7", "B8")
+
+
+def _num_params(model: nnx.Module) -> int:
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+def _param_shapes(model: nnx.Module) -> dict[str, tuple[int, ...]]:
+    return {
+        "/".join(map(str, path)): tuple(var.shape)
+        for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))
+    }
+
+
+@pytest.fixture(scope="module")
+def manifest() -> dict:
+    path = REFERENCE / "param_manifest.json"
+    if not path.exists():
+        pytest.skip(f"param_manifest.json not found at {REFERENCE}")
+    return json.loads(path.read_text())
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_registry_model_matches_deepmind_manifest(manifest, variant):
+    """The registry's nf_regnet_b* use DeepMind's experiment kwargs; counts agree to the unit."""
+    entry = manifest[f"NF-RegNet-{variant}"]
+    model = nnx.eval_shape(lambda: create_model(f"nf_regnet_{variant.lower()}",
+                                                rngs=nnx.Rngs(0)))
+    assert _num_params(model) == entry["total"]
+    theirs = {
+        haiku_to_nnx_path(f"{module}/{param}"): tuple(shape)
+        for module, params in entry["params"].items()
+        for param, shape in params.items()
+    }
+    assert theirs == _param_shapes(model)
+
+
+def test_registry_config_is_deepmind_experiment(manifest):
+    constructor = manifest["NF-RegNet-B0"]["constructor"]
+    config = get_config("nf_regnet_b0")
+    for key in ("variant", "width", "expansion", "group_size", "se_ratio", "alpha",
+                "stochdepth_rate", "drop_rate", "activation"):
+        assert getattr(config, key) == constructor[key], key
+    model = nnx.eval_shape(lambda: create_model("nf_regnet_b3", rngs=nnx.Rngs(0)))
+    assert model.drop_rate == 0.3  # The variant's rate, as DeepMind's drop_rate=None gives.
+
+
+def test_block_structure_b0():
+    model = nnx.eval_shape(lambda: NFRegNet(1000, "B0", activation="silu", rngs=nnx.Rngs(0)))
+    first, second = model.blocks[0], model.blocks[1]
+    # Widths are int(w * 0.75); the first block's expansion is 1: int(36 * 1) // 8 * 8 = 32.
+    assert model.widths == (36, 78, 156, 330)
+    assert (first.width, first.groups, first.stride) == (32, 4, 2)
+    # int(36 * 2.25) = 81 -> 10 groups of 8.
+    assert (second.width, second.groups, second.stride) == (80, 10, 2)
+    assert second.se.fc0.kernel.shape == (80, 40)  # SE on the expanded width, ratio 0.5.
+    assert model.final_conv.kernel.shape == (1, 1, 330, 1280 * 330 // 440)
+    betas = [b.beta for b in model.blocks]
+    # Depths (1, 3, ...): each stage's first block sees the previous stage's accumulated std.
+    np.testing.assert_allclose(betas[:5], 1 / np.sqrt([1.0, 1.04, 1.04, 1.08, 1.12]))
+
+
+def _tiny(**kwargs) -> NFRegNet:
+    return NFRegNet(
+        5,
+        "B0",
+        width=1.0,
+        widths=(16, 16, 32, 32),
+        depths=(1, 2, 1, 1),
+        activation="silu",
+        rngs=nnx.Rngs(params=0, dropout=1),
+        **kwargs,
+    )
+
+
+@pytest.fixture(scope="module")
+def initialized() -> NFRegNet:
+    return _tiny()
+
+
+@pytest.fixture(scope="module")
+def tiny(initialized) -> NFRegNet:
+    model = nnx.clone(initialized)
+    # DeepMind initializes skip gains and the classifier to zero; nonzero values make every
+    # branch reach the logits (and the gradients).
+    for block in model.blocks:
+        block.skip_gain[...] = jnp.ones(())
+    model.head.kernel[...] = jax.random.normal(jax.random.key(2), model.head.kernel.shape) * 0.1
+    return model
+
+
+def test_head_and_skip_gains_are_zero_initialized(initialized):
+    assert not np.any(np.asarray(initialized.head.kernel[...]))
+    assert all(float(b.skip_gain[...]) == 0.0 for b in initialized.blocks)
+
+
+def test_jit_grad_is_finite(tiny):
+    model = nnx.clone(tiny)
+    x = jax.random.normal(jax.random.key(0), (2, 33, 33, 3))  # Odd sizes at every stage.
+    labels = jnp.array([0, 4])
+
+    def loss_fn(m):
+        logp = jax.nn.log_softmax(m(x))
+        return -jnp.mean(jnp.take_along_axis(logp, labels[:, None], 1))
+
+    loss, grads = nnx.jit(lambda m: nnx.value_and_grad(loss_fn)(m))(model)
+    assert np.isfinite(float(loss))
+    assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
+    for path in (("blocks", 2, "se", "fc0", "kernel"), ("blocks", 0, "conv_shortcut", "gain"),
+                 ("final_conv", "kernel"), ("stem", "conv", "kernel")):
+        leaf = grads
+        for p in path:
+            leaf = leaf[p]
+        assert float(jnp.linalg.norm(leaf[...])) > 0, path
+
+
+def test_bfloat16_forward_close_to_float32(tiny):
+    x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
+    model = nnx.clone(tiny)
+    model.eval()
+    full = nnx.jit(lambda m, x: m(x))(model, x)
+    half_model = nnx.eval_shape(lambda: _tiny(dtype=jnp.bfloat16))
+    nnx.update(half_model, nnx.state(model))
+    half_model.eval()
+    half = nnx.jit(lambda m, x: m(x))(half_model, x)
+    assert half.dtype == jnp.bfloat16
+    scale = float(jnp.max(jnp.abs(full)))
+    assert scale > 0
+    np.testing.assert_allclose(
+        np.asarray(half, np.float32), np.asarray(full), atol=0.05 * scale, rtol=0
+    )
+
+
+def test_avg_pool_excludes_padding_like_haiku():
+    """2x2/2 SAME average pooling: border windows of odd inputs average only real cells."""
+    x = np.arange(2 * 5 * 3 * 2, dtype=np.float32).reshape(2, 5, 3, 2)
+    want = np.zeros((2, 3, 2, 2), np.float32)
+    for i in range(3):
+        for j in range(2):
+            # SAME with an odd size pads only at the end, so window (i, j) starts at (2i, 2j).
+            want[:, i, j] = x[:, 2 * i : 2 * i + 2, 2 * j : 2 * j + 2].mean(axis=(1, 2))
+    np.testing.assert_allclose(np.asarray(_avg_pool_same(jnp.asarray(x))), want, rtol=1e-6)
+    grad = jax.jit(jax.grad(lambda v: _avg_pool_same(v).sum()))(jnp.asarray(x))
+    assert grad.shape == x.shape and float(grad[0, 4, 2, 0]) == 1.0  # A lone corner cell.
+
+
+def test_load_haiku_names_from_manifest(manifest):
+    """Every NF_RegNet/~/... key of DeepMind's B0 lands on the leaf of the same role."""
+    rng = np.random.default_rng(0)
+    params = {
+        module: {name: rng.standard_normal(shape).astype(np.float32)
+                 for name, shape in leaves.items()}
+        for module, leaves in manifest["NF-RegNet-B0"]["params"].items()
+    }
+    model = nnx.eval_shape(lambda: create_model("nf_regnet_b0", rngs=nnx.Rngs(0)))
+    load_haiku_params(model, params)
+    checks = {
+        ("NF_RegNet/~/initial_conv", "w"): model.stem.conv.kernel,
+        ("NF_RegNet/~/final_conv", "gain"): model.final_conv.gain,
+        ("NF_RegNet/~/linear", "b"): model.head.bias,
+        ("NF_RegNet/~/nf_block_11", "skip_gain"): model.blocks[11].skip_gain,
+        ("NF_RegNet/~/nf_block_3/~/squeeze_excite/~/linear_1", "w"): model.blocks[3].se.fc1.kernel,
+        ("NF_RegNet/~/nf_block/~/conv_shortcut", "bias"): model.blocks[0].conv_shortcut.bias,
+    }
+    for (module, name), leaf in checks.items():
+        np.testing.assert_array_equal(np.asarray(leaf[...]), params[module][name])
+
+
+def test_swish_is_silu_and_errors_name_the_argument():
+    model = nnx.eval_shape(lambda: NFRegNet(5, "B0", rngs=nnx.Rngs(0)))  # DeepMind's 'swish'.
+    want = 1.7881293296813965 * float(jax.nn.silu(1.0))
+    assert float(model.activation(jnp.ones(()))) == pytest.approx(want, rel=1e-6)
+    with pytest.raises(ValueError, match="`variant`"):
+        NFRegNet(5, "B9", rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="`group_size`"):
+        NFRegNet(5, "B0", width=1.0, widths=(4, 8, 8, 8), depths=(1,) * 4, group_size=8,
+                 rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="`widths`"):
+        NFRegNet(5, "B0", widths=(16, 16), rngs=nnx.Rngs(0))
