@@ -95,6 +95,11 @@ def scaled_activation(name: str) -> Callable[[Array], Array]:
 
     Raises:
       ValueError: if ``name`` is not a known activation.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> round(float(scaled_activation("relu")(jnp.array(1.0))), 4)
+      1.714
     """
     if name not in GAMMAS:
         raise ValueError(
@@ -282,6 +287,13 @@ class WSConv(nnx.Module):
       param_dtype: parameter dtype.
       precision: passed to ``lax.conv_general_dilated``.
       rngs: an ``nnx.Rngs`` with a ``params`` stream.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from flax import nnx
+      >>> conv = WSConv(8, 16, 3, strides=2, feature_group_count=2, rngs=nnx.Rngs(0))
+      >>> conv.kernel.shape, conv(jnp.ones((1, 9, 9, 8))).shape
+      ((3, 3, 4, 16), (1, 5, 5, 16))
     """
 
     def __init__(

@@ -345,6 +345,16 @@ class NFNet(nnx.Module):
       param_dtype: parameter dtype.
       rngs: ``nnx.Rngs`` with a ``params`` stream, and ``dropout`` for training.
 
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from flax import nnx
+      >>> model = NFNet(10, "F0", widths=[256] * 4, depths=[1] * 4, rngs=nnx.Rngs(0))
+      >>> model.eval()
+      >>> model(jnp.ones((2, 32, 32, 3))).shape
+      (2, 10)
+      >>> sorted(model.forward_features(jnp.ones((2, 32, 32, 3)), return_metrics=True))[:3]
+      ['avg_sq_mean_0', 'avg_sq_mean_1', 'avg_sq_mean_2']
+
     Attributes:
       stem, blocks, final_conv, dropout, head: the submodules; ``blocks`` is an
         ``nnx.List``, so leaf paths read ``blocks/0/conv0/kernel``.
