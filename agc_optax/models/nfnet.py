@@ -44,7 +44,17 @@ from agc_optax.models.layers import (
     signal_metrics,
 )
 
-__all__ = ["MODEL_CONFIGS", "NFBlock", "NFNet", "NFNetConfig", "NFNET_VARIANTS", "Stem", "build"]
+__all__ = [
+    "MODEL_CONFIGS",
+    "NFBlock",
+    "NFBlockStack",
+    "NFNET_VARIANTS",
+    "NFNet",
+    "NFNetConfig",
+    "SCANNED_UNIT_AXES",
+    "Stem",
+    "build",
+]
 
 Array = jax.Array
 Dtype = Any
@@ -122,6 +132,15 @@ MODEL_CONFIGS: dict[str, NFNetConfig] = {
     "nfnet_" + name.lower().replace("+", "_plus"): config
     for name, config in NFNET_VARIANTS.items()
 }
+
+
+# Unit-axes rules, as (regex, axes) pairs for `agc_optax.adaptive_grad_clip`, for a model
+# built with `scan_blocks=True`: a stacked leaf's units are those of one block, per layer.
+# Leaves outside the stacks match nothing here and keep the default rules.
+SCANNED_UNIT_AXES: list[tuple[str, tuple[int, ...]]] = [
+    (r"^blocks/\d+/block/.*kernel$", (0, -1)),  # One unit per (layer, output channel).
+    (r"^blocks/\d+/block/", (0,)),  # Gains, biases, skip_gain: one unit per layer.
+]
 
 
 class Stem(nnx.Module):
@@ -338,8 +357,10 @@ class NFNet(nnx.Module):
         parameter counts are unchanged, but those blocks' leaves gain a leading
         layer axis (paths ``blocks/<j>/block/...``): for adaptive gradient
         clipping, the unit of a stacked kernel is ``(layer, output channel)``, so
-        give such leaves the unit-axes rule ``(0, -1)`` (and ``(0,)`` for the
-        stacked ``skip_gain``, gains and biases).
+        such leaves need the unit axes ``(0, -1)``, and the stacked gains, biases
+        and ``skip_gain`` need ``(0,)``. `SCANNED_UNIT_AXES` holds these rules as
+        ``(regex, axes)`` pairs. `agc_optax.models.load_haiku_params` fills stacked
+        leaves from DeepMind's per-block names.
       dtype: computation dtype (e.g. ``jnp.bfloat16``); weight standardization
         always runs in float32.
       param_dtype: parameter dtype.

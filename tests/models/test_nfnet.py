@@ -21,7 +21,7 @@ from agc_optax.models import (
 )
 from agc_optax.models.haiku_weights import materialize_abstract_state
 from agc_optax.models.layers import GAMMAS, avg_pool_same
-from agc_optax.models.nfnet import NFNET_VARIANTS, NFBlockStack
+from agc_optax.models.nfnet import NFNET_VARIANTS, SCANNED_UNIT_AXES, NFBlockStack
 
 REFERENCE = Path(__file__).resolve().parents[2] / ".." / "shared" / "reference"
 
@@ -417,3 +417,33 @@ def test_activation_choice_is_used():
     np.testing.assert_allclose(
         np.asarray(model.activation(x)), np.asarray(jax.nn.silu(x)) * GAMMAS["silu"], rtol=1e-6
     )
+
+
+def test_scanned_unit_axes_rules_give_the_same_units():
+    """With `SCANNED_UNIT_AXES`, AGC sees exactly the unrolled model's units."""
+    from agc_optax.unit_axes import reduction_axes, resolve_unit_axes
+
+    def unit_norms(model, rules):
+        params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+        leaves = jax.tree.leaves(params)
+        norms = []
+        for (_, axes), leaf in zip(resolve_unit_axes(params, rules), leaves, strict=True):
+            leaf = np.asarray(leaf, np.float64)
+            reduce = reduction_axes(axes, leaf.ndim)
+            norms.append(np.sqrt(np.sum(leaf**2, axis=reduce)).ravel())
+        return np.sort(np.concatenate(norms)), dict(resolve_unit_axes(params, rules))
+
+    unrolled = _tiny()
+    checkpoint = {
+        _dm_key("/".join(map(str, p))): np.asarray(v.get_value())
+        for p, v in nnx.to_flat_state(nnx.state(unrolled, nnx.Param))
+    }
+    scanned = load_haiku_params(_tiny(seed=5, scan_blocks=True), checkpoint)
+    want, _ = unit_norms(unrolled, None)
+    got, axes = unit_norms(scanned, SCANNED_UNIT_AXES)
+    assert axes["blocks/2/block/conv1/kernel"] == (0, 4)
+    assert axes["blocks/2/block/se/fc0/kernel"] == (0, 2)
+    assert axes["blocks/2/block/conv1/gain"] == (0,)
+    assert axes["blocks/2/block/skip_gain"] == (0,)
+    assert axes["blocks/1/conv1/kernel"] == (3,)  # Unstacked leaves keep the defaults.
+    np.testing.assert_allclose(got, want, rtol=1e-12)
