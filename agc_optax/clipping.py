@@ -141,6 +141,64 @@ def apply_scale(g: jax.Array, scale: jax.Array) -> jax.Array:
     return (g * scale.astype(jnp.promote_types(g.dtype, scale.dtype))).astype(g.dtype)
 
 
+def initial_stats(plan: list[tuple[str, UnitAxes]], params: Any) -> AdaptiveGradClipState:
+    """Zero statistics, with the (static) number of eligible units."""
+    count = sum(
+        num_units(np.shape(w), axes)
+        for (_, axes), w in zip(plan, jax.tree.leaves(params), strict=True)
+        if axes is not None
+    )
+    return AdaptiveGradClipState(
+        clip_fraction=jnp.zeros((), jnp.float32),
+        max_ratio=jnp.zeros((), jnp.float32),
+        num_units=jnp.asarray(count, jnp.int32),
+    )
+
+
+def clip_scales(
+    updates: Any,
+    params: Any,
+    plan: list[tuple[str, UnitAxes]],
+    clipping: Any,
+    eps: Any,
+    norm: NormOrder,
+    stats: bool,
+) -> tuple[list[jax.Array | None], AdaptiveGradClipState | None]:
+    """AGC's per-unit scale of every leaf (``None`` for leaves left alone), and the statistics.
+
+    The shared core of :func:`adaptive_grad_clip` and the fused optimizers, which apply the
+    scales inside their own elementwise update instead of materializing the clipped gradient.
+    """
+    if params is None:
+        raise ValueError(
+            "adaptive_grad_clip needs the parameters: call `tx.update(grads, state, params)`."
+        )
+    _check_updates_match(updates, params)
+    scales, clipped_counts, ratios = [], [], []
+    for (path, axes), g, w in zip(
+        plan, jax.tree.leaves(updates), jax.tree.leaves(params), strict=True
+    ):
+        if axes is None:
+            scales.append(None)
+            continue
+        _check_float(path, g, "the gradient")
+        scale, clip, ratio = unit_clip_scale(g, w, axes, clipping, eps, norm)
+        scales.append(scale)
+        if stats:
+            clipped_counts.append(jnp.sum(clip, dtype=jnp.int32))
+            ratios.append(jnp.max(ratio).astype(jnp.float32))
+    if not stats:
+        return scales, None
+    zero = initial_stats(plan, params)
+    if not clipped_counts:
+        return scales, zero
+    return scales, AdaptiveGradClipState(
+        clip_fraction=sum(clipped_counts).astype(jnp.float32) / zero.num_units.astype(jnp.float32),
+        max_ratio=jnp.max(jnp.stack(ratios)),
+        num_units=zero.num_units,
+    )
+
+
 def adaptive_grad_clip(
     clipping: float | jax.Array = 0.01,
     eps: float | jax.Array = 1e-3,
@@ -221,53 +279,16 @@ def adaptive_grad_clip(
         raise ValueError(f"`granularity` must be 'unit' or 'layer', got {granularity!r}.")
     rule = _whole_leaf if granularity == "layer" else unit_axes
 
-    def _stats_state(plan: list[tuple[str, UnitAxes]], params: Any) -> AdaptiveGradClipState:
-        count = sum(
-            num_units(np.shape(w), axes)
-            for (_, axes), w in zip(plan, jax.tree.leaves(params), strict=True)
-            if axes is not None
-        )
-        return AdaptiveGradClipState(
-            clip_fraction=jnp.zeros((), jnp.float32),
-            max_ratio=jnp.zeros((), jnp.float32),
-            num_units=jnp.asarray(count, jnp.int32),
-        )
-
     def init_fn(params: Any) -> optax.OptState:
         plan = _plan(params, rule, exclude)  # bad rules fail at init, not at step 1
-        return _stats_state(plan, params) if stats else optax.EmptyState()
+        return initial_stats(plan, params) if stats else optax.EmptyState()
 
     def update_fn(updates: Any, state: optax.OptState, params: Any = None):
-        if params is None:
-            raise ValueError(
-                "adaptive_grad_clip needs the parameters: call `tx.update(grads, state, params)`."
-            )
-        _check_updates_match(updates, params)
-        plan = _plan(params, rule, exclude)
-        g_leaves, treedef = jax.tree.flatten(updates)
-        out, clipped_counts, ratios = [], [], []
-        for (path, axes), g, w in zip(plan, g_leaves, jax.tree.leaves(params), strict=True):
-            if axes is None:
-                out.append(g)
-                continue
-            _check_float(path, g, "the gradient")
-            scale, clip, ratio = unit_clip_scale(g, w, axes, clipping, eps, norm)
-            out.append(apply_scale(g, scale))
-            if stats:
-                clipped_counts.append(jnp.sum(clip, dtype=jnp.int32))
-                ratios.append(jnp.max(ratio).astype(jnp.float32))
-        new_updates = jax.tree.unflatten(treedef, out)
-        if not stats:
-            return new_updates, state
-        if not clipped_counts:
-            return new_updates, _stats_state(plan, params)
-        total = _stats_state(plan, params).num_units
-        clipped = sum(clipped_counts)
-        new_state = AdaptiveGradClipState(
-            clip_fraction=clipped.astype(jnp.float32) / total.astype(jnp.float32),
-            max_ratio=jnp.max(jnp.stack(ratios)),
-            num_units=total,
+        scales, new_stats = clip_scales(
+            updates, params, _plan(params, rule, exclude), clipping, eps, norm, stats
         )
-        return new_updates, new_state
+        g_leaves, treedef = jax.tree.flatten(updates)
+        out = [g if s is None else apply_scale(g, s) for g, s in zip(g_leaves, scales, strict=True)]
+        return jax.tree.unflatten(treedef, out), (new_stats if stats else state)
 
     return optax.GradientTransformation(init_fn, update_fn)

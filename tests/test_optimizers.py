@@ -1,0 +1,142 @@
+"""The fused recipes equal their optax chains; masks, schedules and state behave."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import agc_optax
+
+
+def _random_tree(seed, scale=1.0, dtype=jnp.float32):
+    rng = np.random.default_rng(seed)
+    shapes = {
+        "stem": {"conv": {"kernel": (3, 3, 3, 8), "bias": (8,), "gain": (8,)}},
+        "blocks": {"0": {"conv0": {"kernel": (1, 1, 8, 16)}, "skip_gain": ()}},
+        "embed": {"embedding": (10, 16)},
+        "head": {"kernel": (16, 5), "bias": (5,)},
+    }
+    return jax.tree.map(
+        lambda s: jnp.asarray(rng.standard_normal(s) * scale, dtype),
+        shapes,
+        is_leaf=lambda x: isinstance(x, tuple),
+    )
+
+
+def _max_rel_diff(a, b):
+    """Largest normwise relative difference over leaves: |a - b|_inf / |b|_inf."""
+    out = 0.0
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+        denom = max(np.max(np.abs(y)), 1e-30)
+        out = max(out, float(np.max(np.abs(x - y)) / denom))
+    return out
+
+
+def _run(tx, params, grads_seq):
+    state = tx.init(params)
+    step = jax.jit(tx.update)
+    outs = []
+    for grads in grads_seq:
+        updates, state = step(grads, state, params)
+        params = optax.apply_updates(params, updates)
+        outs.append(updates)
+    return outs, params, state
+
+
+def _grads_seq(n, scale):
+    return [_random_tree(10 + i, scale) for i in range(n)]
+
+
+@settings(deadline=None, max_examples=8)
+@given(
+    momentum=st.sampled_from([0.0, 0.9]),
+    nesterov=st.booleans(),
+    weight_decay=st.sampled_from([0.0, 2e-5, 1e-2]),
+    clipping=st.sampled_from([0.01, 0.1]),
+    gscale=st.sampled_from([1e-3, 1.0]),
+)
+def test_sgd_agc_equals_optax_chain(momentum, nesterov, weight_decay, clipping, gscale):
+    params = _random_tree(0)
+    schedule = optax.warmup_cosine_decay_schedule(0.0, 0.1, 2, 10)
+    ours = agc_optax.sgd_agc(
+        schedule, momentum, nesterov, weight_decay, clipping, exclude=agc_optax.HEAD_PATTERN
+    )
+    chain = optax.chain(
+        agc_optax.adaptive_grad_clip(clipping, exclude=agc_optax.HEAD_PATTERN),
+        optax.add_decayed_weights(weight_decay, mask=agc_optax.weight_decay_mask),
+        optax.sgd(schedule, momentum=momentum or None, nesterov=nesterov),
+    )
+    grads = _grads_seq(4, gscale)
+    a, pa, _ = _run(ours, params, grads)
+    b, pb, _ = _run(chain, params, grads)
+    for x, y in zip(a, b, strict=True):
+        assert _max_rel_diff(x, y) <= 1e-6
+    assert _max_rel_diff(pa, pb) <= 1e-6
+
+
+@settings(deadline=None, max_examples=6)
+@given(
+    weight_decay=st.sampled_from([0.0, 1e-2]),
+    clipping=st.sampled_from([0.01, 0.5]),
+    eps_root=st.sampled_from([0.0, 1e-8]),
+)
+def test_adamw_agc_equals_optax_chain(weight_decay, clipping, eps_root):
+    params = _random_tree(0)
+    ours = agc_optax.adamw_agc(
+        1e-3, weight_decay=weight_decay, clipping=clipping, eps_root=eps_root
+    )
+    chain = optax.chain(
+        agc_optax.adaptive_grad_clip(clipping, 1e-3, exclude=agc_optax.HEAD_PATTERN),
+        optax.adamw(
+            1e-3, eps_root=eps_root, weight_decay=weight_decay, mask=agc_optax.weight_decay_mask
+        ),
+    )
+    grads = _grads_seq(4, 0.1)
+    a, pa, _ = _run(ours, params, grads)
+    b, pb, _ = _run(chain, params, grads)
+    for x, y in zip(a, b, strict=True):
+        assert _max_rel_diff(x, y) <= 1e-6
+    assert _max_rel_diff(pa, pb) <= 1e-6
+
+
+def test_weight_decay_mask_spares_gains_and_biases():
+    mask = agc_optax.weight_decay_mask(_random_tree(0))
+    assert mask["stem"]["conv"] == {"kernel": True, "bias": False, "gain": False}
+    assert mask["blocks"]["0"]["skip_gain"] is False
+    assert mask["head"] == {"kernel": True, "bias": False}
+    assert mask["embed"]["embedding"] is True
+
+
+def test_sgd_agc_first_step_by_hand():
+    params = {"w": {"kernel": jnp.array([[3.0], [4.0]])}, "w2": {"bias": jnp.array([1.0])}}
+    grads = {"w": {"kernel": jnp.array([[30.0], [40.0]])}, "w2": {"bias": jnp.array([0.001])}}
+    tx = agc_optax.sgd_agc(0.5, momentum=0.9, nesterov=True, weight_decay=0.1, clipping=0.01)
+    updates, state = tx.update(grads, tx.init(params), params)
+    # kernel: ||g|| = 50 > 0.01 * 5 -> g' = g * 0.05/50 = [0.03, 0.04]; + 0.1 w = [0.33, 0.44];
+    # momentum buffer = g'; Nesterov step = (1 + 0.9) g'; update = -0.5 * 1.9 * g'.
+    np.testing.assert_allclose(updates["w"]["kernel"][:, 0], [-0.3135, -0.418], rtol=1e-6)
+    # bias: unclipped (0.001 < 0.01 * 1), no weight decay.
+    np.testing.assert_allclose(updates["w2"]["bias"], [-0.5 * 1.9 * 0.001], rtol=1e-6)
+    np.testing.assert_allclose(state.momentum["w"]["kernel"][:, 0], [0.33, 0.44], rtol=1e-6)
+    assert int(state.count) == 1
+
+
+def test_stats_and_bf16():
+    params = _random_tree(0, dtype=jnp.bfloat16)
+    grads = _random_tree(1, dtype=jnp.bfloat16)
+    for tx in (agc_optax.sgd_agc(0.1, stats=True), agc_optax.adamw_agc(1e-3, stats=True)):
+        updates, state = jax.jit(tx.update)(grads, tx.init(params), params)
+        assert all(u.dtype == jnp.bfloat16 for u in jax.tree.leaves(updates))
+        assert 0 < float(optax.tree.get(state, "clip_fraction")) <= 1
+        assert int(optax.tree.get(state, "num_units")) > 0
+
+
+def test_needs_params():
+    tx = agc_optax.sgd_agc(0.1)
+    params = _random_tree(0)
+    with pytest.raises(ValueError, match="needs the parameters"):
+        tx.update(params, tx.init(params), None)
