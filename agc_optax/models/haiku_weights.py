@@ -28,11 +28,16 @@ import numpy as np
 from flax import nnx
 
 __all__ = [
+    "CONV_PARAMS",
+    "LINEAR_PARAMS",
     "HaikuWeightsError",
+    "block_index",
     "download_nfnet_weights",
+    "fetch_cached",
     "haiku_to_nnx_path",
     "load_haiku_params",
     "load_params",
+    "map_block_layer",
     "materialize_abstract_state",
     "register_haiku_family",
     "save_params",
