@@ -68,6 +68,12 @@ def _build_reference_model(config: dict) -> NFResNet:
 
 
 @pytest.fixture(scope="module")
+def activations() -> dict[str, np.ndarray]:
+    with np.load(REFERENCE / "nfresnet_small_activations.npz") as npz:
+        return {key: npz[key] for key in npz.files}
+
+
+@pytest.fixture(scope="module")
 def reference_run(small_config) -> tuple[dict, dict]:
     """Our model with DeepMind's perturbed weights, run once (jitted) on the reference input.
 
@@ -89,13 +95,12 @@ def reference_run(small_config) -> tuple[dict, dict]:
 
 
 @needs_reference
-def test_parity_logits_and_metrics(reference_run):
+def test_parity_logits_and_metrics(reference_run, activations):
     outputs, _ = reference_run
     want = np.load(REFERENCE / "nfresnet_small_logits.npy")
-    activations = np.load(REFERENCE / "nfresnet_small_activations.npz")
     np.testing.assert_allclose(np.asarray(outputs["logits"]), want, rtol=0, atol=2e-5)
     reference_keys = {
-        k.split(":", 1)[1] for k in activations.files if k.startswith("return_metrics_outputs:")
+        k.split(":", 1)[1] for k in activations if k.startswith("return_metrics_outputs:")
     }
     assert set(outputs) == reference_keys
     for key in reference_keys:
@@ -129,10 +134,9 @@ def _our_activation(key: str, captured: dict, outputs: dict) -> np.ndarray:
 
 
 @needs_reference
-def test_parity_per_module_activations(reference_run):
+def test_parity_per_module_activations(reference_run, activations):
     outputs, captured = reference_run
-    activations = np.load(REFERENCE / "nfresnet_small_activations.npz")
-    keys = [k for k in activations.files if not k.startswith("return_metrics_outputs:")]
+    keys = [k for k in activations if not k.startswith("return_metrics_outputs:")]
     worst = 0.0
     for key in keys:
         want = activations[key]
