@@ -154,12 +154,18 @@ def config_from_args(args: argparse.Namespace) -> Config:
     return config.replace(**changes)
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    # One line per warning, without the source line Python would echo.
+    print(f"agc-train: warning: {message}", file=sys.stderr if file is None else file)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``agc-train``; returns the exit status."""
     args = _parser().parse_args(argv)
     # Library chatter (orbax, absl) is not for the user of a CLI; warnings we raise still show.
     logging.getLogger("absl").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.showwarning = _show_warning
     from agc_optax.training.data import DataError
     from agc_optax.training.trainer import train
 

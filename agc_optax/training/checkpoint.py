@@ -11,6 +11,7 @@ listed; a finished but damaged step (a truncated or deleted file) fails to resto
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 from typing import Any
 
@@ -22,6 +23,10 @@ from agc_optax.training.data import DataPosition
 
 class CheckpointWarning(UserWarning):
     """A checkpoint could not be restored and an older one is used instead."""
+
+
+class CheckpointMismatchError(ValueError):
+    """A readable checkpoint whose state does not fit the run (other model, other optimizer)."""
 
 
 class Checkpointer:
@@ -51,7 +56,13 @@ class Checkpointer:
 
     def save(self, step: int, state: Any, position: DataPosition, config: dict[str, Any]) -> None:
         """Writes a checkpoint for ``step`` (asynchronously when enabled); all processes call it."""
-        meta = {"step": step, "epoch": position.epoch, "index": position.index, "config": config}
+        meta = {
+            "step": step,
+            "epoch": position.epoch,
+            "index": position.index,
+            "signature": _signature(state),
+            "config": config,
+        }
         self._manager.save(
             step,
             args=ocp.args.Composite(
@@ -72,28 +83,55 @@ class Checkpointer:
           Each damaged checkpoint skipped on the way emits a :class:`CheckpointWarning`.
         """
         abstract = jax.tree.map(_abstract, target)
+        signature = _signature(target)
         for step in reversed(self.steps()):
             try:
-                restored = self._manager.restore(
-                    step,
-                    args=ocp.args.Composite(
-                        state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()
-                    ),
-                )
-                meta = restored.meta
+                meta = self._manager.restore(
+                    step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())
+                ).meta
                 if meta is None or int(meta["step"]) != step:
                     raise ValueError("metadata missing or for another step")
+                if meta.get("signature") != signature:
+                    # Readable but not ours: a different model or optimizer, a user error that
+                    # falling back would only hide.
+                    raise CheckpointMismatchError(
+                        f"checkpoint {step} in `{self.directory}` holds a different model or "
+                        f"optimizer state ({_diff(meta.get('signature') or {}, signature)}); "
+                        "resume with the flags it was written with, or use a new `--run-dir`"
+                    )
+                restored = self._manager.restore(
+                    step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
+                )
                 position = DataPosition(int(meta["epoch"]), int(meta["index"]))
+            except CheckpointMismatchError:
+                raise
             except Exception as e:  # any failure to read means this step is unusable
+                _silence_closed_loop_callbacks()
                 warnings.warn(
                     f"checkpoint {step} in `{self.directory}` is unreadable "
                     f"({type(e).__name__}: {_first_line(e)}); falling back to an earlier one",
                     CheckpointWarning,
                     stacklevel=2,
                 )
+                self._set_aside(step)
                 continue
             return restored.state, position, step
         return None
+
+    def _set_aside(self, step: int) -> None:
+        """Renames an unreadable step out of the way (kept for inspection, never listed again).
+
+        Without this the resumed run could not save that step number again.
+        """
+        if jax.process_index() == 0:
+            src = os.path.join(self.directory, str(step))
+            dst = f"{src}.unreadable"
+            suffix = 1
+            while os.path.exists(dst):
+                dst, suffix = f"{src}.unreadable{suffix}", suffix + 1
+            os.rename(src, dst)
+        _sync("agc_optax_checkpoint_set_aside")
+        self._manager.reload()
 
     def wait(self) -> None:
         """Blocks until pending asynchronous saves are on disk."""
@@ -103,6 +141,74 @@ class Checkpointer:
         """Waits for pending saves and releases the manager."""
         self._manager.wait_until_finished()
         self._manager.close()
+
+
+def _silence_closed_loop_callbacks() -> None:
+    """Drops the "Event loop is closed" errors a failed orbax restore leaves behind.
+
+    When one array of a damaged checkpoint fails to read, orbax closes its event loop while
+    tensorstore still completes reads of the other arrays; each completion then reports
+    ``RuntimeError('Event loop is closed')`` through ``sys.unraisablehook``, one traceback per
+    array. They carry no information beyond the warning already given, so only they are dropped.
+    """
+    previous = sys.unraisablehook
+    if getattr(previous, "_agc_optax_filter", False):
+        return
+
+    def hook(unraisable: Any) -> None:
+        exc = unraisable.exc_value
+        if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
+            return
+        previous(unraisable)
+
+    hook._agc_optax_filter = True  # type: ignore[attr-defined]
+    sys.unraisablehook = hook
+
+
+def _sync(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def read_checkpoint(directory: str, step: int | None = None) -> tuple[dict[str, Any], int]:
+    """Reads a checkpoint's state as host numpy arrays without knowing its structure.
+
+    For inspection and tests; training resumes through :meth:`Checkpointer.restore_latest`.
+
+    Args:
+      directory: the checkpoint directory.
+      step: which step; the newest when ``None``.
+
+    Returns:
+      ``(state, step)`` where ``state`` is a nested dict with keys ``step``, ``params``,
+      ``batch_stats``, ``opt_state`` and ``ema_params``.
+    """
+    steps = sorted(int(n) for n in os.listdir(directory) if n.isdigit())
+    if not steps:
+        raise FileNotFoundError(f"no checkpoints in `{directory}`")
+    step = steps[-1] if step is None else step
+    state = ocp.StandardCheckpointer().restore(os.path.join(directory, str(step), "state"))
+    return state, step
+
+
+def _signature(tree: Any) -> dict[str, list[Any]]:
+    """Leaf path -> [shape..., dtype]: enough to tell whether a checkpoint fits a state."""
+    return {
+        jax.tree_util.keystr(path): [*map(int, leaf.shape), str(leaf.dtype)]
+        for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+    }
+
+
+def _diff(saved: dict[str, Any], wanted: dict[str, Any]) -> str:
+    missing = sorted(set(wanted) - set(saved))
+    extra = sorted(set(saved) - set(wanted))
+    changed = sorted(k for k in set(saved) & set(wanted) if saved[k] != wanted[k])
+    for what, keys in (("missing", missing), ("unexpected", extra), ("other shape", changed)):
+        if keys:
+            return f"{len(keys)} {what} leaves, first `{keys[0]}`"
+    return "no difference"
 
 
 def _abstract(x: Any) -> Any:

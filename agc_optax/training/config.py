@@ -102,13 +102,14 @@ def _jsonable(v: Any) -> Any:
     return repr(v)
 
 
-# A small NF-ResNet-26 (bottleneck widths 16..128, no stochastic depth): big enough to learn the
-# digits to ~97% in a couple of minutes on two CPU cores.
+# A small NF-ResNet-26 (stage widths 16..128, no stochastic depth): learns the 16x16 digits to
+# ~95% test accuracy in under a minute on two CPU cores, most of it compilation.
 _SMALL_NF_RESNET = {"widths": (16, 32, 64, 128), "stem_width": 16, "stochdepth_rate": 0.0}
 
 PRESETS: dict[str, Config] = {
-    # The default run: offline digits, ~2 minutes on 2 CPU cores.
-    "digits": Config(model_overrides=_SMALL_NF_RESNET),
+    # The default run. At batch 64 a larger lambda than ImageNet's 0.01 (batch 4096) works best,
+    # as the paper reports for small batches (Brock et al. 2021, fig. 3).
+    "digits": Config(model_overrides=_SMALL_NF_RESNET, lr=1.0, clipping=0.05, epochs=25.0),
     # A few seconds: tests and smoke runs.
     "smoke": Config(
         model_overrides={

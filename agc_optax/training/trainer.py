@@ -183,7 +183,10 @@ def train(
     checkpointer = ckpt_lib.Checkpointer(checkpoint_dir)
     start_step = 0
     if config.resume:
-        restored = checkpointer.restore_latest(state)
+        try:
+            restored = checkpointer.restore_latest(state)
+        except ckpt_lib.CheckpointMismatchError as e:
+            raise ConfigError(str(e)) from None
         if restored is None:
             say(f"no checkpoint in {checkpoint_dir}; starting from scratch")
         else:
@@ -300,7 +303,12 @@ def train(
         eval_record = evaluate_both(state)
     raw_acc = eval_record["eval"]["accuracy"]
     ema_acc = eval_record.get("eval_ema", eval_record["eval"])["accuracy"]
-    files = {"metrics": writer.path, "checkpoints": checkpoint_dir}
+    files = {
+        "run dir": run_dir,
+        "config": os.path.join(run_dir, "config.json"),
+        "metrics": writer.path,
+        "checkpoints": checkpoint_dir,
+    }
     if is_main:
         files["plot"] = metrics_lib.plot_metrics(writer.path, os.path.join(run_dir, "metrics.png"))
         summary = {

@@ -1,0 +1,55 @@
+"""Runs a short training in a fresh process with a chosen device count; saves the final params.
+
+Usage: python parallel_worker.py OUT.npz RUN_DIR --devices N [--parallel pmap]
+       [--coordinator HOST:PORT --num-processes P --process-id I]
+The device count must be fixed before JAX starts, hence a separate process per configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+p = argparse.ArgumentParser()
+p.add_argument("out")
+p.add_argument("run_dir")
+p.add_argument("--devices", type=int, default=1)
+p.add_argument("--parallel", default="jit")
+p.add_argument("--steps", type=int, default=8)
+p.add_argument("--coordinator")
+p.add_argument("--num-processes", type=int, default=1)
+p.add_argument("--process-id", type=int, default=0)
+args = p.parse_args()
+
+os.environ["JAX_PLATFORMS"] = "cpu"
+os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.devices}"
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from tiny_model import tiny_model  # noqa: E402
+
+from agc_optax.training import PRESETS, train  # noqa: E402
+
+config = PRESETS["smoke"].replace(
+    run_dir=args.run_dir,
+    steps=args.steps,
+    batch_size=32,
+    parallel=args.parallel,
+    eval_every=args.steps,
+    checkpoint_every=args.steps,
+    clipping=0.05,  # some units clip, some do not: both branches of AGC are exercised
+    progress=False,
+    coordinator=args.coordinator,
+    num_processes=args.num_processes,
+    process_id=args.process_id,
+)
+result = train(config, model_fn=tiny_model, log=lambda _: None)
+if jax.process_index() == 0:
+    flat = {
+        jax.tree_util.keystr(k): np.asarray(v)
+        for k, v in jax.tree_util.tree_flatten_with_path(result.params)[0]
+    }
+    flat["__devices__"] = np.asarray(jax.device_count())
+    np.savez(args.out, **flat)

@@ -1,0 +1,118 @@
+"""The CLI: a smoke run end to end, and bad input as one-line errors without tracebacks."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+from cli_util import cli_env, run_cli
+
+
+@pytest.mark.parametrize(
+    "args, devices, message",
+    [
+        (["--model", "nf_resnet_9000"], None, "unknown model `nf_resnet_9000`; valid: "),
+        (["--dataset", "imagenet"], None, "unknown dataset `imagenet`; valid: digits, cifar10"),
+        (["--batch-size", "12"], 8, "`--batch-size` 12 is not divisible by the 8 devices"),
+        (["--dataset", "cifar10", "--data-dir", "{tmp}"], None, "missing CIFAR-10 file"),
+        (["--dataset", "cifar10"], None, "needs `--data-dir`"),
+        (["--run-dir", "{tmp}/file/run"], None, "is not writable"),
+        (["--resume"], None, "`--resume` needs the `--run-dir`"),
+        (["--lr", "-1"], None, "`--lr` must be > 0"),
+        (["--model-arg", "widths"], None, "expected KEY=VALUE"),
+    ],
+)
+def test_bad_input_is_one_clear_line(tmp_path, args, devices, message):
+    (tmp_path / "file").write_text("a file, not a directory")
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    if "--run-dir" not in args and "--resume" not in args:
+        args += ["--run-dir", str(tmp_path / "run")]
+    proc = run_cli(*args, "--no-progress", env=cli_env(devices=devices))
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("agc-train: error: ") and message in lines[0], lines[0]
+
+
+def test_unknown_model_lists_valid_names(tmp_path):
+    proc = run_cli("--model", "nope", "--run-dir", str(tmp_path))
+    assert "nf_resnet26" in proc.stderr and "nfnet_f0" in proc.stderr
+
+
+def test_help_explains_every_flag():
+    proc = run_cli("--help")
+    assert proc.returncode == 0
+    for flag in (
+        "--model",
+        "--dataset",
+        "--data-dir",
+        "--batch-size",
+        "--lr",
+        "--clipping",
+        "--no-agc",
+        "--global-clip",
+        "--epochs",
+        "--steps",
+        "--ema",
+        "--label-smoothing",
+        "--dtype",
+        "--parallel",
+        "--checkpoint-dir",
+        "--resume",
+        "--seed",
+        "--coordinator",
+        "--num-processes",
+        "--process-id",
+    ):
+        assert flag in proc.stdout
+
+
+def test_smoke_run_writes_everything(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = run_cli("--preset", "smoke", "--run-dir", str(run_dir), "--no-progress")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for name in ("metrics.jsonl", "metrics.png", "config.json", "summary.json"):
+        assert (run_dir / name).is_file(), name
+        assert str(run_dir / name) in proc.stdout  # says where everything went
+    assert sorted(os.listdir(run_dir / "checkpoints")) == ["10", "20"]
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["split"] == "train"]
+    assert {
+        "loss",
+        "accuracy",
+        "clip_fraction",
+        "grad_norm",
+        "param_norm",
+        "update_norm",
+        "images_per_s",
+    } <= set(train[-1])
+    assert 0.0 <= train[-1]["clip_fraction"] <= 1.0
+    assert any(r["split"] == "eval_ema" for r in records)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps"] == 20 and 0.0 <= summary["test_accuracy"] <= 1.0
+    # The same directory again without --resume would overwrite a run: refused.
+    again = run_cli("--preset", "smoke", "--run-dir", str(run_dir), "--no-progress")
+    assert again.returncode != 0 and "already holds checkpoints" in again.stderr
+
+
+def test_no_agc_and_global_clip_runs(tmp_path):
+    for flag in (["--no-agc"], ["--global-clip", "1.0"]):
+        run_dir = tmp_path / flag[0].strip("-")
+        proc = run_cli(
+            "--preset", "smoke", "--steps", "4", "--run-dir", str(run_dir), "--no-progress", *flag
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        last = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-3])
+        assert "clip_fraction" not in last
+
+
+@pytest.mark.slow
+def test_default_run_reaches_stated_accuracy(tmp_path):
+    """The README's first command: no flags but where to write. Stated: ~95% test accuracy."""
+    run_dir = tmp_path / "default"
+    proc = run_cli("--run-dir", str(run_dir), "--no-progress", timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["test_accuracy"] >= 0.90, summary
