@@ -16,6 +16,16 @@ from agc_optax.models.haiku_weights import haiku_to_nnx_path
 from agc_optax.models.nf_regnet import _avg_pool_same
 
 REFERENCE = Path(__file__).resolve().parents[2].parent / "shared" / "reference"
+# An NF-RegNet parity case made like the NF-ResNet one in the reference README: DeepMind's
+# nfnets/nf_regnet.py (commit f5de0ede, dm-haiku 0.0.17, jax 0.10.2, CPU, float32) with the
+# experiment kwargs (width 0.75, expansion 2.25, group size 8, SE ratio 0.5, alpha 0.2,
+# stochdepth_rate 0.1, silu) on a custom variant {'width': [24, 48, 64, 88], 'depth': [1, 2, 2, 1],
+# 'drop_rate': 0.2}; init with PRNGKey(0) on the input below, each parameter (in sorted key order)
+# perturbed by 0.1 * default_rng(1234).standard_normal, then the jitted
+# apply(..., is_training=False, return_metrics=True). Keys: "param:<haiku key>" and
+# "output:<key of the returned dict>". The 57x57 input makes the strided shortcuts' 2x2 average
+# pools see odd sizes (29, 15), where padded cells must not count.
+PARITY_CASE = Path(__file__).resolve().parent / "data" / "nfregnet_small.npz"
 VARIANTS = ("B0", "B1", "B2", "B3", "B4", "B5", "B6", "B7", "B8")
 
 
@@ -76,6 +86,40 @@ def test_block_structure_b0():
     betas = [b.beta for b in model.blocks]
     # Depths (1, 3, ...): each stage's first block sees the previous stage's accumulated std.
     np.testing.assert_allclose(betas[:5], 1 / np.sqrt([1.0, 1.04, 1.04, 1.08, 1.12]))
+
+
+def test_parity_with_deepmind_haiku_nf_regnet():
+    if not (REFERENCE / "input.npy").exists():
+        pytest.skip(f"input.npy not found at {REFERENCE}")
+    with np.load(PARITY_CASE) as npz:
+        params = {k.removeprefix("param:"): npz[k] for k in npz.files if k.startswith("param:")}
+        want = {k.removeprefix("output:"): npz[k] for k in npz.files if k.startswith("output:")}
+    model = nnx.eval_shape(
+        lambda: NFRegNet(
+            10,
+            "B0",
+            width=0.75,
+            expansion=2.25,
+            group_size=8,
+            se_ratio=0.5,
+            alpha=0.2,
+            stochdepth_rate=0.1,
+            drop_rate=0.2,
+            activation="silu",
+            widths=(24, 48, 64, 88),
+            depths=(1, 2, 2, 1),
+            rngs=nnx.Rngs(0),
+        )
+    )
+    load_haiku_params(model, params)  # Every key used, every leaf filled.
+    model.eval()
+    x = jnp.asarray(np.load(REFERENCE / "input.npy")[:, :57, :57, :])
+    got = nnx.jit(lambda m, x: m.forward_features(x, return_metrics=True))(model, x)
+    assert set(got) == set(want)
+    np.testing.assert_allclose(np.asarray(got["logits"]), want["logits"], rtol=0, atol=2e-5)
+    for key in want:
+        np.testing.assert_allclose(np.asarray(got[key]), want[key], rtol=1e-4, atol=2e-5,
+                                   err_msg=key)
 
 
 def _tiny(**kwargs) -> NFRegNet:
