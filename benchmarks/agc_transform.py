@@ -30,7 +30,7 @@ def run(repeats: int = 15, small: bool = False) -> str:
         stream = jax.jit(lambda g, p: jax.tree.map(lambda a, b: a + b, g, p))
         fns = {"agc_optax": ours, "optax": theirs, "stream": stream}
         times = common.time_interleaved(
-            {k: (lambda f=f: f(grads, params)) for k, f in fns.items()}, repeats=repeats
+            {k: (lambda f=f, g=grads, p=params: f(g, p)) for k, f in fns.items()}, repeats=repeats
         )
         nbytes = {k: common.bytes_accessed(f, grads, params) for k, f in fns.items()}
         n_params = sum(x.size for x in jax.tree.leaves(params))
@@ -50,8 +50,17 @@ def run(repeats: int = 15, small: bool = False) -> str:
             )
         )
     header = (
-        "tree", "params", "agc_optax ms", "optax ms", "stream ms", "ours/optax",
-        "optax/stream", "ours/stream", "ours MiB", "optax MiB", "stream MiB",
+        "tree",
+        "params",
+        "agc_optax ms",
+        "optax ms",
+        "stream ms",
+        "ours/optax",
+        "optax/stream",
+        "ours/stream",
+        "ours MiB",
+        "optax MiB",
+        "stream MiB",
     )
     return "### AGC transform (median of interleaved runs; MiB = XLA bytes accessed)\n\n" + (
         common.markdown_table(header, rows)

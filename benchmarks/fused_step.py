@@ -62,8 +62,10 @@ def run(repeats: int = 15, small: bool = False) -> str:
 
     times = common.time_interleaved({name: thunk(name) for name in steps}, repeats=repeats)
     rows = []
-    for fused, chain in (("sgd_agc (fused)", "optax chain (SGD)"),
-                         ("adamw_agc (fused)", "optax chain (AdamW)")):
+    for fused, chain in (
+        ("sgd_agc (fused)", "optax chain (SGD)"),
+        ("adamw_agc (fused)", "optax chain (AdamW)"),
+    ):
         for name in (fused, chain):
             rows.append(
                 (

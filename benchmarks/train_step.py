@@ -1,0 +1,106 @@
+"""Benchmarks 3 and 4: AGC's share of a whole training step, and NF-ResNet-50 vs BN ResNet-50.
+
+Both use the library's own train step (``agc_optax.training.loop``) at a small resolution so that
+they run on a CPU; the ratios, not the absolute numbers, are the point.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+import agc_optax
+from agc_optax.models import create_model
+from agc_optax.training import loop
+from benchmarks import common
+
+TINY = {"widths": (16, 32, 48, 64), "depths": (1, 1, 1, 1)}
+
+
+def _step_runner(model: nnx.Module, tx: optax.GradientTransformation, batch):
+    split, params, stats = loop.split_model(model)
+    state = loop.init_state(params, stats, tx)
+    step = jax.jit(loop.make_train_step(split, tx, seed=0), donate_argnums=(0,))
+    live = [state]
+
+    def go():
+        live[0], metrics = step(live[0], batch)
+        return metrics["loss"]
+
+    return go, jax.tree.map(jnp.copy, params)  # the step donates the originals
+
+
+def _batch(batch_size: int, resolution: int):
+    rng = np.random.default_rng(0)
+    images = jnp.asarray(rng.standard_normal((batch_size, resolution, resolution, 3)), jnp.float32)
+    labels = jnp.asarray(rng.integers(0, 10, batch_size), jnp.int32)
+    return images, labels
+
+
+def _model(name: str, small: bool) -> nnx.Module:
+    overrides = TINY if small else {}
+    if small and name == "resnet50":
+        overrides = TINY | {"stem_width": 16}
+    return create_model(name, 10 if small else 1000, rngs=nnx.Rngs(0), **overrides)
+
+
+def run_agc_share(repeats: int = 5, small: bool = False) -> str:
+    """Benchmark 3: step time with sgd_agc vs the same recipe without AGC."""
+    batch = _batch(2 if small else 16, 32 if small else 128)
+    plain = optax.chain(
+        optax.add_decayed_weights(2e-5, mask=agc_optax.weight_decay_mask),
+        optax.sgd(0.1, momentum=0.9, nesterov=True),
+    )
+    with_agc, params = _step_runner(_model("nf_resnet50", small), agc_optax.sgd_agc(0.1), batch)
+    without, _ = _step_runner(_model("nf_resnet50", small), plain, batch)
+    grads = jax.tree.map(lambda p: p * 0.01, params)
+    tx = agc_optax.adaptive_grad_clip(0.01, exclude=agc_optax.HEAD_PATTERN)
+    agc_alone = jax.jit(lambda g, p: tx.update(g, tx.init(p), p)[0])
+    times = common.time_interleaved(
+        {
+            "sgd_agc step": with_agc,
+            "same step without AGC": without,
+            "AGC transform alone": lambda: agc_alone(grads, params),
+        },
+        repeats=repeats,
+    )
+    share = (times["sgd_agc step"] - times["same step without AGC"]) / times["sgd_agc step"]
+    alone = times["AGC transform alone"] / times["sgd_agc step"]
+    rows = [(k, f"{v * 1e3:.1f}") for k, v in times.items()]
+    rows += [("AGC share (step difference)", f"{share:.2%}"), ("AGC alone / step", f"{alone:.2%}")]
+    res = 32 if small else 128
+    title = f"### AGC's share of an NF-ResNet-50 train step (batch {batch[0].shape[0]}, {res}px)"
+    return f"{title}\n\n" + common.markdown_table(("", "ms / value"), rows)
+
+
+def run_nf_vs_bn(repeats: int = 5, small: bool = False) -> str:
+    """Benchmark 4: train-step throughput of NF-ResNet-50 (sgd_agc) vs BN ResNet-50 (sgd)."""
+    batch = _batch(2 if small else 16, 32 if small else 128)
+    sgd = optax.chain(
+        optax.add_decayed_weights(1e-4, mask=agc_optax.weight_decay_mask),
+        optax.sgd(0.1, momentum=0.9, nesterov=True),
+    )
+    runners = {
+        "NF-ResNet-50 + sgd_agc": _step_runner(
+            _model("nf_resnet50", small), agc_optax.sgd_agc(0.1), batch
+        )[0],
+        "BN ResNet-50 + SGD": _step_runner(_model("resnet50", small), sgd, batch)[0],
+    }
+    times = common.time_interleaved(runners, repeats=repeats)
+    n = batch[0].shape[0]
+    base = times["BN ResNet-50 + SGD"]
+    rows = [(k, f"{v * 1e3:.1f}", f"{n / v:.1f}", f"{base / v:.2f}") for k, v in times.items()]
+    res = 32 if small else 128
+    title = f"### NF-ResNet-50 vs BatchNorm ResNet-50 train step (batch {n}, {res}px)"
+    return f"{title}\n\n" + common.markdown_table(
+        ("model", "ms / step", "images / s", "throughput vs BN"), rows
+    )
+
+
+if __name__ == "__main__":
+    print(run_agc_share())
+    print()
+    print(run_nf_vs_bn())
