@@ -471,6 +471,4 @@ def download_nfnet_weights(
     if variant not in _RELEASED:
         raise ValueError(f"`variant`: DeepMind released {list(_RELEASED)}, got {variant!r}")
     cache = Path(cache_dir) if cache_dir else Path.home() / ".cache" / "agc_optax"
-    return fetch_cached(
-        _NFNET_URL.format(variant=variant), cache / f"{variant}_haiku.npz", sha256
-    )
+    return fetch_cached(_NFNET_URL.format(variant=variant), cache / f"{variant}_haiku.npz", sha256)

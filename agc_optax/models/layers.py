@@ -169,9 +169,7 @@ def estimate_gamma(
         f = np.asarray(fn(z), dtype=np.float64)
         var = np.var(f)
     else:
-        raise ValueError(
-            f"`method`: expected 'quadrature' or 'monte_carlo', got {method!r}"
-        )
+        raise ValueError(f"`method`: expected 'quadrature' or 'monte_carlo', got {method!r}")
     if not np.isfinite(var) or var <= 0.0:
         raise ValueError(f"`fn`: output variance is {var}; gamma is undefined")
     return float(1.0 / math.sqrt(var))
@@ -314,17 +312,17 @@ class WSConv(nnx.Module):
         rank = 2 if isinstance(kernel_size, int) else len(tuple(kernel_size))
         if not 1 <= rank <= 3:
             raise ValueError(f"`kernel_size`: expected 1 to 3 spatial axes, got {kernel_size!r}")
-        if feature_group_count < 1 or in_features % feature_group_count or (
-            out_features % feature_group_count
+        if (
+            feature_group_count < 1
+            or in_features % feature_group_count
+            or (out_features % feature_group_count)
         ):
             raise ValueError(
                 f"`feature_group_count`: {feature_group_count} must divide in_features "
                 f"({in_features}) and out_features ({out_features})"
             )
         if not use_bias:
-            raise ValueError(
-                "`use_bias`: WSConv always has a bias, as DeepMind's WSConv2D does"
-            )
+            raise ValueError("`use_bias`: WSConv always has a bias, as DeepMind's WSConv2D does")
         self.in_features = in_features
         self.out_features = out_features
         self.kernel_size = _as_tuple(kernel_size, rank, "kernel_size")
@@ -348,9 +346,7 @@ class WSConv(nnx.Module):
         mean = jnp.mean(w, axis=axes, keepdims=True)
         var = jnp.var(w, axis=axes, keepdims=True)
         fan_in = math.prod(w.shape[:-1])
-        scale = jax.lax.rsqrt(jnp.maximum(var * fan_in, 1e-4)) * self.gain[...].astype(
-            jnp.float32
-        )
+        scale = jax.lax.rsqrt(jnp.maximum(var * fan_in, 1e-4)) * self.gain[...].astype(jnp.float32)
         return w * scale - mean * scale
 
     def __call__(self, x: Array) -> Array:
@@ -364,9 +360,7 @@ class WSConv(nnx.Module):
         dtype = self.dtype or jnp.result_type(x.dtype, self.param_dtype)
         w_hat = self.standardized_kernel().astype(dtype)
         sp = _SPATIAL[-rank:]
-        dn = jax.lax.conv_dimension_numbers(
-            x.shape, w_hat.shape, (f"N{sp}C", f"{sp}IO", f"N{sp}C")
-        )
+        dn = jax.lax.conv_dimension_numbers(x.shape, w_hat.shape, (f"N{sp}C", f"{sp}IO", f"N{sp}C"))
         y = jax.lax.conv_general_dilated(
             x.astype(dtype),
             w_hat,

@@ -129,8 +129,7 @@ NFNET_VARIANTS: dict[str, NFNetConfig] = _f_series()
 
 # Registry names -> configs (see `agc_optax.models.registry`).
 MODEL_CONFIGS: dict[str, NFNetConfig] = {
-    "nfnet_" + name.lower().replace("+", "_plus"): config
-    for name, config in NFNET_VARIANTS.items()
+    "nfnet_" + name.lower().replace("+", "_plus"): config for name, config in NFNET_VARIANTS.items()
 }
 
 
@@ -313,7 +312,11 @@ class NFBlockStack(nnx.Module):
         @nnx.vmap(in_axes=(0,), out_axes=0)
         def make(r: nnx.Rngs) -> NFBlock:
             return NFBlock(
-                features, features, stride=1, stochdepth_rate=template_rate, rngs=r,
+                features,
+                features,
+                stride=1,
+                stochdepth_rate=template_rate,
+                rngs=r,
                 **block_kwargs,
             )
 
@@ -437,14 +440,24 @@ class NFNet(nnx.Module):
         num_blocks = sum(config.depths)
         index = 0
         stages = zip(
-            config.widths, config.depths, config.expansions, config.group_widths,
-            config.big_widths, _STAGE_STRIDES, strict=False,
+            config.widths,
+            config.depths,
+            config.expansions,
+            config.group_widths,
+            config.big_widths,
+            _STAGE_STRIDES,
+            strict=False,
         )
         for stage_width, depth, expansion, group_size, big_width, stride in stages:
             out_ch = int(stage_width * width)
             common = dict(
-                expansion=expansion, se_ratio=se_ratio, group_size=group_size, alpha=alpha,
-                activation=self.activation, big_width=big_width, use_two_convs=use_two_convs,
+                expansion=expansion,
+                se_ratio=se_ratio,
+                group_size=group_size,
+                alpha=alpha,
+                activation=self.activation,
+                big_width=big_width,
+                use_two_convs=use_two_convs,
                 **kw,
             )
             run_betas: list[float] = []
@@ -460,8 +473,12 @@ class NFNet(nnx.Module):
                 else:
                     blocks.append(
                         NFBlock(
-                            ch, out_ch, stride=block_stride, beta=beta,
-                            stochdepth_rate=sd_rate, **common,
+                            ch,
+                            out_ch,
+                            stride=block_stride,
+                            beta=beta,
+                            stochdepth_rate=sd_rate,
+                            **common,
                         )
                     )
                 ch = out_ch
@@ -471,9 +488,7 @@ class NFNet(nnx.Module):
                 expected_std = (expected_std**2 + alpha**2) ** 0.5
             if len(run_betas) == 1:
                 blocks.append(
-                    NFBlock(
-                        ch, ch, beta=run_betas[0], stochdepth_rate=run_rates[0], **common
-                    )
+                    NFBlock(ch, ch, beta=run_betas[0], stochdepth_rate=run_rates[0], **common)
                 )
             elif run_betas:
                 blocks.append(

@@ -26,8 +26,12 @@ from agc_optax.models.haiku_weights import fetch_cached, haiku_to_nnx_path
 REFERENCE = Path(__file__).resolve().parents[2] / ".." / "shared" / "reference"
 
 SMALL = NFNetConfig(
-    "parity_small", widths=(256, 512, 512, 512), depths=(1, 2, 1, 1), train_imsize=64,
-    test_imsize=64, drop_rate=0.2,
+    "parity_small",
+    widths=(256, 512, 512, 512),
+    depths=(1, 2, 1, 1),
+    train_imsize=64,
+    test_imsize=64,
+    drop_rate=0.2,
 )
 
 
@@ -65,8 +69,12 @@ def test_name_table():
     }
     for key, want in cases.items():
         assert haiku_to_nnx_path(key) == want, key
-    for key in ("NFNet/~/nf_block_x/~/conv0/w", "NFNet/~/linear/gain", "NFNet/~/stem_conv1/b",
-                "Other/~/linear/w"):
+    for key in (
+        "NFNet/~/nf_block_x/~/conv0/w",
+        "NFNet/~/linear/gain",
+        "NFNet/~/stem_conv1/b",
+        "Other/~/linear/w",
+    ):
         assert haiku_to_nnx_path(key) is None, key
 
 

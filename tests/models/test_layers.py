@@ -176,8 +176,11 @@ def test_gammas_equal_deepmind_constants():
 @pytest.mark.parametrize("name", sorted(set(GAMMAS) - {"glu", "log_softmax"}))
 def test_scaled_activation_is_f_times_gamma(name):
     x = jnp.linspace(-4.0, 4.0, 101)
-    base = {"gelu": lambda v: jax.nn.gelu(v, approximate=True), "tanh": jnp.tanh,
-            "identity": lambda v: v}.get(name, getattr(jax.nn, name, None))
+    base = {
+        "gelu": lambda v: jax.nn.gelu(v, approximate=True),
+        "tanh": jnp.tanh,
+        "identity": lambda v: v,
+    }.get(name, getattr(jax.nn, name, None))
     np.testing.assert_allclose(
         np.asarray(scaled_activation(name)(x)), np.asarray(base(x)) * GAMMAS[name], rtol=1e-6
     )
@@ -187,8 +190,10 @@ def test_scaled_gelu_is_the_tanh_approximation():
     x = jnp.linspace(-4.0, 4.0, 101)
     tanh_gelu = 0.5 * x * (1 + jnp.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
     np.testing.assert_allclose(
-        np.asarray(scaled_activation("gelu")(x)), np.asarray(tanh_gelu) * GAMMAS["gelu"],
-        rtol=1e-5, atol=1e-6,
+        np.asarray(scaled_activation("gelu")(x)),
+        np.asarray(tanh_gelu) * GAMMAS["gelu"],
+        rtol=1e-5,
+        atol=1e-6,
     )
 
 
@@ -202,8 +207,11 @@ def test_unknown_activation_lists_names():
 
 
 def _elementwise(name):
-    return {"gelu": lambda v: jax.nn.gelu(v, approximate=True), "tanh": jnp.tanh,
-            "identity": lambda v: v}.get(name) or getattr(jax.nn, name)
+    return {
+        "gelu": lambda v: jax.nn.gelu(v, approximate=True),
+        "tanh": jnp.tanh,
+        "identity": lambda v: v,
+    }.get(name) or getattr(jax.nn, name)
 
 
 @pytest.mark.parametrize("name", sorted(set(GAMMAS) - {"glu", "log_softmax"}))

@@ -266,8 +266,13 @@ def test_constructor_errors():
 
 # Stage 1 has a run of two identity blocks, so `scan_blocks` stacks them.
 TINY = NFNetConfig(
-    "tiny", widths=(32, 64, 64, 64), depths=(1, 3, 1, 1), train_imsize=32, test_imsize=32,
-    drop_rate=0.3, group_widths=(8, 8, 8, 8),
+    "tiny",
+    widths=(32, 64, 64, 64),
+    depths=(1, 3, 1, 1),
+    train_imsize=32,
+    test_imsize=32,
+    drop_rate=0.3,
+    group_widths=(8, 8, 8, 8),
 )
 
 
@@ -399,8 +404,9 @@ def test_scan_blocks_same_numbers_as_unrolled():
     got = features(scanned, x)
     assert set(got) == set(want)
     for key in want:
-        np.testing.assert_allclose(np.asarray(got[key]), np.asarray(want[key]), atol=2e-5,
-                                   rtol=1e-5, err_msg=key)
+        np.testing.assert_allclose(
+            np.asarray(got[key]), np.asarray(want[key]), atol=2e-5, rtol=1e-5, err_msg=key
+        )
     # Training mode runs through the scan: per-layer stochastic depth draws fresh masks.
     scanned.train()
     stream = scanned.blocks[2].block.stoch_depth.rngs
