@@ -163,9 +163,9 @@ def make_train_step(
         metrics = {
             "loss": loss,
             "accuracy": accuracy,
-            "grad_norm": optax.global_norm(grads),
-            "param_norm": optax.global_norm(params),
-            "update_norm": optax.global_norm(updates),
+            "grad_norm": optax.tree.norm(grads),
+            "param_norm": optax.tree.norm(params),
+            "update_norm": optax.tree.norm(updates),
         }
         clip_fraction = optax.tree.get(opt_state, "clip_fraction", None)
         if clip_fraction is not None:

@@ -1,0 +1,13 @@
+"""Train an NF-ResNet with AGC: the same as ``python -m agc_optax.train`` (``agc-train``).
+
+python examples/train.py                      # the default run: digits, offline, ~1 minute
+python examples/train.py --preset smoke       # a few seconds
+python examples/train.py --help               # every flag
+"""
+
+import sys
+
+from agc_optax.train import main
+
+if __name__ == "__main__":
+    sys.exit(main())
