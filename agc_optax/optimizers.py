@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from agc_optax import kernels
 from agc_optax.clipping import _plan, clip_scales, initial_stats
 from agc_optax.unit_axes import VECTOR_NAMES, ExcludeRule, UnitAxesRule, path_from_keys
 
@@ -79,6 +80,7 @@ def sgd_agc(
     exclude: ExcludeRule = HEAD_PATTERN,
     unit_axes: UnitAxesRule = None,
     stats: bool = False,
+    implementation: str = "xla",
 ) -> optax.GradientTransformation:
     r"""The NFNet optimizer: AGC, then coupled L2 weight decay, then SGD with Nesterov momentum.
 
@@ -106,6 +108,9 @@ def sgd_agc(
       exclude: leaves AGC leaves alone; by default the classifier kernel ``head/kernel``.
       unit_axes: AGC unit rule.
       stats: keep AGC statistics in the state (``optax.tree.get(state, "clip_fraction")``).
+      implementation: ``"xla"`` (default); ``"pallas"``, a fused Pallas kernel for every leaf
+        whose units are its last axis (interpreted, slowly, on CPU; see
+        :mod:`agc_optax.kernels`); or ``"auto"``: Pallas on GPU and TPU, XLA elsewhere.
 
     Returns:
       An ``optax.GradientTransformation``; ``update`` needs ``params``.
@@ -129,7 +134,15 @@ def sgd_agc(
             agc=_agc_init(params, unit_axes, exclude, stats),
         )
 
+    kernels.check_implementation(implementation)
+    hyper = dict(learning_rate=learning_rate, momentum=momentum, nesterov=nesterov)
+    hyper |= dict(weight_decay=weight_decay, clipping=clipping, eps=eps, exclude=exclude)
+
     def update_fn(updates: Any, state: SgdAgcState, params: Any = None):
+        if kernels.use_pallas(implementation):
+            return kernels.sgd_agc_update(
+                updates, state, params, unit_axes=unit_axes, stats=stats, **hyper
+            )
         scales, agc_state = _agc_core(params, updates, clipping, eps, unit_axes, exclude, stats)
         lr = _learning_rate(learning_rate, state.count)
         g_leaves, treedef = jax.tree.flatten(updates)

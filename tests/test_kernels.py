@@ -1,0 +1,267 @@
+"""The Pallas path of sgd_agc (interpret mode on CPU) equals the XLA path and the optax chain."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import agc_optax
+from agc_optax import kernels
+from agc_optax.clipping import unit_clip_scale
+from agc_optax.kernels import sgd_agc_pallas
+from agc_optax.unit_axes import squared_unit_norms
+
+# Small leaves must take the kernel here; interpret mode is slow, so shapes stay small.
+SHAPES = {
+    # 45 rows, 24 units: no row or column count divides the (16, 8) test blocks.
+    "stem": {"conv": {"kernel": (3, 3, 5, 24), "bias": (24,), "gain": (24,)}},
+    # 300 rows: with the GPU blocks, two phase-1 and five phase-2 row blocks, the last partial.
+    "blocks": {"0": {"conv0": {"kernel": (1, 1, 300, 40)}, "skip_gain": ()}},
+    # Units on axes (-2, -1) and (0,): not the kernel's layout, these fall back to XLA.
+    "attn": {"query": {"kernel": (16, 2, 8)}},
+    "embed": {"embedding": (10, 16)},
+    "head": {"kernel": (16, 5), "bias": (5,)},
+}
+KERNEL_LEAVES = 2  # stem/conv/kernel, blocks/0/conv0/kernel
+
+
+def _random_tree(seed, scale=1.0, dtype=jnp.float32, shapes=SHAPES):
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(
+        lambda s: jnp.asarray(rng.standard_normal(s) * scale, dtype),
+        shapes,
+        is_leaf=lambda x: isinstance(x, tuple),
+    )
+
+
+def _max_rel_diff(a, b):
+    """Largest normwise relative difference over leaves: |a - b|_inf / |b|_inf."""
+    out = 0.0
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        assert x.dtype == y.dtype and x.shape == y.shape
+        x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+        denom = max(np.max(np.abs(y)), 1e-30)
+        out = max(out, float(np.max(np.abs(x - y)) / denom))
+    return out
+
+
+@pytest.fixture
+def small_leaves(monkeypatch):
+    """Lets every leaf of SHAPES with units last take the kernel."""
+    monkeypatch.setattr(sgd_agc_pallas, "MIN_SIZE", 1)
+
+
+def _count_pallas_calls(fn, *args):
+    jaxpr = jax.make_jaxpr(fn)(*args)
+    return str(jaxpr).count("pallas_call")
+
+
+def _run(tx, params, grads_seq):
+    state = tx.init(params)
+    step = jax.jit(tx.update)
+    outs = []
+    for grads in grads_seq:
+        updates, state = step(grads, state, params)
+        params = optax.apply_updates(params, updates)
+        outs.append(updates)
+    return outs, params, state
+
+
+# --------------------------------------------------------------------------- building blocks
+
+
+def test_scale_from_sums_is_unit_clip_scale():
+    rng = np.random.default_rng(0)
+    g = jnp.asarray(rng.standard_normal((6, 7)), jnp.float32).at[:, 0].set(0.0)
+    w = jnp.asarray(rng.standard_normal((6, 7)) * 0.1, jnp.float32).at[:, 1].set(0.0)
+    want = unit_clip_scale(g, w, (1,), 0.05, 1e-3, 2)
+    got = kernels.scale_from_sums(
+        squared_unit_norms(g, (1,)), squared_unit_norms(w, (1,)), 0.05, 1e-3
+    )
+    for x, y in zip(got, want, strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.parametrize(
+    ("rows", "cols", "block_rows", "block_cols", "dtype"),
+    [
+        (45, 24, 16, 8, jnp.float32),  # partial last row block, and 3 column blocks
+        (45, 20, 16, 8, jnp.float32),  # partial last column block too
+        (64, 32, 16, 32, jnp.bfloat16),
+        (7, 3, None, None, jnp.float16),  # default blocks bigger than the array
+    ],
+)
+def test_column_sums_of_squares(rows, cols, block_rows, block_cols, dtype):
+    rng = np.random.default_rng(1)
+    g = jnp.asarray(rng.standard_normal((rows, cols)), dtype)
+    w = jnp.asarray(rng.standard_normal((rows, cols)), dtype)
+    gsq, wsq = kernels.column_sums_of_squares(g, w, block_rows, block_cols)
+    assert gsq.shape == (cols,) and gsq.dtype == jnp.float32
+    np.testing.assert_allclose(gsq, squared_unit_norms(g, (1,))[0], rtol=1e-6)
+    np.testing.assert_allclose(wsq, squared_unit_norms(w, (1,))[0], rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("momentum", "nesterov", "decay", "dtype"),
+    [
+        (0.9, True, True, jnp.float32),
+        (0.9, False, False, jnp.float32),
+        (0.0, False, True, jnp.float32),
+        (0.9, True, True, jnp.bfloat16),
+    ],
+)
+def test_fused_update_is_leaf_update(momentum, nesterov, decay, dtype):
+    rng = np.random.default_rng(2)
+    g, w, m = (jnp.asarray(rng.standard_normal((45, 20)), dtype) for _ in range(3))
+    s = jnp.asarray(rng.uniform(size=(1, 20)), jnp.float32)
+    hyper = dict(momentum=momentum, nesterov=nesterov, weight_decay=1e-2)
+    w = w if decay else None
+    m = m if momentum else None
+    got = kernels.fused_update(g, w, s, m, -0.1, block_rows=16, block_cols=8, **hyper)
+    want = jax.jit(lambda *a: kernels.leaf_update(*a, **hyper))(g, w, s, m, -0.1)
+    if not momentum:
+        assert got[1] is None and want[1] is None
+        got, want = got[0], want[0]
+    assert _max_rel_diff(got, want) <= (1e-6 if dtype == jnp.float32 else 1e-2)
+
+
+def test_eligible():
+    x = jnp.zeros((3, 3, 8, 16))
+    assert kernels.eligible(x, x, x, (3,), min_size=1)
+    assert kernels.eligible(x, x, None, (3,), min_size=1)
+    assert not kernels.eligible(x, x, x, (3,))  # smaller than MIN_SIZE
+    assert not kernels.eligible(x, x, x, (2, 3), min_size=1)
+    assert not kernels.eligible(x, x, x, (0,), min_size=1)
+    assert not kernels.eligible(x, x, x, None, min_size=1)
+    assert not kernels.eligible(jnp.zeros(16), jnp.zeros(16), None, (0,), min_size=1)
+    assert not kernels.eligible(x.astype(jnp.int32), x, x, (3,), min_size=1)
+
+
+# --------------------------------------------------------------------------- the whole step
+
+
+@pytest.mark.parametrize(
+    ("momentum", "nesterov", "weight_decay", "stats", "blocks"),
+    [
+        (0.9, True, 1e-2, True, "gpu"),
+        (0.9, False, 2e-5, False, "interpret"),
+        (0.0, False, 1e-2, False, "tpu"),
+    ],
+)
+def test_pallas_equals_xla_and_optax_chain(
+    small_leaves, monkeypatch, momentum, nesterov, weight_decay, stats, blocks
+):
+    # Each backend's default block shapes, still run in interpret mode.
+    default_blocks = sgd_agc_pallas.default_blocks
+    monkeypatch.setattr(
+        sgd_agc_pallas,
+        "default_blocks",
+        lambda rows, cols, _=None: default_blocks(rows, cols, blocks),
+    )
+    params = _random_tree(0)
+    schedule = optax.warmup_cosine_decay_schedule(0.0, 0.1, 2, 10)
+    common = dict(
+        learning_rate=schedule,
+        momentum=momentum,
+        nesterov=nesterov,
+        weight_decay=weight_decay,
+        clipping=0.05,
+        stats=stats,
+    )
+    pallas = agc_optax.sgd_agc(**common, implementation="pallas")
+    xla = agc_optax.sgd_agc(**common, implementation="xla")
+    chain = optax.chain(
+        agc_optax.adaptive_grad_clip(0.05, exclude=agc_optax.HEAD_PATTERN, stats=stats),
+        optax.add_decayed_weights(weight_decay, mask=agc_optax.weight_decay_mask),
+        optax.sgd(schedule, momentum=momentum or None, nesterov=nesterov),
+    )
+    # Mixed scales: some units clipped, some not.
+    grads = [_random_tree(10 + i, scale) for i, scale in enumerate((1e-3, 1.0, 0.05))]
+    state = pallas.init(params)
+    assert _count_pallas_calls(pallas.update, grads[0], state, params) == 2 * KERNEL_LEAVES
+    a, pa, sa = _run(pallas, params, grads)
+    b, pb, sb = _run(xla, params, grads)
+    c, pc, sc = _run(chain, params, grads)
+    for x, y, z in zip(a, b, c, strict=True):
+        assert _max_rel_diff(x, y) <= 1e-6
+        assert _max_rel_diff(x, z) <= 1e-6
+    assert _max_rel_diff(pa, pb) <= 1e-6
+    assert _max_rel_diff(pa, pc) <= 1e-6
+    assert jax.tree.structure(sa) == jax.tree.structure(sb)
+    if momentum:
+        assert _max_rel_diff(sa.momentum, sb.momentum) <= 1e-6
+    if stats:
+        for name in ("clip_fraction", "max_ratio", "num_units"):
+            got, want = optax.tree.get(sa, name), optax.tree.get(sb, name)
+            np.testing.assert_allclose(got, want, rtol=1e-6)
+            np.testing.assert_allclose(got, optax.tree.get(sc, name), rtol=1e-6)
+        assert 0 < float(sa.agc.clip_fraction) < 1
+
+
+def test_pallas_bf16_matches_xla(small_leaves):
+    params = _random_tree(0, dtype=jnp.bfloat16)
+    grads = [_random_tree(10 + i, 0.05, jnp.bfloat16) for i in range(2)]
+    a, pa, sa = _run(agc_optax.sgd_agc(0.1, clipping=0.05, implementation="pallas"), params, grads)
+    b, pb, sb = _run(agc_optax.sgd_agc(0.1, clipping=0.05, implementation="xla"), params, grads)
+    assert jax.tree.map(lambda x: x.dtype, sa.momentum) == jax.tree.map(
+        lambda x: x.dtype, sb.momentum
+    )
+    # The norms sum in a different order, which can move a bf16 rounding by one ulp (2**-8).
+    for x, y in zip(a, b, strict=True):
+        assert _max_rel_diff(x, y) <= 2**-7
+    assert _max_rel_diff(sa.momentum, sb.momentum) <= 1e-5
+
+
+def test_pallas_jit_with_donation(small_leaves):
+    params = _random_tree(0)
+    tx = agc_optax.sgd_agc(0.1, clipping=0.05, implementation="pallas")
+    ref_tx = agc_optax.sgd_agc(0.1, clipping=0.05)
+    grads = _random_tree(3, 0.1)
+
+    def step(tx):
+        def go(params, state, grads):
+            updates, state = tx.update(grads, state, params)
+            return optax.apply_updates(params, updates), state
+
+        return jax.jit(go, donate_argnums=(0, 1))
+
+    p1, s1 = step(tx)(params, tx.init(params), grads)
+    p2, s2 = step(ref_tx)(_random_tree(0), ref_tx.init(params), grads)
+    assert _max_rel_diff(p1, p2) <= 1e-6
+    assert _max_rel_diff(s1.momentum, s2.momentum) <= 1e-6
+
+
+def test_large_leaves_only_by_default():
+    params = _random_tree(0)
+    tx = agc_optax.sgd_agc(0.1, implementation="pallas")
+    assert _count_pallas_calls(tx.update, params, tx.init(params), params) == 0
+    big = {"conv": {"kernel": jnp.zeros((3, 3, 64, 128))}}  # 73,728 >= MIN_SIZE elements
+    assert _count_pallas_calls(tx.update, big, tx.init(big), big) == 2
+
+
+# --------------------------------------------------------------------------- dispatch
+
+
+def test_auto_selects_xla_on_cpu(small_leaves):
+    assert jax.default_backend() == "cpu"
+    assert kernels.resolve_implementation("auto") == "xla"
+    assert kernels.resolve_implementation("auto", backend="gpu") == "pallas"
+    assert kernels.resolve_implementation("auto", backend="tpu") == "pallas"
+    assert kernels.resolve_implementation("pallas") == "pallas"
+    params = _random_tree(0)
+    for implementation, calls in (("auto", 0), ("xla", 0), ("pallas", 2 * KERNEL_LEAVES)):
+        tx = agc_optax.sgd_agc(0.1, implementation=implementation)
+        assert _count_pallas_calls(tx.update, params, tx.init(params), params) == calls
+
+
+def test_bad_implementation():
+    with pytest.raises(ValueError, match="implementation"):
+        agc_optax.sgd_agc(0.1, implementation="triton")
+
+
+def test_pallas_needs_params():
+    params = _random_tree(0)
+    tx = agc_optax.sgd_agc(0.1, implementation="pallas")
+    with pytest.raises(ValueError, match="needs the parameters"):
+        tx.update(params, tx.init(params))
