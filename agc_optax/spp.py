@@ -88,8 +88,9 @@ def signal_propagation(
         )
     stats = {}
     for key, count in zip(_KEYS, (num_points, num_points, num_points - 1), strict=True):
-        stats[key] = jnp.stack([jnp.asarray(outputs[f"{key}_{i}"], jnp.float32)
-                                for i in range(count)])
+        stats[key] = jnp.stack(
+            [jnp.asarray(outputs[f"{key}_{i}"], jnp.float32) for i in range(count)]
+        )
     return stats
 
 
@@ -169,8 +170,11 @@ def plot_signal_propagation(
                 f"`stats`[{i}] lacks {missing}; pass the output of signal_propagation()"
             )
 
-    titles = ("Average channel squared mean", "Average channel variance",
-              "Residual average channel variance")
+    titles = (
+        "Average channel squared mean",
+        "Average channel variance",
+        "Residual average channel variance",
+    )
     fig = Figure(figsize=(15, 4))
     axes = fig.subplots(1, 3)
     for run, label in zip(runs, labels, strict=True):

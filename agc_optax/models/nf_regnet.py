@@ -30,7 +30,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from agc_optax.models import haiku_weights, layers
@@ -85,24 +84,6 @@ def _activation(name: str) -> Callable[[jax.Array], jax.Array]:
     # DeepMind's constructor default is 'swish', a name missing from its own table (the default
     # raises a KeyError there); every experiment passes 'silu', the same function.
     return layers.scaled_activation("silu" if name == "swish" else name)
-
-
-def _avg_pool_same(x: jax.Array) -> jax.Array:
-    """2x2 stride-2 average pool with TF 'SAME' padding, padded cells excluded (``hk.avg_pool``).
-
-    The divisor is computed with NumPy from the static shape, and the init value is a NumPy
-    constant: with ``jnp`` constants ``lax.reduce_window`` is traced in its generic form under
-    ``jit``, which cannot be differentiated (``layers.avg_pool_same`` has that problem at the
-    time of writing).
-    """
-    window, strides = (1, 2, 2, 1), (1, 2, 2, 1)
-    total = jax.lax.reduce_window(x, np.array(0, x.dtype), jax.lax.add, window, strides, "SAME")
-    pads = jax.lax.padtype_to_pads(x.shape[1:3], window[1:3], strides[1:3], "SAME")
-    ones = np.pad(np.ones(x.shape[1:3], np.float32), pads)
-    # Sum of valid cells per window: a 2x2 window sum over the zero-padded ones, then strided.
-    sums = ones[:-1, :-1] + ones[1:, :-1] + ones[:-1, 1:] + ones[1:, 1:]
-    count = sums[::2, ::2][: total.shape[1], : total.shape[2]]
-    return total / count[None, :, :, None].astype(x.dtype)
 
 
 class NFRegNetBlock(nnx.Module):
@@ -176,7 +157,7 @@ class NFRegNetBlock(nnx.Module):
         """Returns ``(output, residual-branch average channel variance)``."""
         out = self.activation(x) * self.beta
         if self.stride > 1:
-            shortcut = _avg_pool_same(out)
+            shortcut = layers.avg_pool_same(out, 2, 2)
             if self.conv_shortcut is not None:
                 shortcut = self.conv_shortcut(shortcut)
         elif self.conv_shortcut is not None:
@@ -197,10 +178,12 @@ class NFRegNetBlock(nnx.Module):
 class Stem(nnx.Module):
     """A single 3x3 stride-2 weight-standardized conv."""
 
-    def __init__(self, in_features: int, out_features: int, *, dtype: Any, param_dtype: Any,
-                 rngs: nnx.Rngs):
-        self.conv = layers.WSConv(in_features, out_features, 3, strides=2, dtype=dtype,
-                                  param_dtype=param_dtype, rngs=rngs)
+    def __init__(
+        self, in_features: int, out_features: int, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs
+    ):
+        self.conv = layers.WSConv(
+            in_features, out_features, 3, strides=2, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+        )
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.conv(x)

@@ -27,7 +27,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from agc_optax.models import haiku_weights, layers
@@ -232,27 +231,32 @@ class NFResBlock(nnx.Module):
         return out * self.alpha + shortcut, res_avg_var
 
 
-def _max_pool_same(x: jax.Array) -> jax.Array:
-    """3x3 stride-2 max pool with TF 'SAME' padding by -inf, as ``hk.max_pool``.
-
-    The init value is a NumPy constant on purpose: a ``jnp`` constant becomes a tracer under
-    ``jit``, and ``lax.reduce_window`` then falls back to its generic form, which cannot be
-    differentiated (``layers.max_pool_same`` has that problem at the time of writing).
-    """
-    init = np.array(-np.inf, dtype=x.dtype)
-    return jax.lax.reduce_window(x, init, jax.lax.max, (1, 3, 3, 1), (1, 2, 2, 1), "SAME")
-
-
 class Stem(nnx.Module):
     """7x7 stride-2 conv and a 3x3 stride-2 max pool (SAME, -inf padding), no activation."""
 
-    def __init__(self, in_features: int, out_features: int, *, scaled: bool, dtype: Any,
-                 param_dtype: Any, rngs: nnx.Rngs):
-        self.conv = _conv(in_features, out_features, 7, strides=2, scaled=scaled, dtype=dtype,
-                          param_dtype=param_dtype, rngs=rngs)
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        scaled: bool,
+        dtype: Any,
+        param_dtype: Any,
+        rngs: nnx.Rngs,
+    ):
+        self.conv = _conv(
+            in_features,
+            out_features,
+            7,
+            strides=2,
+            scaled=scaled,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            rngs=rngs,
+        )
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return _max_pool_same(self.conv(x))
+        return layers.max_pool_same(self.conv(x), 3, 2)
 
 
 class NFResNet(nnx.Module):

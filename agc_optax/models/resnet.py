@@ -123,11 +123,26 @@ class ResNetBlock(nnx.Module):
 class Stem(nnx.Module):
     """7x7 stride-2 conv, BatchNorm, relu, 3x3 stride-2 max pool (padding 1, -inf)."""
 
-    def __init__(self, in_features: int, out_features: int, *, bn_momentum: float, dtype: Any,
-                 param_dtype: Any, rngs: nnx.Rngs):
-        self.conv, self.bn = _conv_bn(in_features, out_features, 7, strides=2,
-                                      bn_momentum=bn_momentum, dtype=dtype,
-                                      param_dtype=param_dtype, rngs=rngs)
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        bn_momentum: float,
+        dtype: Any,
+        param_dtype: Any,
+        rngs: nnx.Rngs,
+    ):
+        self.conv, self.bn = _conv_bn(
+            in_features,
+            out_features,
+            7,
+            strides=2,
+            bn_momentum=bn_momentum,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            rngs=rngs,
+        )
 
     def __call__(self, x: jax.Array) -> jax.Array:
         out = jax.nn.relu(self.bn(self.conv(x)))

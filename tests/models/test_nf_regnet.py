@@ -13,7 +13,6 @@ from flax import nnx
 
 from agc_optax.models import NFRegNet, create_model, get_config, load_haiku_params
 from agc_optax.models.haiku_weights import haiku_to_nnx_path
-from agc_optax.models.nf_regnet import _avg_pool_same
 
 REFERENCE = Path(__file__).resolve().parents[2].parent / "shared" / "reference"
 # An NF-RegNet parity case made like the NF-ResNet one in the reference README: DeepMind's
@@ -52,8 +51,7 @@ def manifest() -> dict:
 def test_registry_model_matches_deepmind_manifest(manifest, variant):
     """The registry's nf_regnet_b* use DeepMind's experiment kwargs; counts agree to the unit."""
     entry = manifest[f"NF-RegNet-{variant}"]
-    model = nnx.eval_shape(lambda: create_model(f"nf_regnet_{variant.lower()}",
-                                                rngs=nnx.Rngs(0)))
+    model = nnx.eval_shape(lambda: create_model(f"nf_regnet_{variant.lower()}", rngs=nnx.Rngs(0)))
     assert _num_params(model) == entry["total"]
     theirs = {
         haiku_to_nnx_path(f"{module}/{param}"): tuple(shape)
@@ -66,8 +64,17 @@ def test_registry_model_matches_deepmind_manifest(manifest, variant):
 def test_registry_config_is_deepmind_experiment(manifest):
     constructor = manifest["NF-RegNet-B0"]["constructor"]
     config = get_config("nf_regnet_b0")
-    for key in ("variant", "width", "expansion", "group_size", "se_ratio", "alpha",
-                "stochdepth_rate", "drop_rate", "activation"):
+    for key in (
+        "variant",
+        "width",
+        "expansion",
+        "group_size",
+        "se_ratio",
+        "alpha",
+        "stochdepth_rate",
+        "drop_rate",
+        "activation",
+    ):
         assert getattr(config, key) == constructor[key], key
     model = nnx.eval_shape(lambda: create_model("nf_regnet_b3", rngs=nnx.Rngs(0)))
     assert model.drop_rate == 0.3  # The variant's rate, as DeepMind's drop_rate=None gives.
@@ -118,8 +125,9 @@ def test_parity_with_deepmind_haiku_nf_regnet():
     assert set(got) == set(want)
     np.testing.assert_allclose(np.asarray(got["logits"]), want["logits"], rtol=0, atol=2e-5)
     for key in want:
-        np.testing.assert_allclose(np.asarray(got[key]), want[key], rtol=1e-4, atol=2e-5,
-                                   err_msg=key)
+        np.testing.assert_allclose(
+            np.asarray(got[key]), want[key], rtol=1e-4, atol=2e-5, err_msg=key
+        )
 
 
 def _tiny(**kwargs) -> NFRegNet:
@@ -168,8 +176,12 @@ def test_jit_grad_is_finite(tiny):
     loss, grads = nnx.jit(lambda m: nnx.value_and_grad(loss_fn)(m))(model)
     assert np.isfinite(float(loss))
     assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
-    for path in (("blocks", 2, "se", "fc0", "kernel"), ("blocks", 0, "conv_shortcut", "gain"),
-                 ("final_conv", "kernel"), ("stem", "conv", "kernel")):
+    for path in (
+        ("blocks", 2, "se", "fc0", "kernel"),
+        ("blocks", 0, "conv_shortcut", "gain"),
+        ("final_conv", "kernel"),
+        ("stem", "conv", "kernel"),
+    ):
         leaf = grads
         for p in path:
             leaf = leaf[p]
@@ -193,25 +205,13 @@ def test_bfloat16_forward_close_to_float32(tiny):
     )
 
 
-def test_avg_pool_excludes_padding_like_haiku():
-    """2x2/2 SAME average pooling: border windows of odd inputs average only real cells."""
-    x = np.arange(2 * 5 * 3 * 2, dtype=np.float32).reshape(2, 5, 3, 2)
-    want = np.zeros((2, 3, 2, 2), np.float32)
-    for i in range(3):
-        for j in range(2):
-            # SAME with an odd size pads only at the end, so window (i, j) starts at (2i, 2j).
-            want[:, i, j] = x[:, 2 * i : 2 * i + 2, 2 * j : 2 * j + 2].mean(axis=(1, 2))
-    np.testing.assert_allclose(np.asarray(_avg_pool_same(jnp.asarray(x))), want, rtol=1e-6)
-    grad = jax.jit(jax.grad(lambda v: _avg_pool_same(v).sum()))(jnp.asarray(x))
-    assert grad.shape == x.shape and float(grad[0, 4, 2, 0]) == 1.0  # A lone corner cell.
-
-
 def test_load_haiku_names_from_manifest(manifest):
     """Every NF_RegNet/~/... key of DeepMind's B0 lands on the leaf of the same role."""
     rng = np.random.default_rng(0)
     params = {
-        module: {name: rng.standard_normal(shape).astype(np.float32)
-                 for name, shape in leaves.items()}
+        module: {
+            name: rng.standard_normal(shape).astype(np.float32) for name, shape in leaves.items()
+        }
         for module, leaves in manifest["NF-RegNet-B0"]["params"].items()
     }
     model = nnx.eval_shape(lambda: create_model("nf_regnet_b0", rngs=nnx.Rngs(0)))
@@ -235,7 +235,8 @@ def test_swish_is_silu_and_errors_name_the_argument():
     with pytest.raises(ValueError, match="`variant`"):
         NFRegNet(5, "B9", rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="`group_size`"):
-        NFRegNet(5, "B0", width=1.0, widths=(4, 8, 8, 8), depths=(1,) * 4, group_size=8,
-                 rngs=nnx.Rngs(0))
+        NFRegNet(
+            5, "B0", width=1.0, widths=(4, 8, 8, 8), depths=(1,) * 4, group_size=8, rngs=nnx.Rngs(0)
+        )
     with pytest.raises(ValueError, match="`widths`"):
         NFRegNet(5, "B0", widths=(16, 16), rngs=nnx.Rngs(0))

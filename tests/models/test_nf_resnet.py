@@ -173,9 +173,13 @@ def test_parameter_count_and_names_match_deepmind(manifest, name):
 
 
 def test_registry_names_and_counts():
-    variants = {"nf_resnet26": (2, 2, 2, 2), "nf_resnet50": (3, 4, 6, 3),
-                "nf_resnet101": (3, 4, 23, 3), "nf_resnet152": (3, 8, 36, 3),
-                "nf_resnet200": (3, 24, 36, 3)}
+    variants = {
+        "nf_resnet26": (2, 2, 2, 2),
+        "nf_resnet50": (3, 4, 6, 3),
+        "nf_resnet101": (3, 4, 23, 3),
+        "nf_resnet152": (3, 8, 36, 3),
+        "nf_resnet200": (3, 24, 36, 3),
+    }
     for name, depths in variants.items():
         assert get_config(name).variant == f"ResNet{name.removeprefix('nf_resnet')}"
         model = nnx.eval_shape(lambda name=name: create_model(name, 10, rngs=nnx.Rngs(0)))

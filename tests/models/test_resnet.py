@@ -70,9 +70,7 @@ def test_eval_mode_uses_running_statistics(tiny):
     # The BatchNorm'd residual branch has unit variance per channel in training mode.
     model.train()
     stats = forward(nnx.clone(model), x)
-    np.testing.assert_allclose(
-        [float(stats[f"res_avg_var_{i}"]) for i in range(3)], 1.0, atol=1e-2
-    )
+    np.testing.assert_allclose([float(stats[f"res_avg_var_{i}"]) for i in range(3)], 1.0, atol=1e-2)
 
 
 def test_bfloat16_forward_close_to_float32(tiny):
@@ -81,8 +79,9 @@ def test_bfloat16_forward_close_to_float32(tiny):
     x = jax.random.normal(jax.random.key(2), (2, 32, 32, 3))
     full = nnx.jit(lambda m, x: m(x))(model, x)
     half_model = nnx.eval_shape(
-        lambda: ResNet(5, depths=(1, 2), widths=(32, 64), stem_width=16, dtype=jnp.bfloat16,
-                       rngs=nnx.Rngs(0))
+        lambda: ResNet(
+            5, depths=(1, 2), widths=(32, 64), stem_width=16, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)
+        )
     )
     nnx.update(half_model, nnx.state(model))
     half_model.eval()
