@@ -5,7 +5,15 @@ import importlib
 
 import pytest
 
-MODULES = ["agc_optax.clipping", "agc_optax.unit_axes", "agc_optax.optimizers"]
+MODULES = [
+    "agc_optax.clipping",
+    "agc_optax.unit_axes",
+    "agc_optax.optimizers",
+    "agc_optax.models.registry",
+    "agc_optax.models.layers",
+    "agc_optax.models.nfnet",
+    "agc_optax.models.haiku_weights",
+]
 
 
 @pytest.mark.parametrize("name", MODULES)
