@@ -1,5 +1,7 @@
 """The Pallas path of sgd_agc (interpret mode on CPU) equals the XLA path and the optax chain."""
 
+import doctest
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -103,27 +105,41 @@ def test_column_sums_of_squares(rows, cols, block_rows, block_cols, dtype):
 
 
 @pytest.mark.parametrize(
-    ("momentum", "nesterov", "decay", "dtype"),
+    ("momentum", "nesterov", "decay", "apply", "dtype"),
     [
-        (0.9, True, True, jnp.float32),
-        (0.9, False, False, jnp.float32),
-        (0.0, False, True, jnp.float32),
-        (0.9, True, True, jnp.bfloat16),
+        (0.9, True, True, False, jnp.float32),
+        (0.9, False, False, False, jnp.float32),
+        (0.0, False, True, False, jnp.float32),
+        (0.9, True, False, True, jnp.float32),
+        (0.9, True, True, True, jnp.bfloat16),
     ],
 )
-def test_fused_update_is_leaf_update(momentum, nesterov, decay, dtype):
+def test_fused_update_is_leaf_update(momentum, nesterov, decay, apply, dtype):
     rng = np.random.default_rng(2)
     g, w, m = (jnp.asarray(rng.standard_normal((45, 20)), dtype) for _ in range(3))
     s = jnp.asarray(rng.uniform(size=(1, 20)), jnp.float32)
     hyper = dict(momentum=momentum, nesterov=nesterov, weight_decay=1e-2)
-    w = w if decay else None
     m = m if momentum else None
-    got = kernels.fused_update(g, w, s, m, -0.1, block_rows=16, block_cols=8, **hyper)
-    want = jax.jit(lambda *a: kernels.leaf_update(*a, **hyper))(g, w, s, m, -0.1)
+    got = kernels.fused_update(
+        g, w, s, m, -0.1, decay=decay, apply=apply, block_rows=16, block_cols=8, **hyper
+    )
+
+    def reference(g, w, s, m):
+        u, m_next = kernels.leaf_update(g, w if decay else None, s, m, -0.1, **hyper)
+        return (optax.apply_updates(w, u) if apply else u), m_next
+
+    want = jax.jit(reference)(g, w, s, m)
     if not momentum:
         assert got[1] is None and want[1] is None
         got, want = got[0], want[0]
     assert _max_rel_diff(got, want) <= (1e-6 if dtype == jnp.float32 else 1e-2)
+
+
+def test_fused_update_needs_w():
+    x = jnp.zeros((8, 8))
+    hyper = dict(momentum=0.9, nesterov=True, weight_decay=1e-2)
+    with pytest.raises(ValueError, match="needs `w`"):
+        kernels.fused_update(x, None, jnp.ones((1, 8)), x, -0.1, **hyper)
 
 
 def test_eligible():
@@ -232,6 +248,26 @@ def test_pallas_jit_with_donation(small_leaves):
     assert _max_rel_diff(s1.momentum, s2.momentum) <= 1e-6
 
 
+@pytest.mark.parametrize("implementation", ["pallas", "xla"])
+def test_sgd_agc_step_equals_update_then_apply(small_leaves, implementation):
+    params = _random_tree(0)
+    kwargs = dict(momentum=0.9, weight_decay=1e-2, clipping=0.05)
+    tx = agc_optax.sgd_agc(0.1, **kwargs)
+    step = jax.jit(
+        kernels.sgd_agc_step(0.1, implementation=implementation, **kwargs), donate_argnums=(0, 1)
+    )
+    grads = [_random_tree(10 + i, 0.1) for i in range(2)]
+    if implementation == "pallas":
+        assert _count_pallas_calls(step, params, tx.init(params), grads[0]) == 2 * KERNEL_LEAVES
+        assert "agc_sgd_apply" in str(jax.make_jaxpr(step)(params, tx.init(params), grads[0]))
+    _, want_params, want_state = _run(tx, params, grads)
+    got_params, got_state = _random_tree(0), tx.init(params)
+    for g in grads:
+        got_params, got_state = step(got_params, got_state, g)
+    assert _max_rel_diff(got_params, want_params) <= 1e-6
+    assert _max_rel_diff(got_state.momentum, want_state.momentum) <= 1e-6
+
+
 def test_large_leaves_only_by_default():
     params = _random_tree(0)
     tx = agc_optax.sgd_agc(0.1, implementation="pallas")
@@ -265,3 +301,7 @@ def test_pallas_needs_params():
     tx = agc_optax.sgd_agc(0.1, implementation="pallas")
     with pytest.raises(ValueError, match="needs the parameters"):
         tx.update(params, tx.init(params))
+
+
+def test_docstring_examples():
+    assert doctest.testmod(sgd_agc_pallas, optionflags=doctest.ELLIPSIS).failed == 0
