@@ -280,7 +280,8 @@ class NFResNet(nnx.Module):
       skipinit_gain: initializer of every block's scalar ``skip_gain`` (zeros: SkipInit).
       use_se: squeeze-excite on each block output.
       se_ratio: squeeze-excite hidden ratio.
-      widths: explicit stage widths, replacing ``(64, 128, 256, 512) * width``.
+      widths: stage widths before the ``width`` multiplier, replacing ``(64, 128, 256, 512)``;
+        the first stage has stride 1, every later one stride 2.
       depths: explicit blocks per stage, replacing the variant's.
       stem_width: explicit stem channels, replacing ``int(16 * width)``.
       scaled: ``False`` builds the unscaled, unnormalized comparison model (see above).
@@ -328,9 +329,8 @@ class NFResNet(nnx.Module):
         preset = NF_RESNET_VARIANTS[variant]
         self.variant = variant
         self.depths = tuple(int(d) for d in (preset.depths if depths is None else depths))
-        self.widths = tuple(
-            int(w) for w in ([b * width for b in _BASE_WIDTHS] if widths is None else widths)
-        )
+        # As in NFNet and NF-RegNet, `width` multiplies the (variant's or given) stage widths.
+        self.widths = tuple(int(w * width) for w in (_BASE_WIDTHS if widths is None else widths))
         if len(self.widths) != len(self.depths):
             raise ValueError(
                 f"`widths` has {len(self.widths)} stages but `depths` has {len(self.depths)}; "
@@ -353,7 +353,8 @@ class NFResNet(nnx.Module):
 
         blocks = []
         schedule = iter(block_schedule(self.depths, alpha, stochdepth_rate))
-        for stage, (block_width, stride) in enumerate(zip(self.widths, (1, 2, 2, 2), strict=False)):
+        strides = (1,) + (2,) * (len(self.widths) - 1)
+        for stage, (block_width, stride) in enumerate(zip(self.widths, strides, strict=True)):
             for _ in range(self.depths[stage]):
                 block_index, beta, rate = next(schedule)
                 blocks.append(

@@ -193,6 +193,7 @@ def _tiny(**kwargs) -> NFResNet:
     return NFResNet(
         5,
         "ResNet26",
+        width=1,
         widths=(32, 64),
         depths=(1, 2),
         stem_width=8,
@@ -275,3 +276,13 @@ def test_errors_name_the_argument():
         NFResNet(10, activation="swishh", rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="`drop_rate`"):
         NFResNet(10, drop_rate=1.5, rngs=nnx.Rngs(0))
+
+
+def test_width_multiplies_custom_widths_like_the_other_families():
+    model = nnx.eval_shape(
+        lambda: NFResNet(10, width=2, widths=(16, 32, 64), depths=(1, 1, 2), rngs=nnx.Rngs(0))
+    )
+    assert model.widths == (32, 64, 128)
+    assert model.stem.conv.kernel.shape == (7, 7, 3, 32)  # int(16 * width)
+    assert [b.stride for b in model.blocks] == [1, 2, 2, 1]
+    assert model.head.kernel.shape == (128, 10)
