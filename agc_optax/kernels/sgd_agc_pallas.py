@@ -175,6 +175,13 @@ def _compiler_params(platform: str) -> Any:
 
         # Every grid point is independent, so both axes may be split across TPU cores.
         return pltpu.CompilerParams(dimension_semantics=("parallel", "parallel"))
+    if platform == "gpu":
+        from jax.experimental.pallas import triton as pltriton
+
+        # Triton, explicitly: pallas_call's default GPU backend is now Mosaic GPU, whose TMA
+        # copies need 16-byte row strides (a bf16 leaf with 100 units fails) and whose
+        # pallas_call entry point is deprecated.
+        return pltriton.CompilerParams(num_warps=4, num_stages=2)
     return None
 
 
