@@ -20,6 +20,22 @@ from agc_optax.unit_axes import (
 
 __version__ = "0.1.0"
 
+# Signal-propagation tools need the models (Flax); import them on first use so that
+# `import agc_optax` for the optax transforms stays light.
+_LAZY = {
+    "signal_propagation": "agc_optax.spp",
+    "plot_signal_propagation": "agc_optax.spp",
+    "expected_variance": "agc_optax.spp",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'agc_optax' has no attribute {name!r}")
+
 __all__ = [
     "HEAD_PATTERN",
     "AdamWAgcState",
@@ -30,9 +46,12 @@ __all__ = [
     "adamw_agc",
     "adaptive_grad_clip",
     "describe",
+    "expected_variance",
     "infer_unit_axes",
     "leaf_paths",
+    "plot_signal_propagation",
     "sgd_agc",
+    "signal_propagation",
     "unitwise_norm",
     "weight_decay_mask",
 ]

@@ -13,6 +13,10 @@ MODULES = [
     "agc_optax.models.layers",
     "agc_optax.models.nfnet",
     "agc_optax.models.haiku_weights",
+    "agc_optax.models.nf_resnet",
+    "agc_optax.models.nf_regnet",
+    "agc_optax.models.resnet",
+    "agc_optax.spp",
 ]
 
 
