@@ -104,7 +104,12 @@ def _jsonable(v: Any) -> Any:
 
 # A small NF-ResNet-26 (stage widths 16..128, no stochastic depth): learns the 16x16 digits to
 # ~95% test accuracy in under a minute on two CPU cores, most of it compilation.
-_SMALL_NF_RESNET = {"widths": (16, 32, 64, 128), "stem_width": 16, "stochdepth_rate": 0.0}
+_SMALL_NF_RESNET = {
+    "width": 1,  # the multiplier applies to `widths` too
+    "widths": (16, 32, 64, 128),
+    "stem_width": 16,
+    "stochdepth_rate": 0.0,
+}
 
 PRESETS: dict[str, Config] = {
     # The default run. At batch 64 a larger lambda than ImageNet's 0.01 (batch 4096) works best,
@@ -113,6 +118,7 @@ PRESETS: dict[str, Config] = {
     # A few seconds: tests and smoke runs.
     "smoke": Config(
         model_overrides={
+            "width": 1,
             "widths": (8, 8, 16, 16),
             "depths": (1, 1, 1, 1),
             "stem_width": 8,

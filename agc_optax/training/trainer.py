@@ -258,7 +258,8 @@ def train(
         with open(os.path.join(run_dir, "config.json"), "w") as f:
             json.dump(config.to_json(), f, indent=2)
     say(
-        f"training {config.model} on {config.dataset} ({len(dataset.train)} train / "
+        f"training {config.model if model_fn is None else 'a custom model'} on {config.dataset} "
+        f"({len(dataset.train)} train / "
         f"{len(dataset.test)} test images) for {total_steps} steps, batch {config.batch_size} "
         f"on {jax.device_count()} device(s) ({config.parallel}, {process_count} process(es))"
     )

@@ -110,7 +110,10 @@ def test_no_agc_and_global_clip_runs(tmp_path):
 
 @pytest.mark.slow
 def test_default_run_reaches_stated_accuracy(tmp_path):
-    """The README's first command: no flags but where to write. Stated: ~95% test accuracy."""
+    """The README's first command, no flags but where to write.
+
+    Measured: ~96% test accuracy (EMA weights) in about a minute on 2 shared CPU cores.
+    """
     run_dir = tmp_path / "default"
     proc = run_cli("--run-dir", str(run_dir), "--no-progress", timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
