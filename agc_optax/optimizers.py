@@ -110,7 +110,7 @@ def sgd_agc(
       stats: keep AGC statistics in the state (``optax.tree.get(state, "clip_fraction")``).
       implementation: ``"xla"`` (default); ``"pallas"``, a fused Pallas kernel for every leaf
         whose units are its last axis (interpreted, slowly, on CPU; see
-        :mod:`agc_optax.kernels`); or ``"auto"``: Pallas on GPU and TPU, XLA elsewhere.
+        :mod:`agc_optax.kernels`); or ``"auto"``: Pallas on a single GPU or TPU, else XLA.
 
     Returns:
       An ``optax.GradientTransformation``; ``update`` needs ``params``.

@@ -284,6 +284,8 @@ def test_auto_selects_xla_on_cpu(small_leaves):
     assert kernels.resolve_implementation("auto") == "xla"
     assert kernels.resolve_implementation("auto", backend="gpu") == "pallas"
     assert kernels.resolve_implementation("auto", backend="tpu") == "pallas"
+    # Several devices may shard the params, which a Pallas call would gather: XLA then.
+    assert kernels.resolve_implementation("auto", backend="gpu", num_devices=8) == "xla"
     assert kernels.resolve_implementation("pallas") == "pallas"
     params = _random_tree(0)
     for implementation, calls in (("auto", 0), ("xla", 0), ("pallas", 2 * KERNEL_LEAVES)):

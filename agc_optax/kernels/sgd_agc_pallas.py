@@ -9,19 +9,27 @@ row-major array. The step then runs as two kernels:
    parallel on every backend (Triton runs grid points concurrently, so programs must not
    accumulate into a shared output block); XLA adds the partials, ``rows / block_rows`` times
    fewer values than the leaf.
-2. the elementwise update (reads ``g``, ``w``, ``m``; writes the update and the new momentum),
-   with AGC's per-unit scale, computed by XLA from the sums in between, broadcast over rows.
+2. the elementwise update (reads ``g``, ``w``, ``m``; writes the new momentum and either the
+   update or, for :func:`sgd_agc_step`, the new weight in place), with AGC's per-unit scale,
+   computed by XLA from the sums in between, broadcast over rows.
 
-That is 7 passes over a leaf, the minimum for a two-phase step that returns updates. The
-per-unit scale uses the same formula as :func:`agc_optax.clipping.unit_clip_scale`, and the
+A whole step with :func:`sgd_agc_step` is then 7 passes over a leaf, the minimum for a
+two-phase step. Through the ``GradientTransformation`` (``sgd_agc(...,
+implementation="pallas")``) it is 10: the update is written out, and ``optax.apply_updates``
+reads it back, because XLA cannot fuse an elementwise consumer into a Pallas call.
+
+The per-unit scale uses the same formula as :func:`agc_optax.clipping.unit_clip_scale`, and the
 elementwise math is the same Python function in the kernel and in the XLA fallback, so the two
 implementations agree to float32 rounding of the norm sums.
 
 Leaves with other unit axes, dtypes other than float32/bfloat16/float16, or fewer than
 :data:`MIN_SIZE` elements use the XLA path inside the same step.
 
-Not verified on a GPU or TPU yet: the kernels are tested in interpret mode on CPU only, and the
-block sizes below are untuned guesses.
+On GPU the kernels are lowered with Triton (``pallas_call``'s default there is now Mosaic GPU,
+see :func:`_compiler_params`). Tested in interpret mode on CPU, and cross-lowered for CUDA
+(Triton) and TPU (Mosaic) without a device; never yet compiled or run on a GPU or TPU, and the
+block sizes are untuned guesses. A Pallas call is not partitioned by XLA: with parameters
+sharded over several devices, use the XLA path (``"auto"`` does).
 """
 
 from __future__ import annotations
@@ -74,15 +82,21 @@ def check_implementation(implementation: str) -> str:
     return implementation
 
 
-def resolve_implementation(implementation: str, backend: str | None = None) -> str:
+def resolve_implementation(
+    implementation: str, backend: str | None = None, num_devices: int | None = None
+) -> str:
     """``"xla"`` or ``"pallas"``: what ``implementation`` means on ``backend``.
 
-    ``"auto"`` picks Pallas on GPU and TPU and XLA elsewhere: on CPU Pallas only interprets,
-    which is correct but far slower than XLA.
+    ``"auto"`` picks Pallas on a single GPU or TPU and XLA elsewhere: on CPU Pallas only
+    interprets, which is correct but far slower than XLA; and with several devices the
+    parameters may be sharded, and XLA cannot partition a Pallas call, so it would gather
+    every sharded leaf onto each device (the XLA path computes unit norms shard-locally).
+    ``"pallas"`` forces the kernels, e.g. for replicated parameters on several devices.
 
     Args:
       implementation: ``"xla"``, ``"pallas"`` or ``"auto"``.
       backend: a platform name; ``None`` means ``jax.default_backend()``.
+      num_devices: devices of that backend; ``None`` means ``jax.device_count()``.
 
     Returns:
       ``"xla"`` or ``"pallas"``.
@@ -91,7 +105,9 @@ def resolve_implementation(implementation: str, backend: str | None = None) -> s
     if implementation != "auto":
         return implementation
     backend = backend or jax.default_backend()
-    return "pallas" if backend in ("gpu", "cuda", "rocm", "tpu") else "xla"
+    num_devices = jax.device_count() if num_devices is None else num_devices
+    accelerator = backend in ("gpu", "cuda", "rocm", "tpu")
+    return "pallas" if accelerator and num_devices == 1 else "xla"
 
 
 def use_pallas(implementation: str) -> bool:
@@ -156,7 +172,7 @@ def default_blocks(
     if platform == "tpu":
         cols = num_cols if num_cols <= 512 else 512
         rows = num_rows if num_rows <= 512 else 512
-        return rows, min(rows, 256) if rows > 256 else rows, cols
+        return rows, min(rows, 256), cols
     if platform == "gpu":
         cols = _pow2_at_most(num_cols, 128)
         return (
