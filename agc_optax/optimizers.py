@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import optax
 
 from agc_optax import kernels
-from agc_optax.clipping import _plan, clip_scales, initial_stats
+from agc_optax.clipping import _plan, apply_scale, clip_scales, initial_stats
 from agc_optax.unit_axes import VECTOR_NAMES, ExcludeRule, UnitAxesRule, path_from_keys
 
 #: The classifier's kernel, which the NFNet recipe leaves unclipped (Brock et al. 2021, sec. 4.1).
@@ -55,8 +55,9 @@ def _learning_rate(learning_rate: optax.ScalarOrSchedule, count: jax.Array) -> A
 
 
 def _clipped(g: jax.Array, scale: jax.Array | None) -> jax.Array:
-    # Left unmaterialized: XLA fuses this product into each consumer's loop.
-    return g if scale is None else g * scale.astype(jnp.promote_types(g.dtype, scale.dtype))
+    # Cast back like adaptive_grad_clip, so states keep their dtype (bf16 stays bf16); left
+    # unmaterialized, XLA fuses the product into each consumer's loop.
+    return g if scale is None else apply_scale(g, scale)
 
 
 def _agc_core(params: Any, updates: Any, clipping, eps, unit_axes, exclude, stats):
@@ -150,25 +151,21 @@ def sgd_agc(
         decay = jax.tree.leaves(weight_decay_mask(params))
         m_leaves = jax.tree.leaves(state.momentum) if momentum else [None] * len(g_leaves)
         new_u, new_m = [], []
-        def decayed_gradient(g, w, s, wd):
-            step = _clipped(g, s)
-            return step + weight_decay * w if wd and weight_decay else step
-
         for g, w, s, m, wd in zip(g_leaves, w_leaves, scales, m_leaves, decay, strict=True):
-            step = decayed_gradient(g, w, s, wd)
-            if momentum:
-                m_next = step + momentum * m
-                new_m.append(m_next)
-                if nesterov:
-                    # Nesterov needs g' twice (for m_next and for the update). Without multi-output
-                    # fusion (XLA:CPU) XLA would write g' out and read it back, or copy the donated
-                    # momentum buffer. Recomputing g' from barrier'd inputs (no CSE across the
-                    # barrier) keeps each of the two loops at one read per input.
-                    g2, w2, s2 = jax.lax.optimization_barrier((g, w, s))
-                    step = decayed_gradient(g2, w2, s2, wd) + momentum * m_next
-                else:
-                    step = m_next
-            new_u.append((-lr * step).astype(g.dtype))
+            # The same elementwise step as the Pallas kernel's body; see kernels.leaf_update.
+            u, m_next = kernels.leaf_update(
+                g,
+                w if wd and weight_decay else None,
+                s,
+                m,
+                -lr,
+                momentum=momentum,
+                nesterov=nesterov,
+                weight_decay=weight_decay,
+                barrier=True,
+            )
+            new_u.append(u)
+            new_m.append(m_next)
         new_state = SgdAgcState(
             count=optax.safe_increment(state.count),
             momentum=jax.tree.unflatten(treedef, new_m) if momentum else state.momentum,

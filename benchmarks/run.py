@@ -10,11 +10,12 @@ from __future__ import annotations
 import argparse
 import datetime
 
-from benchmarks import agc_transform, common, compile_time, fused_step, train_step
+from benchmarks import agc_transform, common, compile_time, fused_step, pallas_step, train_step
 
 BENCHMARKS = {
     "agc_transform": agc_transform.run,
     "fused_step": fused_step.run,
+    "pallas_step": pallas_step.run,  # GPU/TPU only; prints a skip line on CPU
     "agc_share": train_step.run_agc_share,
     "nf_vs_bn": train_step.run_nf_vs_bn,
     "compile_time": compile_time.run,

@@ -226,7 +226,9 @@ def test_pallas_bf16_matches_xla(small_leaves):
     # The norms sum in a different order, which can move a bf16 rounding by one ulp (2**-8).
     for x, y in zip(a, b, strict=True):
         assert _max_rel_diff(x, y) <= 2**-7
-    assert _max_rel_diff(sa.momentum, sb.momentum) <= 1e-5
+    # The momentum buffers stay bf16 (as in the optax chain), so they carry the same rounding.
+    assert all(m.dtype == jnp.bfloat16 for m in jax.tree.leaves(sa.momentum))
+    assert _max_rel_diff(sa.momentum, sb.momentum) <= 2**-7
 
 
 def test_pallas_jit_with_donation(small_leaves):

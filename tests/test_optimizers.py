@@ -133,6 +133,9 @@ def test_stats_and_bf16():
     for tx in (agc_optax.sgd_agc(0.1, stats=True), agc_optax.adamw_agc(1e-3, stats=True)):
         updates, state = jax.jit(tx.update)(grads, tx.init(params), params)
         assert all(u.dtype == jnp.bfloat16 for u in jax.tree.leaves(updates))
+        # Optimizer states keep their dtype, so donated buffers and scan carries stay valid.
+        init = tx.init(params)
+        assert jax.tree.map(lambda x: x.dtype, state) == jax.tree.map(lambda x: x.dtype, init)
         assert 0 < float(optax.tree.get(state, "clip_fraction")) <= 1
         assert int(optax.tree.get(state, "num_units")) > 0
 

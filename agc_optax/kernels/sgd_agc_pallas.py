@@ -53,6 +53,7 @@ from agc_optax.clipping import (
     _check_updates_match,
     _plan,
     _safe_sqrt,
+    apply_scale,
     initial_stats,
     unit_clip_scale,
 )
@@ -299,18 +300,23 @@ def leaf_update(
     The same function is the body of the Pallas kernel and the XLA fallback, so both compute
     the same expression in the same dtypes. ``s`` is ``None`` for a leaf AGC leaves alone (then
     ``g`` itself is used, not ``g * 1``); ``w`` is ``None`` when the leaf gets no weight decay;
-    ``m`` is ``None`` without momentum. ``barrier`` recomputes the decayed gradient from
-    barrier'd inputs for Nesterov, as the XLA path does (no multi-output fusion on XLA:CPU).
+    ``m`` is ``None`` without momentum. The clipped gradient and the new momentum keep the
+    dtypes of ``g`` and ``m`` (as the optax chain does), so bf16 states stay bf16.
+
+    ``barrier``: Nesterov needs the decayed gradient g' twice (for the new momentum and for the
+    update). Without multi-output fusion (XLA:CPU) XLA would write g' out and read it back, or
+    copy the donated momentum buffer; recomputing g' from barrier'd inputs (no CSE across the
+    barrier) keeps each of the two loops at one read per input.
     """
 
     def decayed(g, w, s):
-        step = g if s is None else g * s.astype(jnp.promote_types(g.dtype, s.dtype))
+        step = g if s is None else apply_scale(g, s)
         return step + weight_decay * w if w is not None else step
 
     step = decayed(g, w, s)
     m_next = None
     if momentum:
-        m_next = step + momentum * m
+        m_next = (step + momentum * m).astype(m.dtype)
         if nesterov:
             if barrier:
                 g, w, s = jax.lax.optimization_barrier((g, w, s))
