@@ -1,5 +1,6 @@
 """agc_optax: Adaptive Gradient Clipping for optax, and normalizer-free networks for Flax NNX."""
 
+from agc_optax.adagc import AdaGCState, adagc
 from agc_optax.clipping import AdaptiveGradClipState, adaptive_grad_clip
 from agc_optax.optimizers import (
     HEAD_PATTERN,
@@ -17,6 +18,7 @@ from agc_optax.unit_axes import (
     leaf_paths,
     unitwise_norm,
 )
+from agc_optax.zclip import ZClipState, zclip
 
 __version__ = "0.1.0"
 
@@ -38,11 +40,14 @@ def __getattr__(name: str):
 
 __all__ = [
     "HEAD_PATTERN",
+    "AdaGCState",
     "AdamWAgcState",
     "AdaptiveGradClipState",
     "SgdAgcState",
     "UnitInfo",
     "UnitTable",
+    "ZClipState",
+    "adagc",
     "adamw_agc",
     "adaptive_grad_clip",
     "describe",
@@ -54,4 +59,5 @@ __all__ = [
     "signal_propagation",
     "unitwise_norm",
     "weight_decay_mask",
+    "zclip",
 ]
