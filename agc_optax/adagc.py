@@ -100,9 +100,10 @@ def adagc(
       :math:`T = 0` skips it. A unit that reaches the adaptive phase without a reference
       (:math:`\gamma = \infty`, e.g. :math:`T = 0`) takes its current norm as the reference, so
       that update is not clipped (for :math:`\lambda_{rel} \ge 1`).
-    * A zero or non-finite norm carries no scale information and leaves :math:`\gamma`
-      unchanged. The paper's rule would set :math:`\gamma = 0` for a tensor (or, per unit, an
-      embedding row) with a zero gradient during warm-up and then zero its gradient forever.
+    * A zero or non-finite norm (before or after clipping) carries no scale information and
+      leaves :math:`\gamma` unchanged. The paper's rule would set :math:`\gamma = 0` for a
+      tensor (or, per unit, an embedding row) with a zero gradient during warm-up, and then
+      zero its gradient forever.
     * The clipped norm fed to the EMA is the threshold :math:`\lambda_{rel}\gamma_{t-1,i}`
       exactly (as in the authors' code); the scale is the exact ratio, with no ``eps`` added to
       the denominator (it only divides by norms larger than the threshold, so never by 0).
@@ -227,7 +228,7 @@ def adagc(
             clip = jnp.where(warm, global_clip, unit_clip)
             scale = jnp.where(warm, warm_scale, unit_scale).astype(jnp.float32)
             clipped_norm = jnp.where(warm, norm * warm_scale, jnp.where(unit_clip, bound, norm))
-            informative = jnp.isfinite(clipped_norm) & (clipped_norm > 0)
+            informative = jnp.isfinite(norm) & jnp.isfinite(clipped_norm) & (clipped_norm > 0)
             updated = jnp.where(
                 warm,
                 jnp.minimum(gamma, clipped_norm),
