@@ -93,9 +93,11 @@ def adagc(
 
     Choices where the paper leaves room (each is tested):
 
-    * Defaults :math:`\lambda_{rel} = 1.05`, :math:`\beta = 0.98`, :math:`\lambda_{abs} = 1.0`,
-      :math:`T = 100` follow the paper's experimental setup (Wang et al. 2025, Sec. 5.1 of v1);
-      the authors' released Megatron patch uses ``clip_ratio=1.04, beta=0.99``, equally valid.
+    * Defaults: :math:`\lambda_{rel} = 1.05` and :math:`\beta = 0.98` as reported in the
+      paper's experiments (arXiv v1); the authors' released Megatron patch
+      (github.com/lishuai-97/AdaGC) defaults to ``clip_ratio=1.04, beta=0.99`` instead.
+      :math:`\lambda_{abs} = 1.0` and :math:`T = 100` match both. With small, noisy batches
+      these clip most updates; see ``docs/clipping_comparison.md`` and raise ``lambda_rel``.
     * Update counting matches the authors' code: updates :math:`1..T` are warm-up, so
       :math:`T = 0` skips it. A unit that reaches the adaptive phase without a reference
       (:math:`\gamma = \infty`, e.g. :math:`T = 0`) takes its current norm as the reference, so
