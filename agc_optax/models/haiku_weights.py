@@ -40,6 +40,7 @@ __all__ = [
     "map_block_layer",
     "materialize_abstract_state",
     "register_haiku_family",
+    "residual_family_mapper",
     "save_params",
 ]
 
@@ -97,26 +98,47 @@ def map_block_layer(modules: tuple[str, ...], param: str) -> str | None:
     return None
 
 
-def _map_nfnet(modules: tuple[str, ...], param: str) -> str | None:
-    head = modules[0] if modules else ""
-    if len(modules) == 1:
-        stem = re.fullmatch(r"stem_conv([0-3])", head)
-        if stem and param in CONV_PARAMS:
-            return f"stem/conv{stem.group(1)}/{CONV_PARAMS[param]}"
-        if head == "final_conv" and param in CONV_PARAMS:
-            return f"final_conv/{CONV_PARAMS[param]}"
-        if head == "linear" and param in LINEAR_PARAMS:
-            return f"head/{LINEAR_PARAMS[param]}"
-    index = block_index(head, "nf_block")
-    if index is None:
-        return None
-    if len(modules) == 1:
-        return f"blocks/{index}/skip_gain" if param == "skip_gain" else None
-    inner = map_block_layer(modules[1:], param)
-    return f"blocks/{index}/{inner}" if inner else None
+def residual_family_mapper(
+    block_prefix: str, top_level: dict[str, tuple[str, dict[str, str]]]
+) -> FamilyMapper:
+    """The mapper of a family made of top-level layers and numbered residual blocks.
+
+    Args:
+      block_prefix: Haiku's block module name, e.g. ``"nf_block"`` (``nf_block_3`` ->
+        ``blocks/3``); inside a block, :func:`map_block_layer` and ``skip_gain`` apply.
+      top_level: Haiku module name (a regex, full match) -> (NNX path template, its parameter
+        names), e.g. ``{r"stem_conv(\\d)": (r"stem/conv\1", CONV_PARAMS)}``.
+    """
+
+    def mapper(modules: tuple[str, ...], param: str) -> str | None:
+        head = modules[0] if modules else ""
+        if len(modules) == 1:
+            for pattern, (target, names) in top_level.items():
+                match = re.fullmatch(pattern, head)
+                if match:
+                    return f"{match.expand(target)}/{names[param]}" if param in names else None
+        index = block_index(head, block_prefix)
+        if index is None:
+            return None
+        if len(modules) == 1:
+            return f"blocks/{index}/skip_gain" if param == "skip_gain" else None
+        inner = map_block_layer(modules[1:], param)
+        return f"blocks/{index}/{inner}" if inner else None
+
+    return mapper
 
 
-register_haiku_family("NFNet", _map_nfnet)
+register_haiku_family(
+    "NFNet",
+    residual_family_mapper(
+        "nf_block",
+        {
+            r"stem_conv([0-3])": (r"stem/conv\1", CONV_PARAMS),
+            "final_conv": ("final_conv", CONV_PARAMS),
+            "linear": ("head", LINEAR_PARAMS),
+        },
+    ),
+)
 
 
 def haiku_to_nnx_path(key: str) -> str | None:

@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from agc_optax.models import haiku_weights, layers
+from agc_optax.models import haiku_weights, layers, registry
 from agc_optax.models.nf_resnet import block_schedule
 
 __all__ = [
@@ -351,38 +351,17 @@ MODEL_CONFIGS: dict[str, NFRegNetConfig] = {
 }
 
 
-def build(
-    config: NFRegNetConfig,
-    *,
-    num_classes: int,
-    dtype: Any,
-    param_dtype: Any,
-    rngs: nnx.Rngs,
-    **overrides: Any,
-) -> NFRegNet:
-    """Builds an :class:`NFRegNet` from a registry config; ``overrides`` replace its fields."""
-    kwargs = {**dataclasses.asdict(config), **overrides}
-    return NFRegNet(num_classes, dtype=dtype, param_dtype=param_dtype, rngs=rngs, **kwargs)
+build = registry.config_builder(NFRegNet)
 
 
-def _map_haiku(modules: tuple[str, ...], param: str) -> str | None:
-    """Maps DeepMind's ``NF_RegNet/~/...`` parameter names to this module's NNX paths."""
-    head = modules[0] if modules else ""
-    if len(modules) == 1 and param in ("w", "b", "bias", "gain"):
-        leaf = {"w": "kernel", "b": "bias"}.get(param, param)
-        if head == "initial_conv":
-            return f"stem/conv/{leaf}"
-        if head == "final_conv":
-            return f"final_conv/{leaf}"
-        if head == "linear":
-            return f"head/{leaf}"
-    index = haiku_weights.block_index(head, "nf_block")
-    if index is None:
-        return None
-    if len(modules) == 1:
-        return f"blocks/{index}/skip_gain" if param == "skip_gain" else None
-    inner = haiku_weights.map_block_layer(modules[1:], param)
-    return f"blocks/{index}/{inner}" if inner else None
-
-
-haiku_weights.register_haiku_family("NF_RegNet", _map_haiku)
+haiku_weights.register_haiku_family(
+    "NF_RegNet",
+    haiku_weights.residual_family_mapper(
+        "nf_block",
+        {
+            "initial_conv": ("stem/conv", haiku_weights.CONV_PARAMS),
+            "final_conv": ("final_conv", haiku_weights.CONV_PARAMS),
+            "linear": ("head", haiku_weights.LINEAR_PARAMS),
+        },
+    ),
+)

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from agc_optax.models import haiku_weights, layers
+from agc_optax.models import haiku_weights, layers, registry
 
 __all__ = [
     "MODEL_CONFIGS",
@@ -441,36 +441,17 @@ MODEL_CONFIGS: dict[str, NFResNetConfig] = {
 }
 
 
-def build(
-    config: NFResNetConfig,
-    *,
-    num_classes: int,
-    dtype: Any,
-    param_dtype: Any,
-    rngs: nnx.Rngs,
-    **overrides: Any,
-) -> NFResNet:
-    """Builds an :class:`NFResNet` from a registry config; ``overrides`` replace its fields."""
-    kwargs = {**dataclasses.asdict(config), **overrides}
-    return NFResNet(num_classes, dtype=dtype, param_dtype=param_dtype, rngs=rngs, **kwargs)
+build = registry.config_builder(NFResNet)
 
 
-def _map_haiku(modules: tuple[str, ...], param: str) -> str | None:
-    """Maps DeepMind's ``NF_ResNet/~/...`` parameter names to this module's NNX paths."""
-    head = modules[0] if modules else ""
-    if len(modules) == 1 and param in ("w", "b", "bias", "gain"):
-        leaf = {"w": "kernel", "b": "bias"}.get(param, param)
-        if head == "initial_conv":
-            return f"stem/conv/{leaf}"
-        if head == "linear":
-            return f"head/{leaf}"
-    index = haiku_weights.block_index(head, "nf_res_block")
-    if index is None:
-        return None
-    if len(modules) == 1:
-        return f"blocks/{index}/skip_gain" if param == "skip_gain" else None
-    inner = haiku_weights.map_block_layer(modules[1:], param)
-    return f"blocks/{index}/{inner}" if inner else None
-
-
-haiku_weights.register_haiku_family("NF_ResNet", _map_haiku)
+# NF-ResNet's stem conv has a bias although DeepMind's constructor says with_bias=False.
+haiku_weights.register_haiku_family(
+    "NF_ResNet",
+    haiku_weights.residual_family_mapper(
+        "nf_res_block",
+        {
+            "initial_conv": ("stem/conv", haiku_weights.CONV_PARAMS),
+            "linear": ("head", haiku_weights.LINEAR_PARAMS),
+        },
+    ),
+)

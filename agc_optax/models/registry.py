@@ -7,6 +7,7 @@ Adding a family is one entry in ``_FAMILIES`` below.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import importlib
 from collections.abc import Callable
@@ -26,6 +27,28 @@ _FAMILIES: tuple[str, ...] = (
     ".nf_regnet",
     ".resnet",
 )
+
+
+def config_builder(model_class: type[nnx.Module]) -> Callable[..., nnx.Module]:
+    """A family's registry ``build``: the config's fields (then ``overrides``) as keywords.
+
+    For families whose frozen config dataclass mirrors the constructor's keywords.
+    """
+
+    def build(
+        config: Any,
+        *,
+        num_classes: int,
+        dtype: Any,
+        param_dtype: Any,
+        rngs: nnx.Rngs,
+        **overrides: Any,
+    ) -> nnx.Module:
+        kwargs = {**dataclasses.asdict(config), **overrides}
+        return model_class(num_classes, dtype=dtype, param_dtype=param_dtype, rngs=rngs, **kwargs)
+
+    build.__doc__ = f"Builds a :class:`{model_class.__name__}` from a registry config."
+    return build
 
 
 def _table() -> dict[str, tuple[Any, Callable[..., nnx.Module]]]:

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from agc_optax.models import layers
+from agc_optax.models import layers, registry
 
 __all__ = ["MODEL_CONFIGS", "ResNet", "ResNetBlock", "ResNetConfig", "build"]
 
@@ -262,15 +262,4 @@ class ResNetConfig:
 MODEL_CONFIGS: dict[str, ResNetConfig] = {"resnet50": ResNetConfig()}
 
 
-def build(
-    config: ResNetConfig,
-    *,
-    num_classes: int,
-    dtype: Any,
-    param_dtype: Any,
-    rngs: nnx.Rngs,
-    **overrides: Any,
-) -> ResNet:
-    """Builds a :class:`ResNet` from a registry config; ``overrides`` replace its fields."""
-    kwargs = {**dataclasses.asdict(config), **overrides}
-    return ResNet(num_classes, dtype=dtype, param_dtype=param_dtype, rngs=rngs, **kwargs)
+build = registry.config_builder(ResNet)
