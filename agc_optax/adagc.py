@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from agc_optax.clipping import _check_float, _check_hyperparameter, _plan
+from agc_optax.clipping import check_float_leaf, check_hyperparameter, plan_units
 from agc_optax.unit_axes import (
     ExcludeRule,
     UnitAxes,
@@ -43,8 +43,8 @@ class AdaGCState(NamedTuple):
 
 def _check_static(lambda_rel: Any, beta: Any, warmup_steps: Any) -> None:
     # Only concrete Python/NumPy values can be checked; traced ones (inject_hyperparams) pass.
-    _check_hyperparameter("lambda_rel", lambda_rel)
-    _check_hyperparameter("beta", beta)
+    check_hyperparameter("lambda_rel", lambda_rel)
+    check_hyperparameter("beta", beta)
     if isinstance(beta, numbers.Real) and not beta < 1:
         raise ValueError(f"`beta` must be in [0, 1), got {beta!r}; the paper uses 0.98.")
     if isinstance(warmup_steps, numbers.Real | np.ndarray) and np.ndim(warmup_steps) == 0:
@@ -159,7 +159,7 @@ def adagc(
       0.5
     """
     _check_static(lambda_rel, beta, warmup_steps)
-    _check_hyperparameter("lambda_abs", lambda_abs)
+    check_hyperparameter("lambda_abs", lambda_abs)
 
     def _count_units(plan: list[tuple[str, UnitAxes]], leaves: list[Any]) -> int:
         return sum(
@@ -169,7 +169,7 @@ def adagc(
         )
 
     def init_fn(params: Any) -> AdaGCState:
-        plan = _plan(params, unit_axes, exclude)  # bad rules fail at init, not at step 1
+        plan = plan_units(params, unit_axes, exclude)  # bad rules fail at init, not at step 1
         leaves, treedef = jax.tree.flatten(params)
         gamma = [
             optax.MaskedNode()
@@ -199,7 +199,7 @@ def adagc(
         sq, gammas = {}, {}
         for (i, path, axes), gamma in zip(eligible, gamma_leaves, strict=True):
             g = g_leaves[i]
-            _check_float(path, g, "the gradient")
+            check_float_leaf(path, g, "the gradient")
             want = _unit_shape(np.shape(g), axes)
             if np.shape(gamma) != want:
                 raise ValueError(

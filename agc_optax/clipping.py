@@ -38,33 +38,35 @@ class AdaptiveGradClipState(NamedTuple):
     num_units: jax.Array
 
 
-def _check_hyperparameter(name: str, value: Any) -> None:
+def check_hyperparameter(name: str, value: Any) -> None:
     # Traced values (inject_hyperparams, schedules under jit) cannot be checked here.
     if isinstance(value, numbers.Real | np.ndarray) and np.ndim(value) == 0:
         if not np.isfinite(value) or value < 0:
             raise ValueError(f"`{name}` must be a finite number >= 0, got {value!r}.")
 
 
-def _check_float(path: str, leaf: Any, what: str) -> None:
+def check_float_leaf(path: str, leaf: Any, what: str) -> None:
     dtype = getattr(leaf, "dtype", None)
     if dtype is None or not jnp.issubdtype(dtype, jnp.inexact):
         raise TypeError(
-            f"`{path}`: {what} has dtype {dtype}; AGC needs floating-point leaves. Pass only "
-            f"trainable float parameters (e.g. `nnx.state(model, nnx.Param)`), or skip this leaf "
-            f'with `exclude=r"{path}$"`.'
+            f"`{path}`: {what} has dtype {dtype}; gradient clipping needs floating-point leaves. "
+            f"Pass only trainable float parameters (e.g. `nnx.state(model, nnx.Param)`), or skip "
+            f'this leaf with `exclude=r"{path}$"`.'
         )
 
 
-def _plan(params: Any, unit_axes: UnitAxesRule, exclude: ExcludeRule) -> list[tuple[str, UnitAxes]]:
+def plan_units(
+    params: Any, unit_axes: UnitAxesRule, exclude: ExcludeRule
+) -> list[tuple[str, UnitAxes]]:
     """Resolves and validates the unit axes of every leaf of params (trace-time Python only)."""
     plan = resolve_unit_axes(params, unit_axes, exclude)
     for (path, axes), leaf in zip(plan, jax.tree.leaves(params), strict=True):
         if axes is not None:
-            _check_float(path, leaf, "the parameter")
+            check_float_leaf(path, leaf, "the parameter")
     return plan
 
 
-def _check_updates_match(updates: Any, params: Any) -> None:
+def check_updates_match(updates: Any, params: Any) -> None:
     upaths, ppaths = leaf_paths(updates), leaf_paths(params)
     if upaths != ppaths:
         missing = sorted(set(upaths) - set(ppaths))
@@ -101,7 +103,7 @@ def _whole_leaf(path: str, leaf: Any) -> tuple[int, ...]:
     return ()
 
 
-def _safe_sqrt(x: jax.Array) -> jax.Array:
+def safe_sqrt(x: jax.Array) -> jax.Array:
     # sqrt has an infinite derivative at 0; keep jax.grad through the transform finite.
     positive = x > 0
     return jnp.where(positive, jnp.sqrt(jnp.where(positive, x, 1)), 0)
@@ -122,7 +124,7 @@ def unit_clip_scale(
     clip = g_pow > max_pow
     safe_g_pow = jnp.where(clip, g_pow, 1)
     if power == 2:
-        factor = _safe_sqrt(max_pow) * jax.lax.rsqrt(safe_g_pow)
+        factor = safe_sqrt(max_pow) * jax.lax.rsqrt(safe_g_pow)
     else:
         factor = max_pow / safe_g_pow
     scale = jnp.where(clip, factor, 1)
@@ -173,7 +175,7 @@ def clip_scales(
         raise ValueError(
             "adaptive_grad_clip needs the parameters: call `tx.update(grads, state, params)`."
         )
-    _check_updates_match(updates, params)
+    check_updates_match(updates, params)
     scales, clipped_counts, ratios = [], [], []
     for (path, axes), g, w in zip(
         plan, jax.tree.leaves(updates), jax.tree.leaves(params), strict=True
@@ -181,7 +183,7 @@ def clip_scales(
         if axes is None:
             scales.append(None)
             continue
-        _check_float(path, g, "the gradient")
+        check_float_leaf(path, g, "the gradient")
         scale, clip, ratio = unit_clip_scale(g, w, axes, clipping, eps, norm)
         scales.append(scale)
         if stats:
@@ -272,20 +274,20 @@ def adaptive_grad_clip(
       >>> round(float(jnp.linalg.norm(updates["dense"]["kernel"][:, 0])), 6)
       0.002
     """
-    _check_hyperparameter("clipping", clipping)
-    _check_hyperparameter("eps", eps)
+    check_hyperparameter("clipping", clipping)
+    check_hyperparameter("eps", eps)
     norm = check_norm(norm)
     if granularity not in ("unit", "layer"):
         raise ValueError(f"`granularity` must be 'unit' or 'layer', got {granularity!r}.")
     rule = _whole_leaf if granularity == "layer" else unit_axes
 
     def init_fn(params: Any) -> optax.OptState:
-        plan = _plan(params, rule, exclude)  # bad rules fail at init, not at step 1
+        plan = plan_units(params, rule, exclude)  # bad rules fail at init, not at step 1
         return initial_stats(plan, params) if stats else optax.EmptyState()
 
     def update_fn(updates: Any, state: optax.OptState, params: Any = None):
         scales, new_stats = clip_scales(
-            updates, params, _plan(params, rule, exclude), clipping, eps, norm, stats
+            updates, params, plan_units(params, rule, exclude), clipping, eps, norm, stats
         )
         g_leaves, treedef = jax.tree.flatten(updates)
         out = [g if s is None else apply_scale(g, s) for g, s in zip(g_leaves, scales, strict=True)]

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import optax
 
 from agc_optax import kernels
-from agc_optax.clipping import _plan, apply_scale, clip_scales, initial_stats
+from agc_optax.clipping import apply_scale, clip_scales, initial_stats, plan_units
 from agc_optax.unit_axes import VECTOR_NAMES, ExcludeRule, UnitAxesRule, path_from_keys
 
 #: The classifier's kernel, which the NFNet recipe leaves unclipped (Brock et al. 2021, sec. 4.1).
@@ -61,13 +61,13 @@ def _clipped(g: jax.Array, scale: jax.Array | None) -> jax.Array:
 
 
 def _agc_core(params: Any, updates: Any, clipping, eps, unit_axes, exclude, stats):
-    plan = _plan(params, unit_axes, exclude)
+    plan = plan_units(params, unit_axes, exclude)
     scales, agc_stats = clip_scales(updates, params, plan, clipping, eps, 2, stats)
     return scales, (agc_stats if stats else optax.EmptyState())
 
 
 def _agc_init(params: Any, unit_axes, exclude, stats) -> Any:
-    plan = _plan(params, unit_axes, exclude)  # bad rules fail at init
+    plan = plan_units(params, unit_axes, exclude)  # bad rules fail at init
     return initial_stats(plan, params) if stats else optax.EmptyState()
 
 

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from agc_optax.clipping import _check_float, _check_hyperparameter
+from agc_optax.clipping import check_float_leaf, check_hyperparameter
 from agc_optax.unit_axes import ExcludeRule, resolve_unit_axes
 
 ZClipMode = Literal["reciprocal", "mean", "percentile"]
@@ -43,8 +43,8 @@ def _check_static(alpha: Any, z_thresh: Any, warmup_steps: Any, mode: Any) -> No
     if mode not in _MODES:
         raise ValueError(f"`mode` must be one of {_MODES}, got {mode!r}.")
     # Only concrete Python/NumPy values can be checked; traced ones (inject_hyperparams) pass.
-    _check_hyperparameter("alpha", alpha)
-    _check_hyperparameter("z_thresh", z_thresh)
+    check_hyperparameter("alpha", alpha)
+    check_hyperparameter("z_thresh", z_thresh)
     if isinstance(alpha, numbers.Real) and not alpha < 1:
         raise ValueError(f"`alpha` must be in [0, 1), got {alpha!r}; the paper uses 0.97.")
     if isinstance(z_thresh, numbers.Real) and not z_thresh > 0:
@@ -152,9 +152,9 @@ def zclip(
       (1.0017, 1.0)
     """
     _check_static(alpha, z_thresh, warmup_steps, mode)
-    _check_hyperparameter("eps", eps)
+    check_hyperparameter("eps", eps)
     if max_grad_norm is not None:
-        _check_hyperparameter("max_grad_norm", max_grad_norm)
+        check_hyperparameter("max_grad_norm", max_grad_norm)
 
     def _eligible(tree: Any) -> list[tuple[str, bool]]:
         # Unit axes are irrelevant to a global norm; () skips inference, exclusion still applies.
@@ -163,7 +163,7 @@ def zclip(
     def init_fn(params: Any) -> ZClipState:
         for (path, ok), w in zip(_eligible(params), jax.tree.leaves(params), strict=True):
             if ok:
-                _check_float(path, w, "the parameter")
+                check_float_leaf(path, w, "the parameter")
         zero = jnp.zeros((), jnp.float32)
         return ZClipState(
             count=jnp.zeros((), jnp.int32), mean=zero, var=zero, grad_norm=zero, clip_fraction=zero
@@ -175,7 +175,7 @@ def zclip(
         sq = jnp.zeros((), jnp.float32)
         for (path, ok), g in zip(_eligible(updates), g_leaves, strict=True):
             if ok:
-                _check_float(path, g, "the gradient")
+                check_float_leaf(path, g, "the gradient")
                 sq = sq + jnp.sum(jnp.square(g.astype(jnp.promote_types(g.dtype, jnp.float32))))
         norm = jnp.sqrt(sq.astype(jnp.float32))
         warm = state.count < warmup_steps

@@ -17,6 +17,8 @@ MODULES = [
     "agc_optax.models.nf_regnet",
     "agc_optax.models.resnet",
     "agc_optax.spp",
+    "agc_optax.adagc",
+    "agc_optax.zclip",
 ]
 
 

@@ -49,12 +49,12 @@ from jax.experimental import pallas as pl
 
 from agc_optax.clipping import (
     AdaptiveGradClipState,
-    _check_float,
-    _check_updates_match,
-    _plan,
-    _safe_sqrt,
     apply_scale,
+    check_float_leaf,
+    check_updates_match,
     initial_stats,
+    plan_units,
+    safe_sqrt,
     unit_clip_scale,
 )
 
@@ -276,7 +276,7 @@ def scale_from_sums(
     max_pow = clipping**2 * w_floor_pow
     clip = g_pow > max_pow
     safe_g_pow = jnp.where(clip, g_pow, 1)
-    factor = _safe_sqrt(max_pow) * jax.lax.rsqrt(safe_g_pow)
+    factor = safe_sqrt(max_pow) * jax.lax.rsqrt(safe_g_pow)
     scale = jnp.where(clip, factor, 1)
     safe_den = jnp.where(w_floor_pow > 0, w_floor_pow, 1)
     ratio_pow = jnp.where(w_floor_pow > 0, g_pow / safe_den, jnp.where(g_pow > 0, jnp.inf, 0))
@@ -499,8 +499,8 @@ def sgd_agc_update(
         raise ValueError(
             "adaptive_grad_clip needs the parameters: call `tx.update(grads, state, params)`."
         )
-    plan = _plan(params, unit_axes, exclude)
-    _check_updates_match(updates, params)
+    plan = plan_units(params, unit_axes, exclude)
+    check_updates_match(updates, params)
     lr = _learning_rate(learning_rate, state.count)
     neg_lr = -lr
     kernel_ok = _is_number(momentum) and _is_number(weight_decay)
@@ -534,7 +534,7 @@ def sgd_agc_update(
         else:
             scale = clip = ratio = None
             if axes is not None:
-                _check_float(path, g, "the gradient")
+                check_float_leaf(path, g, "the gradient")
                 scale, clip, ratio = unit_clip_scale(g, w, axes, clipping, eps, 2)
             w_used = w if wd and weight_decay else None
             u, m_next = leaf_update(g, w_used, scale, m, neg_lr, barrier=True, **hyper)
