@@ -153,7 +153,7 @@ class SweepRun:
     seconds: float
 
     @property
-    def epochs_run(self) -> float:
+    def fraction_run(self) -> float:
         """How far training got, in steps over planned steps (1.0 for a complete run)."""
         return len(self.loss) / self.steps
 

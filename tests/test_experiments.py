@@ -96,3 +96,13 @@ def test_tiny_sweep_runs_every_pair():
 def test_sweep_rejects_empty_methods():
     with pytest.raises(ValueError, match="`methods` is empty"):
         ex.large_batch_sweep(PRESETS["smoke"], [16], [], log=None)
+
+
+def test_divergence_is_detected_and_the_run_stopped():
+    # 5 steps per epoch at batch 256; a huge learning rate blows up inside the first epoch.
+    config = PRESETS["smoke"].replace(steps=8, lr=1e4, warmup_epochs=0.0)
+    (run,) = ex.large_batch_sweep(config, [256], [ex.no_clipping()], log=None)
+    assert run.diverged
+    assert len(run.loss) == 5 and run.fraction_run == pytest.approx(5 / 8)
+    assert not np.all(np.isfinite(run.loss))
+    assert 0.0 <= run.test_accuracy <= 1.0
