@@ -29,8 +29,7 @@ import agc_optax
 from agc_optax import models
 from agc_optax.training import config as config_lib
 from agc_optax.training import data as data_lib
-from agc_optax.training import loop
-from agc_optax.training.trainer import learning_rate_schedule
+from agc_optax.training import learning_rate_schedule, loop
 
 __all__ = [
     "ClipMethod",

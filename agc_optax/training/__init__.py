@@ -26,7 +26,7 @@ from agc_optax.training.loop import (
     split_model,
 )
 from agc_optax.training.metrics import MetricsWriter, plot_metrics, read_metrics
-from agc_optax.training.trainer import RunResult, build_optimizer, train
+from agc_optax.training.trainer import RunResult, build_optimizer, learning_rate_schedule, train
 
 __all__ = [
     "PRESETS",
@@ -49,6 +49,7 @@ __all__ = [
     "init_state",
     "load_cifar10",
     "load_dataset",
+    "learning_rate_schedule",
     "load_digits",
     "make_eval_step",
     "make_train_step",
