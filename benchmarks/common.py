@@ -29,6 +29,34 @@ def time_interleaved(
     return {name: statistics.median(s) for name, s in samples.items()}
 
 
+def donated_steps(
+    steps: dict[str, Callable[..., Any]],
+    make_params: Callable[[], Any],
+    inits: dict[str, Any],
+    grads: Any,
+) -> tuple[dict[str, Callable[[], Any]], dict[str, float]]:
+    """Thunks that run each jitted ``step(params, state, grads) -> (params, state)``, feeding the
+    donated outputs back in, and each step's XLA bytes accessed.
+
+    ``inits[name]`` is the optimizer's ``init``; every contender gets fresh params.
+    """
+    live, nbytes = {}, {}
+    for name, step in steps.items():
+        params = make_params()
+        state = inits[name](params)
+        nbytes[name] = bytes_accessed(step, params, state, grads)
+        live[name] = [params, state]
+
+    def thunk(name: str) -> Callable[[], Any]:
+        def go() -> Any:
+            live[name][0], live[name][1] = steps[name](live[name][0], live[name][1], grads)
+            return live[name][0]
+
+        return go
+
+    return {name: thunk(name) for name in steps}, nbytes
+
+
 def bytes_accessed(jitted: Any, *args: Any) -> float:
     """XLA's estimate of bytes read and written by one call of a jitted function."""
     cost = jitted.lower(*args).compile().cost_analysis()

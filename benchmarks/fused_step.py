@@ -45,22 +45,14 @@ def run(repeats: int = 15, small: bool = False) -> str:
         shapes = dict(list(shapes.items())[:6])
     grads = common.random_tree(shapes, seed=1, scale=0.01)
     n_bytes = common.tree_bytes(grads)
-    live, steps, nbytes = {}, {}, {}
-    for name, tx in _contenders().items():
-        params = common.random_tree(shapes, seed=0)
-        state = tx.init(params)
-        steps[name] = _stepper(tx)
-        nbytes[name] = common.bytes_accessed(steps[name], params, state, grads)
-        live[name] = [params, state]
-
-    def thunk(name):
-        def go():
-            live[name][0], live[name][1] = steps[name](live[name][0], live[name][1], grads)
-            return live[name][0]
-
-        return go
-
-    times = common.time_interleaved({name: thunk(name) for name in steps}, repeats=repeats)
+    contenders = _contenders()
+    thunks, nbytes = common.donated_steps(
+        {name: _stepper(tx) for name, tx in contenders.items()},
+        lambda: common.random_tree(shapes, seed=0),
+        {name: tx.init for name, tx in contenders.items()},
+        grads,
+    )
+    times = common.time_interleaved(thunks, repeats=repeats)
     rows = []
     for fused, chain in (
         ("sgd_agc (fused)", "optax chain (SGD)"),

@@ -88,23 +88,14 @@ def run(repeats: int = 15, small: bool = False, force: bool = False) -> str:
         "sgd_agc, XLA": (_stepper(fused_tx), fused_tx),
         "optax chain": (_stepper(_chain(lr)), _chain(lr)),
     }
-    live, steps, nbytes = {}, {}, {}
-    for name, (step, tx) in contenders.items():
-        params = common.random_tree(shapes, seed=0)
-        state = tx.init(params)
-        steps[name] = step
-        nbytes[name] = common.bytes_accessed(step, params, state, grads)
-        live[name] = [params, state]
-
-    def thunk(name):
-        def go():
-            live[name][0], live[name][1] = steps[name](live[name][0], live[name][1], grads)
-            return live[name][0]
-
-        return go
-
+    thunks, nbytes = common.donated_steps(
+        {name: step for name, (step, _) in contenders.items()},
+        lambda: common.random_tree(shapes, seed=0),
+        {name: tx.init for name, (_, tx) in contenders.items()},
+        grads,
+    )
     copy = jax.jit(lambda tree: jax.tree.map(lambda x: x.copy(), tree))
-    fns = {name: thunk(name) for name in steps} | {"copy": lambda: copy(grads)}
+    fns = thunks | {"copy": lambda: copy(grads)}
     nbytes["copy"] = common.bytes_accessed(copy, grads)
     times = common.time_interleaved(fns, repeats=repeats)
     bound = times["copy"] * MIN_PASSES / 2

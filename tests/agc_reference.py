@@ -1,7 +1,9 @@
-"""Independent float64 NumPy reference of AGC (Brock et al. 2021, eq. 3), used by the tests."""
+"""Independent float64 NumPy reference of AGC (Brock et al. 2021, eq. 3), and test tree helpers."""
 
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -26,3 +28,27 @@ def agc(g, w, unit_axes, clipping, eps):
         out = np.where(clip, g64 * (bound / g_norm), g64)
         ratio = g_norm / w_floor
     return out, clip, ratio
+
+
+def random_tree(shapes, seed, scale=1.0, dtype=jnp.float32):
+    """A tree of normal random arrays shaped like ``shapes`` (a tree of shape tuples)."""
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(
+        lambda s: jnp.asarray(rng.standard_normal(s) * scale, dtype),
+        shapes,
+        is_leaf=lambda x: isinstance(x, tuple),
+    )
+
+
+def max_rel_diff(a, b):
+    """Largest normwise relative difference over leaves, ``|a - b|_inf / |b|_inf``.
+
+    Leaves must agree in dtype and shape.
+    """
+    out = 0.0
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        assert x.dtype == y.dtype and x.shape == y.shape
+        x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+        denom = max(np.max(np.abs(y)), 1e-30)
+        out = max(out, float(np.max(np.abs(x - y)) / denom))
+    return out

@@ -14,6 +14,8 @@ from agc_optax.clipping import unit_clip_scale
 from agc_optax.kernels import sgd_agc_pallas
 from agc_optax.unit_axes import squared_unit_norms
 
+from . import agc_reference as ref
+
 # Small leaves must take the kernel here; interpret mode is slow, so shapes stay small.
 SHAPES = {
     # 45 rows, 24 units: no row or column count divides the (16, 8) test blocks.
@@ -29,23 +31,7 @@ KERNEL_LEAVES = 2  # stem/conv/kernel, blocks/0/conv0/kernel
 
 
 def _random_tree(seed, scale=1.0, dtype=jnp.float32, shapes=SHAPES):
-    rng = np.random.default_rng(seed)
-    return jax.tree.map(
-        lambda s: jnp.asarray(rng.standard_normal(s) * scale, dtype),
-        shapes,
-        is_leaf=lambda x: isinstance(x, tuple),
-    )
-
-
-def _max_rel_diff(a, b):
-    """Largest normwise relative difference over leaves: |a - b|_inf / |b|_inf."""
-    out = 0.0
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-        assert x.dtype == y.dtype and x.shape == y.shape
-        x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
-        denom = max(np.max(np.abs(y)), 1e-30)
-        out = max(out, float(np.max(np.abs(x - y)) / denom))
-    return out
+    return ref.random_tree(shapes, seed, scale, dtype)
 
 
 @pytest.fixture
@@ -132,7 +118,7 @@ def test_fused_update_is_leaf_update(momentum, nesterov, decay, apply, dtype):
     if not momentum:
         assert got[1] is None and want[1] is None
         got, want = got[0], want[0]
-    assert _max_rel_diff(got, want) <= (1e-6 if dtype == jnp.float32 else 1e-2)
+    assert ref.max_rel_diff(got, want) <= (1e-6 if dtype == jnp.float32 else 1e-2)
 
 
 def test_fused_update_needs_w():
@@ -200,13 +186,13 @@ def test_pallas_equals_xla_and_optax_chain(
     b, pb, sb = _run(xla, params, grads)
     c, pc, sc = _run(chain, params, grads)
     for x, y, z in zip(a, b, c, strict=True):
-        assert _max_rel_diff(x, y) <= 1e-6
-        assert _max_rel_diff(x, z) <= 1e-6
-    assert _max_rel_diff(pa, pb) <= 1e-6
-    assert _max_rel_diff(pa, pc) <= 1e-6
+        assert ref.max_rel_diff(x, y) <= 1e-6
+        assert ref.max_rel_diff(x, z) <= 1e-6
+    assert ref.max_rel_diff(pa, pb) <= 1e-6
+    assert ref.max_rel_diff(pa, pc) <= 1e-6
     assert jax.tree.structure(sa) == jax.tree.structure(sb)
     if momentum:
-        assert _max_rel_diff(sa.momentum, sb.momentum) <= 1e-6
+        assert ref.max_rel_diff(sa.momentum, sb.momentum) <= 1e-6
     if stats:
         for name in ("clip_fraction", "max_ratio", "num_units"):
             got, want = optax.tree.get(sa, name), optax.tree.get(sb, name)
@@ -225,10 +211,10 @@ def test_pallas_bf16_matches_xla(small_leaves):
     )
     # The norms sum in a different order, which can move a bf16 rounding by one ulp (2**-8).
     for x, y in zip(a, b, strict=True):
-        assert _max_rel_diff(x, y) <= 2**-7
+        assert ref.max_rel_diff(x, y) <= 2**-7
     # The momentum buffers stay bf16 (as in the optax chain), so they carry the same rounding.
     assert all(m.dtype == jnp.bfloat16 for m in jax.tree.leaves(sa.momentum))
-    assert _max_rel_diff(sa.momentum, sb.momentum) <= 2**-7
+    assert ref.max_rel_diff(sa.momentum, sb.momentum) <= 2**-7
 
 
 def test_pallas_jit_with_donation(small_leaves):
@@ -246,8 +232,8 @@ def test_pallas_jit_with_donation(small_leaves):
 
     p1, s1 = step(tx)(params, tx.init(params), grads)
     p2, s2 = step(ref_tx)(_random_tree(0), ref_tx.init(params), grads)
-    assert _max_rel_diff(p1, p2) <= 1e-6
-    assert _max_rel_diff(s1.momentum, s2.momentum) <= 1e-6
+    assert ref.max_rel_diff(p1, p2) <= 1e-6
+    assert ref.max_rel_diff(s1.momentum, s2.momentum) <= 1e-6
 
 
 @pytest.mark.parametrize("implementation", ["pallas", "xla"])
@@ -266,8 +252,8 @@ def test_sgd_agc_step_equals_update_then_apply(small_leaves, implementation):
     got_params, got_state = _random_tree(0), tx.init(params)
     for g in grads:
         got_params, got_state = step(got_params, got_state, g)
-    assert _max_rel_diff(got_params, want_params) <= 1e-6
-    assert _max_rel_diff(got_state.momentum, want_state.momentum) <= 1e-6
+    assert ref.max_rel_diff(got_params, want_params) <= 1e-6
+    assert ref.max_rel_diff(got_state.momentum, want_state.momentum) <= 1e-6
 
 
 def test_large_leaves_only_by_default():

@@ -10,32 +10,19 @@ from hypothesis import strategies as st
 
 import agc_optax
 
+from . import agc_reference as ref
 from .multidevice import run_on_cpu_devices
+
+SHAPES = {
+    "stem": {"conv": {"kernel": (3, 3, 3, 8), "bias": (8,), "gain": (8,)}},
+    "blocks": {"0": {"conv0": {"kernel": (1, 1, 8, 16)}, "skip_gain": ()}},
+    "embed": {"embedding": (10, 16)},
+    "head": {"kernel": (16, 5), "bias": (5,)},
+}
 
 
 def _random_tree(seed, scale=1.0, dtype=jnp.float32):
-    rng = np.random.default_rng(seed)
-    shapes = {
-        "stem": {"conv": {"kernel": (3, 3, 3, 8), "bias": (8,), "gain": (8,)}},
-        "blocks": {"0": {"conv0": {"kernel": (1, 1, 8, 16)}, "skip_gain": ()}},
-        "embed": {"embedding": (10, 16)},
-        "head": {"kernel": (16, 5), "bias": (5,)},
-    }
-    return jax.tree.map(
-        lambda s: jnp.asarray(rng.standard_normal(s) * scale, dtype),
-        shapes,
-        is_leaf=lambda x: isinstance(x, tuple),
-    )
-
-
-def _max_rel_diff(a, b):
-    """Largest normwise relative difference over leaves: |a - b|_inf / |b|_inf."""
-    out = 0.0
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-        x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
-        denom = max(np.max(np.abs(y)), 1e-30)
-        out = max(out, float(np.max(np.abs(x - y)) / denom))
-    return out
+    return ref.random_tree(SHAPES, seed, scale, dtype)
 
 
 def _run(tx, params, grads_seq):
@@ -76,8 +63,8 @@ def test_sgd_agc_equals_optax_chain(momentum, nesterov, weight_decay, clipping, 
     a, pa, _ = _run(ours, params, grads)
     b, pb, _ = _run(chain, params, grads)
     for x, y in zip(a, b, strict=True):
-        assert _max_rel_diff(x, y) <= 1e-6
-    assert _max_rel_diff(pa, pb) <= 1e-6
+        assert ref.max_rel_diff(x, y) <= 1e-6
+    assert ref.max_rel_diff(pa, pb) <= 1e-6
 
 
 @settings(deadline=None, max_examples=6)
@@ -101,8 +88,8 @@ def test_adamw_agc_equals_optax_chain(weight_decay, clipping, eps_root):
     a, pa, _ = _run(ours, params, grads)
     b, pb, _ = _run(chain, params, grads)
     for x, y in zip(a, b, strict=True):
-        assert _max_rel_diff(x, y) <= 1e-6
-    assert _max_rel_diff(pa, pb) <= 1e-6
+        assert ref.max_rel_diff(x, y) <= 1e-6
+    assert ref.max_rel_diff(pa, pb) <= 1e-6
 
 
 def test_weight_decay_mask_spares_gains_and_biases():
