@@ -2,9 +2,6 @@
 
 import doctest
 import importlib
-import os
-import subprocess
-import sys
 import textwrap
 
 import jax
@@ -16,6 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import agc_optax
+
+from .multidevice import run_on_cpu_devices
 
 # ----------------------------------------------------------------------------- float64 reference
 
@@ -316,16 +315,7 @@ SHARDED_SCRIPT = textwrap.dedent(
 
 
 def test_sharded_over_8_cpu_devices():
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    proc = subprocess.run(
-        [sys.executable, "-c", SHARDED_SCRIPT],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "SHARDED_OK 8" in proc.stdout
+    assert "SHARDED_OK 8" in run_on_cpu_devices(SHARDED_SCRIPT)
 
 
 # ----------------------------------------------------------------------------- bad input
