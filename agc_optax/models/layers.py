@@ -195,6 +195,27 @@ def signal_metrics(x: Array, index: int | str) -> dict[str, Array]:
     }
 
 
+def run_residual_blocks(
+    stem_out: Array, blocks: Any, return_metrics: bool
+) -> tuple[Array, dict[str, Array]]:
+    """Runs blocks that return ``(out, res_avg_var)``, collecting DeepMind's metric dict.
+
+    Shared by the families' ``forward_features``: with ``return_metrics``, the dict holds
+    :func:`signal_metrics` of the stem output (index 0) and of each block output (index
+    ``block + 1``), and ``res_avg_var_<block>`` of each residual branch.
+    """
+    outputs: dict[str, Array] = {}
+    out = stem_out
+    if return_metrics:
+        outputs.update(signal_metrics(out, 0))
+    for i, block in enumerate(blocks):
+        out, res_avg_var = block(out)
+        if return_metrics:
+            outputs.update(signal_metrics(out, i + 1))
+            outputs[f"res_avg_var_{i}"] = res_avg_var
+    return out, outputs
+
+
 def _window(x: Array, size: int) -> tuple[int, ...]:
     return (1,) + (size,) * (x.ndim - 2) + (1,)
 

@@ -311,15 +311,7 @@ class NFRegNet(nnx.Module):
         Returns:
           ``{'pool', 'logits'}`` plus the metrics when asked for.
         """
-        outputs: dict[str, Any] = {}
-        out = self.stem(x)
-        if return_metrics:
-            outputs.update(layers.signal_metrics(out, 0))
-        for i, block in enumerate(self.blocks):
-            out, res_avg_var = block(out)
-            if return_metrics:
-                outputs.update(layers.signal_metrics(out, i + 1))
-                outputs[f"res_avg_var_{i}"] = res_avg_var
+        out, outputs = layers.run_residual_blocks(self.stem(x), self.blocks, return_metrics)
         out = self.activation(self.final_conv(out))
         pool = jnp.mean(out, axis=(1, 2))
         outputs["pool"] = pool

@@ -395,15 +395,7 @@ class NFResNet(nnx.Module):
         Returns:
           ``{'pool', 'logits'}`` plus the metrics when asked for.
         """
-        outputs: dict[str, Any] = {}
-        out = self.stem(x)
-        if return_metrics:
-            outputs.update(layers.signal_metrics(out, 0))
-        for i, block in enumerate(self.blocks):
-            out, res_avg_var = block(out)
-            if return_metrics:
-                outputs.update(layers.signal_metrics(out, i + 1))
-                outputs[f"res_avg_var_{i}"] = res_avg_var
+        out, outputs = layers.run_residual_blocks(self.stem(x), self.blocks, return_metrics)
         pool = jnp.mean(self.activation(out), axis=(1, 2))
         outputs["pool"] = pool
         outputs["logits"] = self.head(self.dropout(pool))

@@ -222,15 +222,7 @@ class ResNet(nnx.Module):
         stem output (``i = 0``) and each block output, ``res_avg_var_{i}`` for each residual
         branch (after its last BatchNorm, before the addition).
         """
-        outputs: dict[str, Any] = {}
-        out = self.stem(x)
-        if return_metrics:
-            outputs.update(layers.signal_metrics(out, 0))
-        for i, block in enumerate(self.blocks):
-            out, res_avg_var = block(out)
-            if return_metrics:
-                outputs.update(layers.signal_metrics(out, i + 1))
-                outputs[f"res_avg_var_{i}"] = res_avg_var
+        out, outputs = layers.run_residual_blocks(self.stem(x), self.blocks, return_metrics)
         pool = jnp.mean(out, axis=(1, 2))
         outputs["pool"] = pool
         outputs["logits"] = self.head(pool)
