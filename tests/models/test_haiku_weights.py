@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import pickle
-from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
@@ -23,7 +22,7 @@ from agc_optax.models import (
 )
 from agc_optax.models.haiku_weights import fetch_cached, haiku_to_nnx_path
 
-REFERENCE = Path(__file__).resolve().parents[2] / ".." / "shared" / "reference"
+from .reference import REFERENCE
 
 SMALL = NFNetConfig(
     "parity_small",

@@ -5,7 +5,6 @@ from __future__ import annotations
 import itertools
 import json
 import math
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -25,15 +24,7 @@ from agc_optax.models.layers import (
     signal_metrics,
 )
 
-REFERENCE = Path(__file__).resolve().parents[2] / ".." / "shared" / "reference"
-
-
-def _reference_file(name: str) -> Path:
-    path = REFERENCE / name
-    if not path.exists():
-        pytest.skip(f"reference data {name} not found under {REFERENCE}")
-    return path
-
+from .reference import reference_file
 
 # ----------------------------------------------------------------------------- references
 
@@ -168,7 +159,7 @@ def test_wsconv_user_errors():
 
 
 def test_gammas_equal_deepmind_constants():
-    published = json.loads(_reference_file("gammas.json").read_text())
+    published = json.loads(reference_file("gammas.json").read_text())
     assert GAMMAS == published
     assert len(GAMMAS) == 16
 
@@ -216,7 +207,7 @@ def _elementwise(name):
 
 @pytest.mark.parametrize("name", sorted(set(GAMMAS) - {"glu", "log_softmax"}))
 def test_estimate_gamma_matches_exact_quadrature(name):
-    exact = json.loads(_reference_file("gammas_rederived.json").read_text())["summary"][name]
+    exact = json.loads(reference_file("gammas_rederived.json").read_text())["summary"][name]
     got = estimate_gamma(_elementwise(name))
     assert abs(got - exact["rederived_quadrature"]) < 2e-3
 

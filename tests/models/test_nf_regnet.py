@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import jax
@@ -14,7 +13,8 @@ from flax import nnx
 from agc_optax.models import NFRegNet, create_model, get_config, load_haiku_params
 from agc_optax.models.haiku_weights import haiku_to_nnx_path
 
-REFERENCE = Path(__file__).resolve().parents[2].parent / "shared" / "reference"
+from .reference import REFERENCE, load_manifest, num_params, param_shapes
+
 # An NF-RegNet parity case made like the NF-ResNet one in the reference README: DeepMind's
 # nfnets/nf_regnet.py (commit f5de0ede, dm-haiku 0.0.17, jax 0.10.2, CPU, float32) with the
 # experiment kwargs (width 0.75, expansion 2.25, group size 8, SE ratio 0.5, alpha 0.2,
@@ -28,23 +28,9 @@ PARITY_CASE = Path(__file__).resolve().parent / "data" / "nfregnet_small.npz"
 VARIANTS = ("B0", "B1", "B2", "B3", "B4", "B5", "B6", "B7", "B8")
 
 
-def _num_params(model: nnx.Module) -> int:
-    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
-
-
-def _param_shapes(model: nnx.Module) -> dict[str, tuple[int, ...]]:
-    return {
-        "/".join(map(str, path)): tuple(var.shape)
-        for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))
-    }
-
-
 @pytest.fixture(scope="module")
 def manifest() -> dict:
-    path = REFERENCE / "param_manifest.json"
-    if not path.exists():
-        pytest.skip(f"param_manifest.json not found at {REFERENCE}")
-    return json.loads(path.read_text())
+    return load_manifest()
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -52,13 +38,13 @@ def test_registry_model_matches_deepmind_manifest(manifest, variant):
     """The registry's nf_regnet_b* use DeepMind's experiment kwargs; counts agree to the unit."""
     entry = manifest[f"NF-RegNet-{variant}"]
     model = nnx.eval_shape(lambda: create_model(f"nf_regnet_{variant.lower()}", rngs=nnx.Rngs(0)))
-    assert _num_params(model) == entry["total"]
+    assert num_params(model) == entry["total"]
     theirs = {
         haiku_to_nnx_path(f"{module}/{param}"): tuple(shape)
         for module, params in entry["params"].items()
         for param, shape in params.items()
     }
-    assert theirs == _param_shapes(model)
+    assert theirs == param_shapes(model)
 
 
 def test_registry_config_is_deepmind_experiment(manifest):

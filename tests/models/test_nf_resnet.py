@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -15,7 +14,8 @@ from flax import nnx
 from agc_optax.models import NFResNet, create_model, get_config, load_haiku_params
 from agc_optax.models.haiku_weights import haiku_to_nnx_path
 
-REFERENCE = Path(__file__).resolve().parents[2].parent / "shared" / "reference"
+from .reference import REFERENCE, load_manifest, num_params, param_shapes
+
 needs_reference = pytest.mark.skipif(
     not (REFERENCE / "nfresnet_small_params.npz").exists(),
     reason=f"DeepMind reference data not found at {REFERENCE}",
@@ -33,23 +33,9 @@ MANIFEST_VARIANTS = {
 }
 
 
-def _num_params(model: nnx.Module) -> int:
-    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
-
-
-def _param_shapes(model: nnx.Module) -> dict[str, tuple[int, ...]]:
-    return {
-        "/".join(map(str, path)): tuple(var.shape)
-        for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))
-    }
-
-
 @pytest.fixture(scope="module")
 def manifest() -> dict:
-    path = REFERENCE / "param_manifest.json"
-    if not path.exists():
-        pytest.skip(f"param_manifest.json not found at {REFERENCE}")
-    return json.loads(path.read_text())
+    return load_manifest()
 
 
 @pytest.fixture(scope="module")
@@ -161,9 +147,9 @@ def test_parameter_count_and_names_match_deepmind(manifest, name):
     model = nnx.eval_shape(
         lambda: NFResNet(1000, MANIFEST_VARIANTS[name], width=4, rngs=nnx.Rngs(0))
     )
-    assert _num_params(model) == entry["total"]
+    assert num_params(model) == entry["total"]
     # Every DeepMind parameter maps onto a model leaf of the same shape, and nothing is left over.
-    ours = _param_shapes(model)
+    ours = param_shapes(model)
     theirs = {
         haiku_to_nnx_path(f"{module}/{param}"): tuple(shape)
         for module, params in entry["params"].items()
@@ -186,7 +172,7 @@ def test_registry_names_and_counts():
         assert isinstance(model, NFResNet) and model.depths == depths
         assert model.head.kernel.shape == (2048, 10)
     model = nnx.eval_shape(lambda: create_model("nf_resnet50", rngs=nnx.Rngs(0)))
-    assert _num_params(model) == 25_557_048  # DeepMind's NF-ResNet-50 (reference README).
+    assert num_params(model) == 25_557_048  # DeepMind's NF-ResNet-50 (reference README).
 
 
 def _tiny(**kwargs) -> NFResNet:
@@ -259,7 +245,7 @@ def test_bfloat16_forward_close_to_float32(tiny):
 
 def test_unscaled_variant_is_the_plain_resnet():
     model = nnx.eval_shape(lambda: _tiny(scaled=False))
-    paths = _param_shapes(model)
+    paths = param_shapes(model)
     assert "blocks/0/conv0/gain" not in paths  # No weight standardization.
     assert "blocks/0/conv0/kernel" in paths
     assert model.blocks[1].beta == 1.0 and model.blocks[1].alpha == 1.0

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -23,32 +22,13 @@ from agc_optax.models.haiku_weights import materialize_abstract_state
 from agc_optax.models.layers import GAMMAS, avg_pool_same
 from agc_optax.models.nfnet import NFNET_VARIANTS, SCANNED_UNIT_AXES, NFBlockStack
 
-REFERENCE = Path(__file__).resolve().parents[2] / ".." / "shared" / "reference"
-
-
-def _reference_file(name: str) -> Path:
-    path = REFERENCE / name
-    if not path.exists():
-        pytest.skip(f"reference data {name} not found under {REFERENCE}")
-    return path
-
-
-def _param_count(model: nnx.Module) -> int:
-    return sum(int(np.prod(v.shape)) for v in jax.tree.leaves(nnx.state(model, nnx.Param)))
-
-
-def _flat_params(model: nnx.Module) -> dict[str, tuple[int, ...]]:
-    return {
-        "/".join(map(str, p)): tuple(v.shape)
-        for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))
-    }
-
+from .reference import num_params, param_shapes, reference_file
 
 # ----------------------------------------------------------------------------- parity
 
 
 def _small_model(**kw) -> NFNet:
-    config = json.loads(_reference_file("nfnet_small_config.json").read_text())
+    config = json.loads(reference_file("nfnet_small_config.json").read_text())
     kwargs = dict(config["constructor"]["kwargs"])
     variant = config["constructor"]["custom_variant_added_to_base.nfnet_params"][kwargs["variant"]]
     kwargs.pop("name")
@@ -63,10 +43,10 @@ def _small_model(**kw) -> NFNet:
 @pytest.fixture(scope="module")
 def parity():
     model = _small_model()
-    load_haiku_params(model, _reference_file("nfnet_small_params.npz"))
+    load_haiku_params(model, reference_file("nfnet_small_params.npz"))
     model.eval()
-    x = np.load(_reference_file("input.npy"))
-    acts = dict(np.load(_reference_file("nfnet_small_activations.npz")))
+    x = np.load(reference_file("input.npy"))
+    acts = dict(np.load(reference_file("nfnet_small_activations.npz")))
     return model, x, acts
 
 
@@ -82,7 +62,7 @@ def _close(got, want, what):
 
 def test_parity_logits_jitted(parity):
     model, x, _ = parity
-    want = np.load(_reference_file("nfnet_small_logits.npy"))
+    want = np.load(reference_file("nfnet_small_logits.npy"))
     got = nnx.jit(lambda m, v: m(v))(model, jnp.asarray(x))
     assert got.shape == (2, 10) and got.dtype == jnp.float32
     np.testing.assert_allclose(np.asarray(got), want, rtol=0, atol=2e-5)
@@ -158,7 +138,7 @@ def test_parity_every_block_module(parity):
 
 
 def test_parity_block_schedule_matches_reference():
-    config = json.loads(_reference_file("nfnet_small_config.json").read_text())
+    config = json.loads(reference_file("nfnet_small_config.json").read_text())
     model = _small_model()
     for i, block in enumerate(model.blocks):
         want = config["blocks"]["NFNet/~/nf_block" + (f"_{i}" if i else "")]
@@ -171,14 +151,14 @@ def test_parity_block_schedule_matches_reference():
         if block.stoch_depth is not None:
             assert block.stoch_depth.rate == pytest.approx(want["stochdepth_rate"])
         assert block.se.hidden_features == want["se_hidden_ch"]
-    assert _param_count(model) == config["num_params"]
+    assert num_params(model) == config["num_params"]
 
 
 # ----------------------------------------------------------------------------- counts
 
 
 def _manifest() -> dict:
-    return json.loads(_reference_file("param_manifest.json").read_text())
+    return json.loads(reference_file("param_manifest.json").read_text())
 
 
 @pytest.mark.parametrize("variant", list(NFNET_VARIANTS))
@@ -187,14 +167,14 @@ def test_param_count_equals_deepmind(variant):
     # against the scanned one below for the shallow variants.
     want = _manifest()[f"NFNet-{variant}"]["total"]
     model = nnx.eval_shape(lambda: NFNet(1000, variant, scan_blocks=True, rngs=nnx.Rngs(0)))
-    assert _param_count(model) == want
+    assert num_params(model) == want
 
 
 @pytest.mark.parametrize("variant", ["F0", "F1", "F0+"])
 def test_unrolled_param_count_equals_deepmind(variant):
     want = _manifest()[f"NFNet-{variant}"]["total"]
     model = nnx.eval_shape(lambda: NFNet(1000, variant, rngs=nnx.Rngs(0)))
-    assert _param_count(model) == want
+    assert num_params(model) == want
 
 
 @pytest.mark.parametrize("scan", [False, True])
@@ -215,7 +195,7 @@ def test_manifest_shapes_load_one_to_one(scan):
 
 def test_head_and_leaf_names():
     model = nnx.eval_shape(lambda: NFNet(1000, "F0", rngs=nnx.Rngs(0)))
-    flat = _flat_params(model)
+    flat = param_shapes(model)
     assert flat["head/kernel"] == (3072, 1000)
     assert flat["head/bias"] == (1000,)
     assert flat["blocks/0/conv0/kernel"] == (1, 1, 128, 128)
@@ -316,7 +296,7 @@ def test_jit_and_grad_tiny():
     loss, grads = nnx.jit(nnx.value_and_grad(loss_fn))(model, x)
     assert np.isfinite(float(loss))
     flat = {"/".join(map(str, p)): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(grads)}
-    assert set(flat) == set(_flat_params(model))
+    assert set(flat) == set(param_shapes(model))
     assert all(np.all(np.isfinite(g)) for g in flat.values())
     assert np.abs(flat["head/kernel"]).max() > 0
     assert np.abs(flat["blocks/0/skip_gain"]).max() > 0  # Zero-init gain still learns.
@@ -392,9 +372,9 @@ def test_scan_blocks_same_numbers_as_unrolled():
     scanned = _tiny(seed=5, scan_blocks=True)
     assert any(isinstance(b, NFBlockStack) for b in scanned.blocks)
     assert len(scanned.blocks) == 5 and len(unrolled.blocks) == 6
-    assert _param_count(scanned) == _param_count(unrolled)
+    assert num_params(scanned) == num_params(unrolled)
     load_haiku_params(scanned, checkpoint)
-    stacked = _flat_params(scanned)
+    stacked = param_shapes(scanned)
     assert stacked["blocks/2/block/conv0/kernel"][0] == 2  # Two layers stacked.
     unrolled.eval()
     scanned.eval()

@@ -10,15 +10,13 @@ from flax import nnx
 
 from agc_optax.models import ResNet, create_model
 
-
-def _num_params(model: nnx.Module) -> int:
-    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+from .reference import num_params
 
 
 def test_resnet50_has_torchvisions_parameter_count():
     model = nnx.eval_shape(lambda: create_model("resnet50", rngs=nnx.Rngs(0)))
     assert isinstance(model, ResNet)
-    assert _num_params(model) == 25_557_032  # torchvision.models.resnet50
+    assert num_params(model) == 25_557_032  # torchvision.models.resnet50
     # Running statistics are state, not parameters: 2 per BatchNorm channel.
     stats = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.BatchStat)))
     assert stats == 2 * 26_560
