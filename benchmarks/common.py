@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import platform
+import random
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -14,19 +15,39 @@ import numpy as np
 
 
 def time_interleaved(
-    fns: dict[str, Callable[[], Any]], repeats: int = 15, warmup: int = 2
+    fns: dict[str, Callable[[], Any]], repeats: int = 15, warmup: int = 2, seed: int = 0
 ) -> dict[str, float]:
-    """Median seconds per call of each thunk, measured round-robin so that drift hits all alike."""
+    """Median seconds per call of each thunk, measured round-robin so that drift hits all alike.
+
+    Each round runs the contenders in a fresh random order: with a fixed order, whichever thunk
+    runs first after another (allocator and cache state left behind by its predecessor) was
+    measured 2-10% differently from the same program in another slot.
+    """
     for _ in range(warmup):
         for fn in fns.values():
             jax.block_until_ready(fn())
+    rng = random.Random(seed)
+    names = list(fns)
     samples: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
-        for name, fn in fns.items():
+        rng.shuffle(names)
+        for name in names:
             start = time.perf_counter()
-            jax.block_until_ready(fn())
+            jax.block_until_ready(fns[name]())
             samples[name].append(time.perf_counter() - start)
-    return {name: statistics.median(s) for name, s in samples.items()}
+    return {name: statistics.median(samples[name]) for name in fns}
+
+
+def feedback_thunk(fn: Callable[..., Any], carry: Any, *args: Any) -> Callable[[], Any]:
+    """A thunk running ``carry = fn(carry, *args)``: with ``carry`` donated, each call updates
+    its buffers in place, as a training loop does."""
+    box = [carry]
+
+    def go() -> Any:
+        box[0] = fn(box[0], *args)
+        return box[0]
+
+    return go
 
 
 def donated_steps(
@@ -40,21 +61,15 @@ def donated_steps(
 
     ``inits[name]`` is the optimizer's ``init``; every contender gets fresh params.
     """
-    live, nbytes = {}, {}
+    thunks, nbytes = {}, {}
     for name, step in steps.items():
         params = make_params()
         state = inits[name](params)
         nbytes[name] = bytes_accessed(step, params, state, grads)
-        live[name] = [params, state]
-
-    def thunk(name: str) -> Callable[[], Any]:
-        def go() -> Any:
-            live[name][0], live[name][1] = steps[name](live[name][0], live[name][1], grads)
-            return live[name][0]
-
-        return go
-
-    return {name: thunk(name) for name in steps}, nbytes
+        thunks[name] = feedback_thunk(
+            lambda carry, g, step=step: step(*carry, g), (params, state), grads
+        )
+    return thunks, nbytes
 
 
 def bytes_accessed(jitted: Any, *args: Any) -> float:
