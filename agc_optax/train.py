@@ -26,8 +26,8 @@ from agc_optax.training.config import DEFAULT_PRESET, DTYPES, PRESETS, Config, C
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="agc-train",
-        description="Train a normalizer-free network with Adaptive Gradient Clipping (AGC).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Train a normalizer-free network with Adaptive Gradient Clipping (AGC). "
+        "Defaults shown are the default preset's; a --preset brings its own.",
     )
     d = PRESETS[DEFAULT_PRESET]
     add = p.add_argument
@@ -35,7 +35,7 @@ def _parser() -> argparse.ArgumentParser:
         "--preset",
         default=DEFAULT_PRESET,
         choices=sorted(PRESETS),
-        help="named configuration the other flags override",
+        help=f"named configuration the other flags override (default {DEFAULT_PRESET})",
     )
     add("--model", help=f"a create_model name, e.g. nf_resnet26, nfnet_f0 (default {d.model})")
     add(

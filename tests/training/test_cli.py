@@ -119,3 +119,11 @@ def test_default_run_reaches_stated_accuracy(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["test_accuracy"] >= 0.90, summary
+
+
+def test_help_states_each_default_once():
+    # The flags default to None so that presets can fill them; help must show the real defaults.
+    proc = run_cli("--help")
+    text = " ".join(proc.stdout.split())  # argparse wraps lines
+    assert "(default: None)" not in text and "(default: [])" not in text
+    assert "(default nf_resnet26)" in text and "(default digits)" in text
