@@ -112,6 +112,8 @@ def sgd_agc(
       implementation: ``"xla"`` (default); ``"pallas"``, a fused Pallas kernel for every leaf
         whose units are its last axis (interpreted, slowly, on CPU; see
         :mod:`agc_optax.kernels`); or ``"auto"``: Pallas on a single GPU or TPU, else XLA.
+        The Pallas kernel is tested in interpret mode and cross-lowered for GPU and TPU, but
+        has not yet been run or timed on real accelerators; ``"xla"`` is the proven path.
 
     Returns:
       An ``optax.GradientTransformation``; ``update`` needs ``params``.
