@@ -45,6 +45,32 @@ def check_hyperparameter(name: str, value: Any) -> None:
             raise ValueError(f"`{name}` must be a finite number >= 0, got {value!r}.")
 
 
+def check_static_flag(name: str, value: Any) -> None:
+    """A flag that shapes the computation (``stats``, ``nesterov``) must be a Python value.
+
+    ``optax.inject_hyperparams`` turns bools into arrays unless they are listed in its
+    ``static_args``; say so instead of failing later with a tracer-conversion error.
+    """
+    if isinstance(value, jax.Array | np.ndarray):
+        raise TypeError(
+            f"`{name}` must be a Python bool, got an array. With `optax.inject_hyperparams`, "
+            f"list it in `static_args`, e.g. `static_args=({name!r},)`."
+        )
+
+
+def is_static_zero(value: Any) -> bool:
+    """True for ``None`` or a concrete Python/NumPy number equal to 0.
+
+    Decides at trace time whether an optional term (momentum buffers, weight decay) exists. An
+    array value counts as non-zero even when it holds 0, so ``optax.inject_hyperparams``, which
+    passes hyperparameters as arrays to both ``init`` and ``update``, always gets the term and a
+    traced value never has to be converted to a Python bool.
+    """
+    if value is None:
+        return True
+    return isinstance(value, numbers.Real) and not isinstance(value, jax.Array) and value == 0
+
+
 def check_float_leaf(path: str, leaf: Any, what: str) -> None:
     dtype = getattr(leaf, "dtype", None)
     if dtype is None or not jnp.issubdtype(dtype, jnp.inexact):
@@ -276,6 +302,7 @@ def adaptive_grad_clip(
     """
     check_hyperparameter("clipping", clipping)
     check_hyperparameter("eps", eps)
+    check_static_flag("stats", stats)
     norm = check_norm(norm)
     if granularity not in ("unit", "layer"):
         raise ValueError(f"`granularity` must be 'unit' or 'layer', got {granularity!r}.")

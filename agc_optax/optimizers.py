@@ -15,7 +15,14 @@ import jax.numpy as jnp
 import optax
 
 from agc_optax import kernels
-from agc_optax.clipping import apply_scale, clip_scales, initial_stats, plan_units
+from agc_optax.clipping import (
+    apply_scale,
+    check_static_flag,
+    clip_scales,
+    initial_stats,
+    is_static_zero,
+    plan_units,
+)
 from agc_optax.unit_axes import VECTOR_NAMES, ExcludeRule, UnitAxesRule, path_from_keys
 
 #: The classifier's kernel, which the NFNet recipe leaves unclipped (Brock et al. 2021, sec. 4.1).
@@ -100,7 +107,9 @@ def sgd_agc(
 
     Args:
       learning_rate: a float or an optax schedule of the step count.
-      momentum: momentum decay :math:`\mu`; 0 for plain SGD.
+      momentum: momentum decay :math:`\mu`; 0 or ``None`` for plain SGD (no buffers). Every
+        numeric argument may be an array, e.g. from ``optax.inject_hyperparams(sgd_agc)``;
+        then momentum buffers are always kept, since a traced value cannot be tested for 0.
       nesterov: use Nesterov momentum.
       weight_decay: coupled L2 coefficient :math:`\lambda_{wd}`; the NFNet default is 2e-5.
       clipping: AGC threshold (see :func:`agc_optax.adaptive_grad_clip`); 0.01 is DeepMind's value
@@ -129,8 +138,13 @@ def sgd_agc(
       >>> updates, state = tx.update(grads, tx.init(params), params)
     """
 
+    check_static_flag("nesterov", nesterov)
+    check_static_flag("stats", stats)
+    has_momentum = not is_static_zero(momentum)
+    has_decay = not is_static_zero(weight_decay)
+
     def init_fn(params: Any) -> SgdAgcState:
-        buffers = jax.tree.map(jnp.zeros_like, params) if momentum else optax.EmptyState()
+        buffers = jax.tree.map(jnp.zeros_like, params) if has_momentum else optax.EmptyState()
         return SgdAgcState(
             count=jnp.zeros((), jnp.int32),
             momentum=buffers,
@@ -151,13 +165,13 @@ def sgd_agc(
         g_leaves, treedef = jax.tree.flatten(updates)
         w_leaves = jax.tree.leaves(params)
         decay = jax.tree.leaves(weight_decay_mask(params))
-        m_leaves = jax.tree.leaves(state.momentum) if momentum else [None] * len(g_leaves)
+        m_leaves = jax.tree.leaves(state.momentum) if has_momentum else [None] * len(g_leaves)
         new_u, new_m = [], []
         for g, w, s, m, wd in zip(g_leaves, w_leaves, scales, m_leaves, decay, strict=True):
             # The same elementwise step as the Pallas kernel's body; see kernels.leaf_update.
             u, m_next = kernels.leaf_update(
                 g,
-                w if wd and weight_decay else None,
+                w if wd and has_decay else None,
                 s,
                 m,
                 -lr,
@@ -170,7 +184,7 @@ def sgd_agc(
             new_m.append(m_next)
         new_state = SgdAgcState(
             count=optax.safe_increment(state.count),
-            momentum=jax.tree.unflatten(treedef, new_m) if momentum else state.momentum,
+            momentum=jax.tree.unflatten(treedef, new_m) if has_momentum else state.momentum,
             agc=agc_state,
         )
         return jax.tree.unflatten(treedef, new_u), new_state
@@ -231,6 +245,9 @@ def adamw_agc(
       >>> updates, state = tx.update(jax.tree.map(jnp.ones_like, params), tx.init(params), params)
     """
 
+    check_static_flag("stats", stats)
+    has_decay = not is_static_zero(weight_decay)
+
     def init_fn(params: Any) -> AdamWAgcState:
         return AdamWAgcState(
             count=jnp.zeros((), jnp.int32),
@@ -265,7 +282,7 @@ def adamw_agc(
             mu_hat = mu / correction1.astype(mu.dtype)
             nu_hat = nu / correction2.astype(nu.dtype)
             step = mu_hat / (jnp.sqrt(nu_hat + eps_root) + eps)
-            if wd and weight_decay:
+            if wd and has_decay:
                 step = step + weight_decay * w
             new_u.append((-lr * step).astype(g.dtype))
         new_state = AdamWAgcState(

@@ -171,3 +171,49 @@ print("FSDP_OK")
 
 def test_fused_step_with_fsdp_sharded_params_and_state():
     assert "FSDP_OK" in run_on_cpu_devices(FSDP_SCRIPT)
+
+
+@pytest.mark.parametrize(
+    "factory, hyper",
+    [
+        (
+            agc_optax.sgd_agc,
+            dict(learning_rate=0.1, momentum=0.9, weight_decay=1e-2, clipping=0.05),
+        ),
+        (agc_optax.sgd_agc, dict(learning_rate=0.1, momentum=0.0, weight_decay=0.0)),
+        (agc_optax.adamw_agc, dict(learning_rate=1e-2, weight_decay=1e-2, clipping=0.05)),
+        (agc_optax.adamw_agc, dict(learning_rate=1e-2, weight_decay=0.0, b1=0.8)),
+    ],
+)
+def test_inject_hyperparams_traces_every_numeric_argument(factory, hyper):
+    # inject_hyperparams hands every numeric argument (defaults included) to init and update as
+    # arrays, traced under jit: zero momentum / weight decay must not be tested in Python.
+    params = _random_tree(0)
+    grads = _grads_seq(3, 1.0)
+    injected = optax.inject_hyperparams(factory)(**hyper)
+    a, pa, state = _run(injected, params, grads)
+    assert {"learning_rate", "clipping", "weight_decay"} <= set(state.hyperparams)
+    b, pb, _ = _run(factory(**hyper), params, grads)
+    # float32 hyperparameter arrays round differently from Python floats: optax.adamw itself
+    # differs by 7e-6 between its injected and plain forms on these trees.
+    for x, y in zip(a, b, strict=True):
+        assert ref.max_rel_diff(x, y) <= 2e-5
+    assert ref.max_rel_diff(pa, pb) <= 1e-6
+    # The injected learning rate is live: set to zero, the next update is zero.
+    state.hyperparams["learning_rate"] = jnp.zeros_like(state.hyperparams["learning_rate"])
+    updates, _ = jax.jit(injected.update)(grads[0], state, pa)
+    assert all(not np.any(np.asarray(u)) for u in jax.tree.leaves(updates))
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: agc_optax.sgd_agc(0.1, nesterov=jnp.asarray(True)),
+        lambda: agc_optax.sgd_agc(0.1, stats=jnp.asarray(True)),
+        lambda: agc_optax.adamw_agc(0.1, stats=jnp.asarray(False)),
+        lambda: agc_optax.adaptive_grad_clip(0.1, stats=jnp.asarray(True)),
+    ],
+)
+def test_array_valued_flags_get_a_clear_error(make):
+    with pytest.raises(TypeError, match=r"must be a Python bool.*static_args"):
+        make()

@@ -53,6 +53,7 @@ from agc_optax.clipping import (
     check_float_leaf,
     check_updates_match,
     initial_stats,
+    is_static_zero,
     plan_units,
     safe_sqrt,
     unit_clip_scale,
@@ -315,7 +316,7 @@ def leaf_update(
 
     step = decayed(g, w, s)
     m_next = None
-    if momentum:
+    if m is not None:
         m_next = (step + momentum * m).astype(m.dtype)
         if nesterov:
             if barrier:
@@ -395,8 +396,8 @@ def fused_update(
     def spec(x):
         return None if x is None else jax.ShapeDtypeStruct((1, 1), x.dtype)
 
-    # Output dtypes follow jnp's promotion exactly as the XLA path does (a bf16 momentum buffer
-    # comes back float32, as there).
+    # Output dtypes are whatever leaf_update gives in the XLA path (a bf16 momentum buffer stays
+    # bf16, the update takes g's dtype).
     u_aval, m_aval = jax.eval_shape(
         lambda *a: leaf_update(*a, **hyper),
         spec(g),
@@ -508,7 +509,8 @@ def sgd_agc_update(
     g_leaves, treedef = jax.tree.flatten(updates)
     w_leaves = jax.tree.leaves(params)
     decay = jax.tree.leaves(weight_decay_mask(params))
-    m_leaves = jax.tree.leaves(state.momentum) if momentum else [None] * len(g_leaves)
+    has_momentum = not is_static_zero(momentum)
+    m_leaves = jax.tree.leaves(state.momentum) if has_momentum else [None] * len(g_leaves)
     new_u, new_m, clipped_counts, ratios = [], [], [], []
     for (path, axes), g, w, m, wd in zip(plan, g_leaves, w_leaves, m_leaves, decay, strict=True):
         if kernel_ok and eligible(g, w, m, axes, min_size):
@@ -536,7 +538,7 @@ def sgd_agc_update(
             if axes is not None:
                 check_float_leaf(path, g, "the gradient")
                 scale, clip, ratio = unit_clip_scale(g, w, axes, clipping, eps, 2)
-            w_used = w if wd and weight_decay else None
+            w_used = w if wd and not is_static_zero(weight_decay) else None
             u, m_next = leaf_update(g, w_used, scale, m, neg_lr, barrier=True, **hyper)
             if apply:
                 u = optax.apply_updates(w, u)
@@ -557,7 +559,7 @@ def sgd_agc_update(
             )
     new_state = SgdAgcState(
         count=optax.safe_increment(state.count),
-        momentum=jax.tree.unflatten(treedef, new_m) if momentum else state.momentum,
+        momentum=jax.tree.unflatten(treedef, new_m) if has_momentum else state.momentum,
         agc=agc_state,
     )
     return jax.tree.unflatten(treedef, new_u), new_state
