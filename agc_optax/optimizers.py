@@ -105,6 +105,12 @@ def sgd_agc(
     add_decayed_weights(weight_decay, weight_decay_mask), sgd(learning_rate, momentum,
     nesterov))``, computed in one elementwise update per leaf.
 
+    Non-finite gradients behave as in that chain: a NaN entry passes AGC unchanged and an Inf
+    entry turns into NaN (its unit is scaled by 0), so those entries of the update and of the
+    momentum become NaN while every other entry stays finite. Wrap the optimizer in
+    ``optax.apply_if_finite(sgd_agc(...), max_consecutive_errors)`` to skip such steps with the
+    state untouched.
+
     Args:
       learning_rate: a float or an optax schedule of the step count.
       momentum: momentum decay :math:`\mu`; 0 or ``None`` for plain SGD (no buffers). Every
@@ -217,7 +223,9 @@ def adamw_agc(
     with bias-corrected :math:`\hat m, \hat v` and decoupled weight decay on every leaf but gains
     and biases (:func:`weight_decay_mask`). Numerically ``optax.chain(adaptive_grad_clip(clipping,
     agc_eps, ...), optax.adamw(learning_rate, b1, b2, eps, eps_root, weight_decay,
-    mask=weight_decay_mask))``, computed in one elementwise pass per leaf.
+    mask=weight_decay_mask))``, computed in one elementwise pass per leaf. Non-finite gradients
+    behave as in that chain (see :func:`sgd_agc`; here the moments take the NaN entries), and
+    ``optax.apply_if_finite(adamw_agc(...), max_consecutive_errors)`` skips such steps.
 
     Args:
       learning_rate: a float or an optax schedule.

@@ -336,3 +336,30 @@ def test_pallas_benchmark_runs():
     assert "skipped: no GPU" in pallas_step.run()
     table = pallas_step.run(repeats=1, small=True, force=True)
     assert "| sgd_agc_step, Pallas |" in table and "| copy |" in table
+
+
+def test_pallas_non_finite_gradients_like_xla(small_leaves):
+    # A NaN column passes unclipped, an Inf column is scaled by 0 (its Inf becomes NaN): the
+    # kernel's column sums and scale give the same non-finite entries as the XLA path.
+    params = _random_tree(0)
+    grads = _random_tree(1)
+    kernel = grads["stem"]["conv"]["kernel"]
+    grads["stem"]["conv"]["kernel"] = kernel.at[0, 0, 0, 3].set(jnp.nan).at[1, 2, 4, 7].set(jnp.inf)
+    outs = {}
+    for implementation in ("pallas", "xla"):
+        tx = agc_optax.sgd_agc(0.1, implementation=implementation)
+        outs[implementation] = jax.jit(tx.update)(grads, tx.init(params), params)
+    assert _count_pallas_calls(
+        agc_optax.sgd_agc(0.1, implementation="pallas").update,
+        grads,
+        agc_optax.sgd_agc(0.1).init(params),
+        params,
+    )
+    for a, b in zip(*(jax.tree.leaves(o) for o in outs.values()), strict=True):
+        np.testing.assert_array_equal(np.isfinite(a), np.isfinite(b))
+        np.testing.assert_allclose(
+            np.where(np.isfinite(a), a, 0), np.where(np.isfinite(b), b, 0), rtol=1e-5, atol=1e-7
+        )
+    update = np.asarray(outs["pallas"][0]["stem"]["conv"]["kernel"])
+    assert np.isnan(update[0, 0, 0, 3]) and np.isnan(update[1, 2, 4, 7])
+    assert (~np.isfinite(update)).sum() == 2

@@ -1,5 +1,6 @@
 """The fused recipes equal their optax chains; masks, schedules and state behave."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -217,3 +218,64 @@ def test_inject_hyperparams_traces_every_numeric_argument(factory, hyper):
 def test_array_valued_flags_get_a_clear_error(make):
     with pytest.raises(TypeError, match=r"must be a Python bool.*static_args"):
         make()
+
+
+def _with_non_finite(tree):
+    tree = jax.tree.map(jnp.asarray, tree)
+    tree["stem"]["conv"]["kernel"] = tree["stem"]["conv"]["kernel"].at[0, 0, 0, 0].set(jnp.nan)
+    tree["embed"]["embedding"] = tree["embed"]["embedding"].at[3, 2].set(jnp.inf)
+    return tree
+
+
+NON_FINITE_CASES = [
+    (
+        lambda: agc_optax.sgd_agc(0.1, weight_decay=1e-2),
+        lambda: optax.chain(
+            agc_optax.adaptive_grad_clip(0.01, exclude=agc_optax.HEAD_PATTERN),
+            optax.add_decayed_weights(1e-2, mask=agc_optax.weight_decay_mask),
+            optax.sgd(0.1, momentum=0.9, nesterov=True),
+        ),
+    ),
+    (
+        lambda: agc_optax.adamw_agc(1e-2),
+        lambda: optax.chain(
+            agc_optax.adaptive_grad_clip(0.01, exclude=agc_optax.HEAD_PATTERN),
+            optax.adamw(1e-2, weight_decay=1e-4, mask=agc_optax.weight_decay_mask),
+        ),
+    ),
+]
+
+
+@pytest.mark.parametrize("fused, chain", NON_FINITE_CASES)
+def test_non_finite_gradients_behave_like_the_chain(fused, chain):
+    # A NaN entry passes AGC unchanged; an Inf entry makes its unit's scale 0, so it turns into
+    # NaN while the rest of its unit becomes 0. Either way only those entries of the update (and
+    # of the momentum / moments) are non-finite, exactly as in the optax chain.
+    params = _random_tree(0)
+    grads = _with_non_finite(_random_tree(1))
+    ours, state = jax.jit(fused().update)(grads, fused().init(params), params)
+    theirs, _ = jax.jit(chain().update)(grads, chain().init(params), params)
+    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs), strict=True):
+        np.testing.assert_array_equal(np.isfinite(a), np.isfinite(b))
+    assert np.isnan(ours["stem"]["conv"]["kernel"][0, 0, 0, 0])
+    assert np.isnan(ours["embed"]["embedding"][3, 2])
+    finite = np.isfinite(np.asarray(ours["embed"]["embedding"]))
+    assert finite.sum() == finite.size - 1
+    bad = sum(int((~np.isfinite(np.asarray(x))).sum()) for x in jax.tree.leaves(state))
+    assert bad >= 2  # the optimizer state carries them too: skip such steps (next test)
+
+
+@pytest.mark.parametrize("fused, _", NON_FINITE_CASES)
+def test_apply_if_finite_skips_the_step_and_keeps_the_state(fused, _):
+    params = _random_tree(0)
+    safe = optax.apply_if_finite(fused(), max_consecutive_errors=3)
+    state = safe.init(params)
+    updates, skipped = jax.jit(safe.update)(_with_non_finite(_random_tree(1)), state, params)
+    assert all(not np.any(np.asarray(u)) for u in jax.tree.leaves(updates))
+    assert int(skipped.notfinite_count) == 1 and not bool(skipped.last_finite)
+    chex.assert_trees_all_equal(skipped.inner_state, state.inner_state)
+    # The next, finite step is the unwrapped optimizer's first step.
+    clean = _random_tree(2)
+    got, _ = jax.jit(safe.update)(clean, skipped, params)
+    want, _ = fused().update(clean, fused().init(params), params)
+    assert ref.max_rel_diff(got, want) <= 1e-6
