@@ -44,9 +44,7 @@ class AdaGCState(NamedTuple):
 def _check_static(lambda_rel: Any, beta: Any, warmup_steps: Any) -> None:
     # Only concrete Python/NumPy values can be checked; traced ones (inject_hyperparams) pass.
     check_hyperparameter("lambda_rel", lambda_rel)
-    check_hyperparameter("beta", beta)
-    if isinstance(beta, numbers.Real) and not beta < 1:
-        raise ValueError(f"`beta` must be in [0, 1), got {beta!r}; the paper uses 0.98.")
+    check_hyperparameter("beta", beta, below=1, why="; the paper uses 0.98")
     if isinstance(warmup_steps, numbers.Real | np.ndarray) and np.ndim(warmup_steps) == 0:
         if isinstance(warmup_steps, bool) or int(warmup_steps) != warmup_steps or warmup_steps < 0:
             raise ValueError(f"`warmup_steps` must be an integer >= 0, got {warmup_steps!r}.")

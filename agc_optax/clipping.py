@@ -38,11 +38,19 @@ class AdaptiveGradClipState(NamedTuple):
     num_units: jax.Array
 
 
-def check_hyperparameter(name: str, value: Any) -> None:
-    # Traced values (inject_hyperparams, schedules under jit) cannot be checked here.
+def check_hyperparameter(
+    name: str, value: Any, *, below: float | None = None, why: str = ""
+) -> None:
+    """A concrete hyperparameter must be finite and >= 0 (and < ``below`` if given).
+
+    Traced values (inject_hyperparams, schedules under jit) cannot be checked and pass. ``why``
+    ends the error for ``below`` (e.g. "; the paper uses 0.98").
+    """
     if isinstance(value, numbers.Real | np.ndarray) and np.ndim(value) == 0:
         if not np.isfinite(value) or value < 0:
             raise ValueError(f"`{name}` must be a finite number >= 0, got {value!r}.")
+        if below is not None and not value < below:
+            raise ValueError(f"`{name}` must be in [0, {below:g}), got {value!r}{why}.")
 
 
 def check_static_flag(name: str, value: Any) -> None:

@@ -17,6 +17,7 @@ import optax
 from agc_optax import kernels
 from agc_optax.clipping import (
     apply_scale,
+    check_hyperparameter,
     check_static_flag,
     clip_scales,
     initial_stats,
@@ -146,6 +147,13 @@ def sgd_agc(
 
     check_static_flag("nesterov", nesterov)
     check_static_flag("stats", stats)
+    for name, value in (
+        ("momentum", momentum),
+        ("weight_decay", weight_decay),
+        ("clipping", clipping),
+        ("eps", eps),
+    ):
+        check_hyperparameter(name, value)
     has_momentum = not is_static_zero(momentum)
     has_decay = not is_static_zero(weight_decay)
 
@@ -254,6 +262,16 @@ def adamw_agc(
     """
 
     check_static_flag("stats", stats)
+    for name, value in (("b1", b1), ("b2", b2)):
+        check_hyperparameter(name, value, below=1, why=f": 1 - {name}**t would divide by zero")
+    for name, value in (
+        ("eps", eps),
+        ("eps_root", eps_root),
+        ("weight_decay", weight_decay),
+        ("clipping", clipping),
+        ("agc_eps", agc_eps),
+    ):
+        check_hyperparameter(name, value)
     has_decay = not is_static_zero(weight_decay)
 
     def init_fn(params: Any) -> AdamWAgcState:

@@ -43,10 +43,8 @@ def _check_static(alpha: Any, z_thresh: Any, warmup_steps: Any, mode: Any) -> No
     if mode not in _MODES:
         raise ValueError(f"`mode` must be one of {_MODES}, got {mode!r}.")
     # Only concrete Python/NumPy values can be checked; traced ones (inject_hyperparams) pass.
-    check_hyperparameter("alpha", alpha)
+    check_hyperparameter("alpha", alpha, below=1, why="; the paper uses 0.97")
     check_hyperparameter("z_thresh", z_thresh)
-    if isinstance(alpha, numbers.Real) and not alpha < 1:
-        raise ValueError(f"`alpha` must be in [0, 1), got {alpha!r}; the paper uses 0.97.")
     if isinstance(z_thresh, numbers.Real) and not z_thresh > 0:
         raise ValueError(f"`z_thresh` must be > 0, got {z_thresh!r}; the paper uses 2.5.")
     if isinstance(warmup_steps, numbers.Real | np.ndarray) and np.ndim(warmup_steps) == 0:

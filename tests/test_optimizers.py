@@ -279,3 +279,20 @@ def test_apply_if_finite_skips_the_step_and_keeps_the_state(fused, _):
     got, _ = jax.jit(safe.update)(clean, skipped, params)
     want, _ = fused().update(clean, fused().init(params), params)
     assert ref.max_rel_diff(got, want) <= 1e-6
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda: agc_optax.sgd_agc(0.1, momentum=-0.9), r"`momentum` must be a finite number >= 0"),
+        (lambda: agc_optax.sgd_agc(0.1, weight_decay=float("nan")), r"`weight_decay` must be"),
+        (lambda: agc_optax.sgd_agc(0.1, clipping=-0.01), r"`clipping` must be"),
+        (lambda: agc_optax.adamw_agc(1e-3, b1=1.0), r"`b1` must be in \[0, 1\).*divide by zero"),
+        (lambda: agc_optax.adamw_agc(1e-3, b2=1.5), r"`b2` must be in \[0, 1\)"),
+        (lambda: agc_optax.adamw_agc(1e-3, eps=-1e-8), r"`eps` must be"),
+        (lambda: agc_optax.adamw_agc(1e-3, agc_eps=float("inf")), r"`agc_eps` must be"),
+    ],
+)
+def test_bad_hyperparameters_are_named(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
