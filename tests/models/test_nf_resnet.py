@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -133,6 +134,63 @@ def test_parity_per_module_activations(reference_run, activations):
     # Stem, 8 blocks (convs, stochastic depth, both outputs), the classifier, the output dict.
     assert len(keys) > 80
     assert worst < 2e-5
+
+
+# Squeeze-excite blocks, which the shared reference does not cover: generated here with DeepMind's
+# NF_ResNet (deepmind-research/nfnets at abc9ba06, dm-haiku 0.0.17, CPU, float32) as
+# NF_ResNet(num_classes=10, variant={'depth': [1, 2, 1, 1]}, width=1, alpha=0.2,
+# stochdepth_rate=0.1, drop_rate=0.2, activation='silu', use_se=True, se_ratio=0.5), applied
+# jitted with is_training=False, return_metrics=True on the reference input. Haiku's init gave
+# only the parameter names and shapes ("param_shapes"); the values are the NumPy draws of
+# _se_parity_params, so the file holds just the spec and DeepMind's outputs ("output:<key>").
+SE_PARITY_CASE = Path(__file__).resolve().parent / "data" / "nfresnet_se_small.npz"
+
+
+def _se_parity_params(spec: dict[str, list[int]]) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(2024)
+    params = {}
+    for key, shape in sorted(spec.items()):
+        name = key.rsplit("/", 1)[1]
+        noise = rng.standard_normal(shape)
+        if name == "gain":
+            value = 1.0 + 0.1 * noise
+        elif name in ("bias", "b"):
+            value = 0.1 * noise
+        elif name == "skip_gain":
+            value = 0.5 + 0.1 * noise
+        else:  # conv and linear kernels "w", fan-in scaled
+            value = noise / np.sqrt(np.prod(shape[:-1]))
+        params[key] = value.astype(np.float32)
+    return params
+
+
+@needs_reference  # for the input images
+def test_parity_with_squeeze_excite():
+    with np.load(SE_PARITY_CASE) as npz:
+        spec = json.loads(str(npz["param_shapes"]))
+        want = {k.split(":", 1)[1]: npz[k] for k in npz.files if k.startswith("output:")}
+    model = nnx.eval_shape(
+        lambda: NFResNet(
+            10,
+            depths=(1, 2, 1, 1),
+            width=1,
+            alpha=0.2,
+            stochdepth_rate=0.1,
+            drop_rate=0.2,
+            activation="silu",
+            use_se=True,
+            se_ratio=0.5,
+            rngs=nnx.Rngs(0),
+        )
+    )
+    load_haiku_params(model, _se_parity_params(spec))
+    model.eval()
+    x = jnp.asarray(np.load(REFERENCE / "input.npy"))
+    got = nnx.jit(lambda m, x: m.forward_features(x, return_metrics=True))(model, x)
+    assert set(got) == set(want)
+    np.testing.assert_allclose(np.asarray(got["logits"]), want["logits"], rtol=0, atol=2e-5)
+    for key, value in want.items():
+        np.testing.assert_allclose(np.asarray(got[key]), value, rtol=1e-4, atol=2e-5, err_msg=key)
 
 
 @pytest.mark.parametrize(
