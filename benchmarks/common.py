@@ -80,6 +80,16 @@ def bytes_accessed(jitted: Any, *args: Any) -> float:
     return float(cost.get("bytes accessed", float("nan")))
 
 
+def max_relative_difference(a: Any, b: Any) -> float:
+    """Largest ``max|a - b| / max|b|`` over the leaves of two trees (0 for equal trees)."""
+    worst = 0.0
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+        scale = max(float(np.max(np.abs(y), initial=0.0)), np.finfo(np.float32).tiny)
+        worst = max(worst, float(np.max(np.abs(x - y), initial=0.0)) / scale)
+    return worst
+
+
 def tree_bytes(tree: Any) -> int:
     return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
 

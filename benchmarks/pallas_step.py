@@ -94,6 +94,19 @@ def run(repeats: int = 15, small: bool = False, force: bool = False) -> str:
         {name: tx.init for name, (_, tx) in contenders.items()},
         grads,
     )
+
+    # Correctness on this device before any timing: one step from the same params and state.
+    def first_step(name: str):
+        step, tx = contenders[name]
+        params = common.random_tree(shapes, seed=0)
+        return step(params, tx.init(params), grads)[0]
+
+    reference = first_step("sgd_agc, XLA")
+    differences = {
+        name: common.max_relative_difference(first_step(name), reference)
+        for name in contenders
+        if "Pallas" in name
+    }
     copy = jax.jit(lambda tree: jax.tree.map(lambda x: x.copy(), tree))
     fns = thunks | {"copy": lambda: copy(grads)}
     nbytes["copy"] = common.bytes_accessed(copy, grads)
@@ -110,6 +123,7 @@ def run(repeats: int = 15, small: bool = False, force: bool = False) -> str:
                 f"{seconds / bound:.2f}",
                 f"{passes * n_bytes / seconds / 2**30:.0f}",
                 f"{nbytes[name] / n_bytes:.1f}",
+                f"{differences[name]:.1e}" if name in differences else "-",
             )
         )
     header = (
@@ -119,6 +133,7 @@ def run(repeats: int = 15, small: bool = False, force: bool = False) -> str:
         "vs 7-pass bound",
         f"GiB/s at {MIN_PASSES} passes (copy: 2)",
         "XLA passes",
+        "new params vs XLA (max rel diff)",
     )
     note = (
         f"{len(jax.tree.leaves(grads))} leaves, {n_bytes / 2**20:.1f} MiB per tree, "

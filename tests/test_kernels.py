@@ -336,6 +336,15 @@ def test_pallas_benchmark_runs():
     assert "skipped: no GPU" in pallas_step.run()
     table = pallas_step.run(repeats=1, small=True, force=True)
     assert "| sgd_agc_step, Pallas |" in table and "| copy |" in table
+    # The benchmark checks the kernel's numbers on the device before timing it.
+    rows = {
+        line.split("|")[1].strip(): line.split("|")[-2].strip()
+        for line in table.splitlines()
+        if line.startswith("|")
+    }
+    for name in ("sgd_agc_step, Pallas", "sgd_agc, Pallas + apply_updates"):
+        assert float(rows[name]) <= 1e-6, (name, rows[name])
+    assert rows["copy"] == "-"
 
 
 def test_pallas_non_finite_gradients_like_xla(small_leaves):
