@@ -10,7 +10,6 @@ from flax import nnx
 
 import agc_optax
 from agc_optax.models import create_model
-from agc_optax.models.nfnet import SCANNED_UNIT_AXES
 from agc_optax.training import loop
 from benchmarks import common
 
@@ -20,7 +19,7 @@ def _compile_seconds(name: str, scan: bool, small: bool) -> tuple[float, int]:
     if small:
         overrides |= {"widths": (256, 256, 256, 256), "depths": (1, 2, 1, 1)}
     model = create_model(name, 1000, rngs=nnx.Rngs(0), **overrides)
-    tx = agc_optax.sgd_agc(0.1, unit_axes=SCANNED_UNIT_AXES if scan else None)
+    tx = agc_optax.sgd_agc(0.1, unit_axes=model.agc_unit_axes)
     split, params, stats = loop.split_model(model)
     state = loop.init_state(params, stats, tx)
     res = 16 if small else 64

@@ -523,6 +523,15 @@ class NFNet(nnx.Module):
                 locations.append((pos, None))
         return locations
 
+    @property
+    def agc_unit_axes(self) -> list[tuple[str, tuple[int, ...]]] | None:
+        """The unit-axes rules this model's parameter layout needs for AGC.
+
+        `SCANNED_UNIT_AXES` with ``scan_blocks=True`` (stacked leaves carry a layer axis), else
+        ``None``: the default rules already fit. Training code passes it on as ``unit_axes``.
+        """
+        return SCANNED_UNIT_AXES if self.scan_blocks else None
+
     def forward_features(self, x: Array, *, return_metrics: bool = False) -> dict[str, Array]:
         """Runs the network and returns DeepMind's output dict.
 

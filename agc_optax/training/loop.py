@@ -139,7 +139,8 @@ def make_train_step(
 
         def loss_fn(params):
             module = model.merge(True, params, state.batch_stats)
-            nnx.reseed(module, dropout=key)
+            # Stacked (scan_blocks) streams hold one key per layer: split the step key to match.
+            nnx.reseed(module, dropout=key, policy="match_shape")
             logits = module(images.astype(dtype))
             loss = _cross_entropy(logits, labels, label_smoothing).mean()
             stats = nnx.to_pure_dict(nnx.state(module, nnx.BatchStat))

@@ -53,14 +53,21 @@ class RunResult:
     files: dict[str, str]
 
 
-def build_optimizer(config: Config, schedule: optax.Schedule) -> optax.GradientTransformation:
-    """The NFNet recipe (``sgd_agc``), or the same SGD without AGC / with global-norm clipping."""
+def build_optimizer(
+    config: Config, schedule: optax.Schedule, unit_axes: Any = None
+) -> optax.GradientTransformation:
+    """The NFNet recipe (``sgd_agc``), or the same SGD without AGC / with global-norm clipping.
+
+    ``unit_axes``: AGC's unit rules, e.g. a model's ``agc_unit_axes`` (an NFNet built with
+    ``scan_blocks=True`` has stacked leaves whose units the default rules would get wrong).
+    """
     if config.agc:
         return agc_optax.sgd_agc(
             schedule,
             momentum=config.momentum,
             weight_decay=config.weight_decay,
             clipping=config.clipping,
+            unit_axes=unit_axes,
             stats=True,
         )
     parts = []
@@ -169,9 +176,9 @@ def train(
     except TypeError as e:  # an override the model does not take
         raise ConfigError(f"model `{config.model}`: {e}") from None
     split, params, batch_stats = loop.split_model(model)
-    del model
     schedule = learning_rate_schedule(config, total_steps, batches.steps_per_epoch)
-    tx = build_optimizer(config, schedule)
+    tx = build_optimizer(config, schedule, unit_axes=getattr(model, "agc_unit_axes", None))
+    del model
 
     # --- State and sharding ----------------------------------------------------------------------
     # Every process builds the same initial state from the same seed; it is then placed replicated.

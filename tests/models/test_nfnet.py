@@ -426,7 +426,8 @@ def test_scanned_unit_axes_rules_give_the_same_units():
     }
     scanned = load_haiku_params(_tiny(seed=5, scan_blocks=True), checkpoint)
     want, _ = unit_norms(unrolled, None)
-    got, axes = unit_norms(scanned, SCANNED_UNIT_AXES)
+    assert scanned.agc_unit_axes is SCANNED_UNIT_AXES and unrolled.agc_unit_axes is None
+    got, axes = unit_norms(scanned, scanned.agc_unit_axes)
     assert axes["blocks/2/block/conv1/kernel"] == (0, 4)
     assert axes["blocks/2/block/se/fc0/kernel"] == (0, 2)
     assert axes["blocks/2/block/conv1/gain"] == (0,)

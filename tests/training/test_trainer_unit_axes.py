@@ -1,0 +1,41 @@
+"""Training a scan_blocks NFNet: its own AGC unit rules reach the optimizer, and the step's
+reseed accepts the stacks' per-layer stochastic-depth streams."""
+
+from __future__ import annotations
+
+from agc_optax.models.nfnet import SCANNED_UNIT_AXES, NFNet, NFNetConfig
+from agc_optax.training import PRESETS, train, trainer
+
+# Stage 1 holds two identity blocks, which scan_blocks stacks into leaves with a layer axis.
+TINY = NFNetConfig(
+    "tiny",
+    widths=(16, 16, 16, 16),
+    depths=(1, 3, 1, 1),
+    train_imsize=16,
+    test_imsize=16,
+    drop_rate=0.0,
+    group_widths=(8, 8, 8, 8),
+)
+
+
+def test_scanned_nfnet_trains_with_its_unit_axes(tmp_path, monkeypatch):
+    # Before: the step's nnx.reseed refused the stacked (one key per layer) dropout streams, and
+    # the default unit rules merged the layer axis into every unit.
+    seen = []
+    build = trainer.build_optimizer
+
+    def spy(config, schedule, unit_axes=None):
+        seen.append(unit_axes)
+        return build(config, schedule, unit_axes)
+
+    monkeypatch.setattr(trainer, "build_optimizer", spy)
+
+    def scanned_nfnet(num_classes, *, dtype, rngs):
+        return NFNet(num_classes, TINY, scan_blocks=True, dtype=dtype, rngs=rngs)
+
+    config = PRESETS["smoke"].replace(
+        steps=2, image_size=16, run_dir=str(tmp_path / "run"), progress=False
+    )
+    result = train(config, model_fn=scanned_nfnet, log=lambda _: None)
+    assert seen == [SCANNED_UNIT_AXES]
+    assert result.steps == 2
