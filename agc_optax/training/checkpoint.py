@@ -84,6 +84,9 @@ class Checkpointer:
         """
         abstract = jax.tree.map(_abstract, target)
         signature = _signature(target)
+        # Before the first read: a damaged step's stray callbacks can fire on tensorstore's
+        # threads before the failed restore returns here (a traceback seen once in CI).
+        _silence_closed_loop_callbacks()
         for step in reversed(self.steps()):
             try:
                 meta = self._manager.restore(
@@ -106,7 +109,6 @@ class Checkpointer:
             except CheckpointMismatchError:
                 raise
             except Exception as e:  # any failure to read means this step is unusable
-                _silence_closed_loop_callbacks()
                 warnings.warn(
                     f"checkpoint {step} in `{self.directory}` is unreadable "
                     f"({type(e).__name__}: {_first_line(e)}); falling back to an earlier one",
