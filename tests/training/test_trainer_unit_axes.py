@@ -3,19 +3,8 @@ reseed accepts the stacks' per-layer stochastic-depth streams."""
 
 from __future__ import annotations
 
-from agc_optax.models.nfnet import SCANNED_UNIT_AXES, NFNet, NFNetConfig
+from agc_optax.models.nfnet import SCANNED_UNIT_AXES, NFNet
 from agc_optax.training import PRESETS, train, trainer
-
-# Stage 1 holds two identity blocks, which scan_blocks stacks into leaves with a layer axis.
-TINY = NFNetConfig(
-    "tiny",
-    widths=(16, 16, 16, 16),
-    depths=(1, 3, 1, 1),
-    train_imsize=16,
-    test_imsize=16,
-    drop_rate=0.0,
-    group_widths=(8, 8, 8, 8),
-)
 
 
 def test_scanned_nfnet_trains_with_its_unit_axes(tmp_path, monkeypatch):
@@ -31,7 +20,17 @@ def test_scanned_nfnet_trains_with_its_unit_axes(tmp_path, monkeypatch):
     monkeypatch.setattr(trainer, "build_optimizer", spy)
 
     def scanned_nfnet(num_classes, *, dtype, rngs):
-        return NFNet(num_classes, TINY, scan_blocks=True, dtype=dtype, rngs=rngs)
+        # F0's blocks at the smallest width its group size allows; stage 1 holds two identity
+        # blocks, which scan_blocks stacks into leaves with a layer axis.
+        return NFNet(
+            num_classes,
+            "F0",
+            widths=(256,) * 4,
+            depths=(1, 3, 1, 1),
+            scan_blocks=True,
+            dtype=dtype,
+            rngs=rngs,
+        )
 
     config = PRESETS["smoke"].replace(
         steps=2, image_size=16, run_dir=str(tmp_path / "run"), progress=False
