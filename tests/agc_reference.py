@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 
 def reduce_axes(ndim: int, unit_axes: tuple[int, ...]) -> tuple[int, ...]:
@@ -52,3 +53,18 @@ def max_rel_diff(a, b):
         denom = max(np.max(np.abs(y)), 1e-30)
         out = max(out, float(np.max(np.abs(x - y)) / denom))
     return out
+
+
+def run_steps(tx, params, grads_seq):
+    """Runs ``tx`` (jitted update, then ``optax.apply_updates``) over a gradient sequence.
+
+    Returns ``(updates of every step, final params, final optimizer state)``.
+    """
+    state = tx.init(params)
+    step = jax.jit(tx.update)
+    outs = []
+    for grads in grads_seq:
+        updates, state = step(grads, state, params)
+        params = optax.apply_updates(params, updates)
+        outs.append(updates)
+    return outs, params, state

@@ -45,17 +45,6 @@ def _count_pallas_calls(fn, *args):
     return str(jaxpr).count("pallas_call")
 
 
-def _run(tx, params, grads_seq):
-    state = tx.init(params)
-    step = jax.jit(tx.update)
-    outs = []
-    for grads in grads_seq:
-        updates, state = step(grads, state, params)
-        params = optax.apply_updates(params, updates)
-        outs.append(updates)
-    return outs, params, state
-
-
 # --------------------------------------------------------------------------- building blocks
 
 
@@ -182,9 +171,9 @@ def test_pallas_equals_xla_and_optax_chain(
     grads = [_random_tree(10 + i, scale) for i, scale in enumerate((1e-3, 1.0, 0.05))]
     state = pallas.init(params)
     assert _count_pallas_calls(pallas.update, grads[0], state, params) == 2 * KERNEL_LEAVES
-    a, pa, sa = _run(pallas, params, grads)
-    b, pb, sb = _run(xla, params, grads)
-    c, pc, sc = _run(chain, params, grads)
+    a, pa, sa = ref.run_steps(pallas, params, grads)
+    b, pb, sb = ref.run_steps(xla, params, grads)
+    c, pc, sc = ref.run_steps(chain, params, grads)
     for x, y, z in zip(a, b, c, strict=True):
         assert ref.max_rel_diff(x, y) <= 1e-6
         assert ref.max_rel_diff(x, z) <= 1e-6
@@ -204,8 +193,12 @@ def test_pallas_equals_xla_and_optax_chain(
 def test_pallas_bf16_matches_xla(small_leaves):
     params = _random_tree(0, dtype=jnp.bfloat16)
     grads = [_random_tree(10 + i, 0.05, jnp.bfloat16) for i in range(2)]
-    a, pa, sa = _run(agc_optax.sgd_agc(0.1, clipping=0.05, implementation="pallas"), params, grads)
-    b, pb, sb = _run(agc_optax.sgd_agc(0.1, clipping=0.05, implementation="xla"), params, grads)
+    a, pa, sa = ref.run_steps(
+        agc_optax.sgd_agc(0.1, clipping=0.05, implementation="pallas"), params, grads
+    )
+    b, pb, sb = ref.run_steps(
+        agc_optax.sgd_agc(0.1, clipping=0.05, implementation="xla"), params, grads
+    )
     assert jax.tree.map(lambda x: x.dtype, sa.momentum) == jax.tree.map(
         lambda x: x.dtype, sb.momentum
     )
@@ -248,7 +241,7 @@ def test_sgd_agc_step_equals_update_then_apply(small_leaves, implementation):
     if implementation == "pallas":
         assert _count_pallas_calls(step, params, tx.init(params), grads[0]) == 2 * KERNEL_LEAVES
         assert "agc_sgd_apply" in str(jax.make_jaxpr(step)(params, tx.init(params), grads[0]))
-    _, want_params, want_state = _run(tx, params, grads)
+    _, want_params, want_state = ref.run_steps(tx, params, grads)
     got_params, got_state = _random_tree(0), tx.init(params)
     for g in grads:
         got_params, got_state = step(got_params, got_state, g)

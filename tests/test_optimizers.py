@@ -26,17 +26,6 @@ def _random_tree(seed, scale=1.0, dtype=jnp.float32):
     return ref.random_tree(SHAPES, seed, scale, dtype)
 
 
-def _run(tx, params, grads_seq):
-    state = tx.init(params)
-    step = jax.jit(tx.update)
-    outs = []
-    for grads in grads_seq:
-        updates, state = step(grads, state, params)
-        params = optax.apply_updates(params, updates)
-        outs.append(updates)
-    return outs, params, state
-
-
 def _grads_seq(n, scale):
     return [_random_tree(10 + i, scale) for i in range(n)]
 
@@ -61,8 +50,8 @@ def test_sgd_agc_equals_optax_chain(momentum, nesterov, weight_decay, clipping, 
         optax.sgd(schedule, momentum=momentum or None, nesterov=nesterov),
     )
     grads = _grads_seq(4, gscale)
-    a, pa, _ = _run(ours, params, grads)
-    b, pb, _ = _run(chain, params, grads)
+    a, pa, _ = ref.run_steps(ours, params, grads)
+    b, pb, _ = ref.run_steps(chain, params, grads)
     for x, y in zip(a, b, strict=True):
         assert ref.max_rel_diff(x, y) <= 1e-6
     assert ref.max_rel_diff(pa, pb) <= 1e-6
@@ -86,8 +75,8 @@ def test_adamw_agc_equals_optax_chain(weight_decay, clipping, eps_root):
         ),
     )
     grads = _grads_seq(4, 0.1)
-    a, pa, _ = _run(ours, params, grads)
-    b, pb, _ = _run(chain, params, grads)
+    a, pa, _ = ref.run_steps(ours, params, grads)
+    b, pb, _ = ref.run_steps(chain, params, grads)
     for x, y in zip(a, b, strict=True):
         assert ref.max_rel_diff(x, y) <= 1e-6
     assert ref.max_rel_diff(pa, pb) <= 1e-6
@@ -192,9 +181,9 @@ def test_inject_hyperparams_traces_every_numeric_argument(factory, hyper):
     params = _random_tree(0)
     grads = _grads_seq(3, 1.0)
     injected = optax.inject_hyperparams(factory)(**hyper)
-    a, pa, state = _run(injected, params, grads)
+    a, pa, state = ref.run_steps(injected, params, grads)
     assert {"learning_rate", "clipping", "weight_decay"} <= set(state.hyperparams)
-    b, pb, _ = _run(factory(**hyper), params, grads)
+    b, pb, _ = ref.run_steps(factory(**hyper), params, grads)
     # float32 hyperparameter arrays round differently from Python floats: optax.adamw itself
     # differs by 7e-6 between its injected and plain forms on these trees.
     for x, y in zip(a, b, strict=True):
