@@ -10,9 +10,15 @@ import textwrap
 PRELUDE = 'import jax\njax.config.update("jax_num_cpu_devices", {n})\n'
 
 
-def run_on_cpu_devices(script: str, num_devices: int = 8, timeout: int = 300) -> str:
-    """Runs ``script`` with ``num_devices`` CPU devices; returns stdout, fails with stderr."""
-    code = PRELUDE.format(n=num_devices) + textwrap.dedent(script)
+def run_on_cpu_devices(
+    script: str, num_devices: int = 8, timeout: int = 300, *, sharded_tree: bool = False
+) -> str:
+    """Runs ``script`` with ``num_devices`` CPU devices; returns stdout, fails with stderr.
+
+    ``sharded_tree`` prepends :data:`SHARDED_TREE` (needs 8 devices).
+    """
+    code = PRELUDE.format(n=num_devices) + (SHARDED_TREE if sharded_tree else "")
+    code += textwrap.dedent(script)
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     proc = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=timeout
@@ -20,3 +26,37 @@ def run_on_cpu_devices(script: str, num_devices: int = 8, timeout: int = 300) ->
     if proc.returncode != 0:
         raise AssertionError(f"subprocess failed:\n{proc.stderr[-4000:]}")
     return proc.stdout
+
+
+#: Prepended to a script by ``run_on_cpu_devices(script, sharded_tree=True)``: an 8-device mesh
+#: axis ``model``, a small tree of conv, dense and embedding leaves (``params``, random), each
+#: sharded along the axis that indexes its units (FSDP style, so unit norms stay local), and the
+#: checks every sharded test makes.
+SHARDED_TREE = """
+import numpy as np, jax.numpy as jnp, optax, agc_optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+mesh = Mesh(np.array(jax.devices()).reshape(8), ("model",))
+rng = np.random.default_rng(0)
+params = {"conv": {"kernel": jnp.asarray(rng.standard_normal((3, 3, 16, 64)), jnp.float32)},
+          "dense": {"kernel": jnp.asarray(rng.standard_normal((32, 64)), jnp.float32),
+                    "bias": jnp.asarray(rng.standard_normal(64), jnp.float32)},
+          "embed": {"embedding": jnp.asarray(rng.standard_normal((64, 8)), jnp.float32)}}
+specs = {"conv": {"kernel": P(None, None, None, "model")},
+         "dense": {"kernel": P(None, "model"), "bias": P("model")},
+         "embed": {"embedding": P("model", None)}}
+shard = lambda t: jax.tree.map(
+    lambda x, s: jax.device_put(x, NamedSharding(mesh, s)), t, specs,
+    is_leaf=lambda x: isinstance(x, P) or hasattr(x, "shape"))
+
+def assert_same_values_and_shardings(plain, sharded):
+    for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(sharded), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-9)
+    spec_leaves = jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, P))
+    for leaf, spec in zip(jax.tree.leaves(sharded), spec_leaves, strict=True):
+        assert leaf.sharding.is_equivalent_to(NamedSharding(mesh, spec), leaf.ndim), spec
+
+def assert_no_gather(jitted, *args):
+    hlo = jitted.lower(*args).compile().as_text()
+    assert "all-gather" not in hlo and "all-to-all" not in hlo
+"""
