@@ -59,4 +59,21 @@ def assert_same_values_and_shardings(plain, sharded):
 def assert_no_gather(jitted, *args):
     hlo = jitted.lower(*args).compile().as_text()
     assert "all-gather" not in hlo and "all-to-all" not in hlo
+
+# A params-free stateful transform on plain and on sharded gradients (x100 at spike_step):
+# same updates, shardings and states, no gather. Returns the sharded state.
+def compare_stateful_steps(tx, num_steps, spike_step, scale):
+    plain_state = sharded_state = tx.init(params)
+    step = jax.jit(tx.update)
+    for t in range(num_steps):
+        g = jax.tree.map(lambda p: jnp.asarray(
+            rng.standard_normal(p.shape) * scale * (100.0 if t == spike_step else 1.0),
+            jnp.float32), params)
+        plain, plain_state = step(g, plain_state)
+        sharded, sharded_state = step(shard(g), sharded_state)
+        assert_same_values_and_shardings(plain, sharded)
+    for a, b in zip(jax.tree.leaves(plain_state), jax.tree.leaves(sharded_state), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6)
+    assert_no_gather(step, shard(g), sharded_state)
+    return sharded_state
 """
