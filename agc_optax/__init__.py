@@ -1,5 +1,7 @@
 """agc_optax: Adaptive Gradient Clipping for optax, and normalizer-free networks for Flax NNX."""
 
+from agc_optax._norms import unitwise_norm
+from agc_optax._plan import UnitInfo, UnitTable, describe
 from agc_optax.adagc import AdaGCState, adagc
 from agc_optax.clipping import AdaptiveGradClipState, adaptive_grad_clip
 from agc_optax.optimizers import (
@@ -8,16 +10,10 @@ from agc_optax.optimizers import (
     SgdAgcState,
     adamw_agc,
     sgd_agc,
+    sgd_agc_step,
     weight_decay_mask,
 )
-from agc_optax.unit_axes import (
-    UnitInfo,
-    UnitTable,
-    describe,
-    infer_unit_axes,
-    leaf_paths,
-    unitwise_norm,
-)
+from agc_optax.unit_axes import infer_unit_axes, leaf_paths
 from agc_optax.zclip import ZClipState, zclip
 
 __version__ = "0.1.0"
@@ -57,6 +53,7 @@ __all__ = [
     "leaf_paths",
     "plot_signal_propagation",
     "sgd_agc",
+    "sgd_agc_step",
     "signal_propagation",
     "unitwise_norm",
     "weight_decay_mask",

@@ -10,15 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from agc_optax.clipping import check_float_leaf, check_hyperparameter, plan_units
-from agc_optax.unit_axes import (
-    ExcludeRule,
-    UnitAxes,
-    UnitAxesRule,
-    num_units,
-    resolve_unit_axes,
-    squared_unit_norms,
-)
+from agc_optax._checks import check_hyperparameter
+from agc_optax._norms import apply_scale, squared_unit_norms
+from agc_optax._plan import PlanCache
+from agc_optax.unit_axes import ExcludeRule, UnitAxesRule
 
 
 class AdaGCState(NamedTuple):
@@ -159,35 +154,29 @@ def adagc(
     _check_static(lambda_rel, beta, warmup_steps)
     check_hyperparameter("lambda_abs", lambda_abs)
 
-    def _count_units(plan: list[tuple[str, UnitAxes]], leaves: list[Any]) -> int:
-        return sum(
-            num_units(np.shape(x), axes)
-            for (_, axes), x in zip(plan, leaves, strict=True)
-            if axes is not None
-        )
+    plans = PlanCache(unit_axes, exclude)  # bad rules fail here, at construction
 
     def init_fn(params: Any) -> AdaGCState:
-        plan = plan_units(params, unit_axes, exclude)  # bad rules fail at init, not at step 1
-        leaves, treedef = jax.tree.flatten(params)
+        plan = plans(params)  # and bad leaves at init, not at step 1
         gamma = [
             optax.MaskedNode()
-            if axes is None
-            else jnp.full(_unit_shape(np.shape(w), axes), jnp.inf, jnp.float32)
-            for (_, axes), w in zip(plan, leaves, strict=True)
+            if row.unit_axes is None
+            else jnp.full(_unit_shape(row.shape, row.unit_axes), jnp.inf, jnp.float32)
+            for row in plan
         ]
         return AdaGCState(
             count=jnp.zeros((), jnp.int32),
-            gamma=jax.tree.unflatten(treedef, gamma),
+            gamma=plan.unflatten(gamma),
             clip_fraction=jnp.zeros((), jnp.float32),
-            num_units=jnp.asarray(_count_units(plan, leaves), jnp.int32),
+            num_units=jnp.asarray(plan.num_units, jnp.int32),
         )
 
     def update_fn(updates: Any, state: AdaGCState, params: Any = None):
         del params  # AdaGC looks at gradients only.
-        plan = resolve_unit_axes(updates, unit_axes, exclude)
-        g_leaves, treedef = jax.tree.flatten(updates)
+        plan = plans(updates, "the gradient")
+        g_leaves = jax.tree.leaves(updates)
         gamma_leaves = jax.tree.leaves(state.gamma)
-        eligible = [(i, path, axes) for i, (path, axes) in enumerate(plan) if axes is not None]
+        eligible = [(i, row.path, row.unit_axes) for i, row in enumerate(plan) if row.clipped]
         if len(gamma_leaves) != len(eligible):
             raise ValueError(
                 f"adagc: the state holds {len(gamma_leaves)} reference norms but the updates "
@@ -197,7 +186,6 @@ def adagc(
         sq, gammas = {}, {}
         for (i, path, axes), gamma in zip(eligible, gamma_leaves, strict=True):
             g = g_leaves[i]
-            check_float_leaf(path, g, "the gradient")
             want = _unit_shape(np.shape(g), axes)
             if np.shape(gamma) != want:
                 raise ValueError(
@@ -240,7 +228,7 @@ def adagc(
                 .reshape(gamma_leaves[j].shape)
             )
             # scale is exactly 1 where nothing is clipped, so those entries come back bit for bit.
-            out[i] = (g * scale.astype(jnp.promote_types(g.dtype, jnp.float32))).astype(g.dtype)
+            out[i] = apply_scale(g, scale)
             clipped_units = clipped_units + jnp.sum(
                 jnp.broadcast_to(clip, norm.shape), dtype=jnp.int32
             )
@@ -255,6 +243,6 @@ def adagc(
             clip_fraction=fraction,
             num_units=total,
         )
-        return jax.tree.unflatten(treedef, out), new_state
+        return plan.unflatten(out), new_state
 
     return optax.GradientTransformation(init_fn, update_fn)

@@ -1,27 +1,24 @@
-"""Adaptive Gradient Clipping (Brock et al. 2021) as an optax transform with per-leaf unit rules."""
+"""Adaptive Gradient Clipping (Brock et al. 2021) as an optax transform, and the per-leaf driver.
+
+:func:`clip_leaves` is the one loop every AGC transform runs (:func:`adaptive_grad_clip`,
+:func:`agc_optax.sgd_agc`, :func:`agc_optax.adamw_agc` and the Pallas path): it checks the trees
+against the unit plan, computes each clipped leaf's per-unit scale, hands the leaf to the
+transform's own leaf function, and assembles the statistics.
+"""
 
 from __future__ import annotations
 
-import numbers
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
-from agc_optax.unit_axes import (
-    ExcludeRule,
-    NormOrder,
-    UnitAxes,
-    UnitAxesRule,
-    check_norm,
-    leaf_paths,
-    norm_power,
-    num_units,
-    powered_unit_norms,
-    resolve_unit_axes,
-)
+from agc_optax._checks import check_float_leaf, check_hyperparameter, check_static_flag
+from agc_optax._norms import NormOrder, apply_scale, check_norm, clip_scale, powered_unit_norms
+from agc_optax._plan import PlanCache, UnitInfo, UnitTable
+from agc_optax.unit_axes import ExcludeRule, UnitAxesRule
 
 
 class AdaptiveGradClipState(NamedTuple):
@@ -38,201 +35,106 @@ class AdaptiveGradClipState(NamedTuple):
     num_units: jax.Array
 
 
-def check_hyperparameter(
-    name: str, value: Any, *, below: float | None = None, why: str = ""
-) -> None:
-    """A concrete hyperparameter must be finite and >= 0 (and < ``below`` if given).
+def initial_stats(plan: UnitTable) -> AdaptiveGradClipState:
+    """Zero statistics, with the (static) number of eligible units."""
+    return AdaptiveGradClipState(
+        clip_fraction=jnp.zeros((), jnp.float32),
+        max_ratio=jnp.zeros((), jnp.float32),
+        num_units=jnp.asarray(plan.num_units, jnp.int32),
+    )
 
-    Traced values (inject_hyperparams, schedules under jit) cannot be checked and pass. ``why``
-    ends the error for ``below`` (e.g. "; the paper uses 0.98").
+
+UnitNorms = Callable[..., tuple[jax.Array, jax.Array]]
+"""``(row, g, w, *state_leaves) -> (g_pow, w_pow)``: a clipped leaf's powered unit norms."""
+
+LeafFn = Callable[..., tuple[Any, ...]]
+"""``(row, g, w, scale, *state_leaves) -> outputs``: a transform's step for one leaf.
+
+``scale`` is AGC's per-unit scale (keepdims), or ``None`` for a leaf AGC leaves alone.
+"""
+
+
+def xla_unit_norms(norm: NormOrder) -> UnitNorms:
+    """Unit norms computed by XLA reductions, the default of :func:`clip_leaves`."""
+
+    def unit_norms(row: UnitInfo, g: jax.Array, w: jax.Array, *state: Any):
+        del state
+        return powered_unit_norms(g, row.unit_axes, norm), powered_unit_norms(
+            w, row.unit_axes, norm
+        )
+
+    return unit_norms
+
+
+def clip_leaves(
+    who: str,
+    plan: UnitTable,
+    updates: Any,
+    params: Any,
+    leaf_fn: LeafFn,
+    *,
+    clipping: Any,
+    eps: Any,
+    norm: NormOrder = 2,
+    stats: bool = False,
+    state: Sequence[Any | None] = (),
+    num_outputs: int = 1,
+    unit_norms: UnitNorms | None = None,
+) -> tuple[tuple[Any, ...], AdaptiveGradClipState | None]:
+    """Runs AGC and a transform's leaf function over every leaf; the driver of all AGC transforms.
+
+    Args:
+      who: the transform's name, for errors.
+      plan: the unit plan of ``params``.
+      updates: the gradients.
+      params: the parameters (``None`` is an error naming ``who``).
+      leaf_fn: the transform's step for one leaf, see :data:`LeafFn`.
+      clipping: AGC's threshold.
+      eps: AGC's weight-norm floor.
+      norm: the unit norm.
+      stats: whether to assemble :class:`AdaptiveGradClipState`.
+      state: trees shaped like params (momentum, moments) whose leaves are passed to ``leaf_fn``
+        after the scale; ``None`` for a tree the transform does not keep (its leaves are None).
+      num_outputs: how many values ``leaf_fn`` returns.
+      unit_norms: how to compute a clipped leaf's unit norms; XLA reductions by default.
+
+    Returns:
+      ``(outputs, stats)``: one tree per output of ``leaf_fn``, and the statistics (``None``
+      unless ``stats``).
     """
-    if isinstance(value, numbers.Real | np.ndarray) and np.ndim(value) == 0:
-        if not np.isfinite(value) or value < 0:
-            raise ValueError(f"`{name}` must be a finite number >= 0, got {value!r}.")
-        if below is not None and not value < below:
-            raise ValueError(f"`{name}` must be in [0, {below:g}), got {value!r}{why}.")
-
-
-def check_static_flag(name: str, value: Any) -> None:
-    """A flag that shapes the computation (``stats``, ``nesterov``) must be a Python value.
-
-    ``optax.inject_hyperparams`` turns bools into arrays unless they are listed in its
-    ``static_args``; say so instead of failing later with a tracer-conversion error.
-    """
-    if isinstance(value, jax.Array | np.ndarray):
-        raise TypeError(
-            f"`{name}` must be a Python bool, got an array. With `optax.inject_hyperparams`, "
-            f"list it in `static_args`, e.g. `static_args=({name!r},)`."
-        )
-
-
-def is_static_zero(value: Any) -> bool:
-    """True for ``None`` or a concrete Python/NumPy number equal to 0.
-
-    Decides at trace time whether an optional term (momentum buffers, weight decay) exists. An
-    array value counts as non-zero even when it holds 0, so ``optax.inject_hyperparams``, which
-    passes hyperparameters as arrays to both ``init`` and ``update``, always gets the term and a
-    traced value never has to be converted to a Python bool.
-    """
-    if value is None:
-        return True
-    return isinstance(value, numbers.Real) and not isinstance(value, jax.Array) and value == 0
-
-
-def check_float_leaf(path: str, leaf: Any, what: str) -> None:
-    dtype = getattr(leaf, "dtype", None)
-    if dtype is None or not jnp.issubdtype(dtype, jnp.inexact):
-        raise TypeError(
-            f"`{path}`: {what} has dtype {dtype}; gradient clipping needs floating-point leaves. "
-            f"Pass only trainable float parameters (e.g. `nnx.state(model, nnx.Param)`), or skip "
-            f'this leaf with `exclude=r"{path}$"`.'
-        )
-
-
-def plan_units(
-    params: Any, unit_axes: UnitAxesRule, exclude: ExcludeRule
-) -> list[tuple[str, UnitAxes]]:
-    """Resolves and validates the unit axes of every leaf of params (trace-time Python only)."""
-    plan = resolve_unit_axes(params, unit_axes, exclude)
-    for (path, axes), leaf in zip(plan, jax.tree.leaves(params), strict=True):
-        if axes is not None:
-            check_float_leaf(path, leaf, "the parameter")
-    return plan
-
-
-def check_updates_match(updates: Any, params: Any) -> None:
-    upaths, ppaths = leaf_paths(updates), leaf_paths(params)
-    if upaths != ppaths:
-        missing = sorted(set(upaths) - set(ppaths))
-        extra = sorted(set(ppaths) - set(upaths))
-        detail = (
-            "; ".join(
-                s
-                for s in (
-                    f"in updates but not params: {', '.join(f'`{p}`' for p in missing[:5])}"
-                    if missing
-                    else "",
-                    f"in params but not updates: {', '.join(f'`{p}`' for p in extra[:5])}"
-                    if extra
-                    else "",
-                )
-                if s
-            )
-            or "the same paths in a different order"
-        )
-        raise ValueError(
-            "adaptive_grad_clip: `updates` and `params` must have the same tree structure "
-            f"({detail}). Pass the params the gradients were taken with, filtered the same way."
-        )
-    for path, g, w in zip(upaths, jax.tree.leaves(updates), jax.tree.leaves(params), strict=True):
-        if np.shape(g) != np.shape(w):
-            raise ValueError(
-                f"`{path}`: gradient shape {np.shape(g)} differs from parameter shape "
-                f"{np.shape(w)}; pass the params the gradients were taken with."
-            )
+    if params is None:
+        raise ValueError(f"{who} needs the parameters: call `tx.update(grads, state, params)`.")
+    g_leaves = plan.check_matches(updates, "updates", who)
+    w_leaves = jax.tree.leaves(params)
+    state_leaves = [[None] * len(g_leaves) if t is None else jax.tree.leaves(t) for t in state]
+    unit_norms = unit_norms or xla_unit_norms(norm)
+    outputs, clipped_counts, ratios = [], [], []
+    for row, g, w, *leaf_state in zip(plan, g_leaves, w_leaves, *state_leaves, strict=True):
+        scale = None
+        if row.clipped:
+            check_float_leaf(row.path, g, "the gradient")
+            g_pow, w_pow = unit_norms(row, g, w, *leaf_state)
+            scale, clip, ratio = clip_scale(g_pow, w_pow, clipping, eps, norm)
+            if stats:
+                clipped_counts.append(jnp.sum(clip, dtype=jnp.int32))
+                ratios.append(jnp.max(ratio).astype(jnp.float32))
+        outputs.append(leaf_fn(row, g, w, scale, *leaf_state))
+    trees = tuple(plan.unflatten([out[i] for out in outputs]) for i in range(num_outputs))
+    if not stats:
+        return trees, None
+    zero = initial_stats(plan)
+    if not clipped_counts:
+        return trees, zero
+    return trees, AdaptiveGradClipState(
+        clip_fraction=sum(clipped_counts).astype(jnp.float32) / zero.num_units.astype(jnp.float32),
+        max_ratio=jnp.max(jnp.stack(ratios)),
+        num_units=zero.num_units,
+    )
 
 
 def _whole_leaf(path: str, leaf: Any) -> tuple[int, ...]:
     del path, leaf
     return ()
-
-
-def safe_sqrt(x: jax.Array) -> jax.Array:
-    # sqrt has an infinite derivative at 0; keep jax.grad through the transform finite.
-    positive = x > 0
-    return jnp.where(positive, jnp.sqrt(jnp.where(positive, x, 1)), 0)
-
-
-def unit_clip_scale(
-    g: jax.Array, w: jax.Array, axes: tuple[int, ...], clipping: Any, eps: Any, norm: NormOrder = 2
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Per-unit AGC factors (keepdims): (scale, clip mask, ratio ||G_i|| / max(||W_i||, eps)).
-
-    ``scale`` is exactly 1 where a unit is not clipped. The ratio is only for statistics.
-    """
-    power = norm_power(norm)
-    g_pow = powered_unit_norms(g, axes, norm)
-    w_floor_pow = jnp.maximum(powered_unit_norms(w, axes, norm), eps**power)
-    # For L2, compare squared norms: no sqrt on the hot path, and zero gradients never divide.
-    max_pow = clipping**power * w_floor_pow
-    clip = g_pow > max_pow
-    safe_g_pow = jnp.where(clip, g_pow, 1)
-    if power == 2:
-        factor = safe_sqrt(max_pow) * jax.lax.rsqrt(safe_g_pow)
-    else:
-        factor = max_pow / safe_g_pow
-    scale = jnp.where(clip, factor, 1)
-    safe_den = jnp.where(w_floor_pow > 0, w_floor_pow, 1)
-    ratio_pow = jnp.where(w_floor_pow > 0, g_pow / safe_den, jnp.where(g_pow > 0, jnp.inf, 0))
-    ratio = jnp.sqrt(ratio_pow) if power == 2 else ratio_pow
-    return scale, clip, ratio
-
-
-def apply_scale(g: jax.Array, scale: jax.Array) -> jax.Array:
-    """``g * scale`` in the wider of the two dtypes, cast back to ``g.dtype``.
-
-    A scale of exactly 1 returns g bit for bit, also in bf16 (which widens to float32 and back
-    exactly).
-    """
-    return (g * scale.astype(jnp.promote_types(g.dtype, scale.dtype))).astype(g.dtype)
-
-
-def initial_stats(plan: list[tuple[str, UnitAxes]], params: Any) -> AdaptiveGradClipState:
-    """Zero statistics, with the (static) number of eligible units."""
-    count = sum(
-        num_units(np.shape(w), axes)
-        for (_, axes), w in zip(plan, jax.tree.leaves(params), strict=True)
-        if axes is not None
-    )
-    return AdaptiveGradClipState(
-        clip_fraction=jnp.zeros((), jnp.float32),
-        max_ratio=jnp.zeros((), jnp.float32),
-        num_units=jnp.asarray(count, jnp.int32),
-    )
-
-
-def clip_scales(
-    updates: Any,
-    params: Any,
-    plan: list[tuple[str, UnitAxes]],
-    clipping: Any,
-    eps: Any,
-    norm: NormOrder,
-    stats: bool,
-) -> tuple[list[jax.Array | None], AdaptiveGradClipState | None]:
-    """AGC's per-unit scale of every leaf (``None`` for leaves left alone), and the statistics.
-
-    The shared core of :func:`adaptive_grad_clip` and the fused optimizers, which apply the
-    scales inside their own elementwise update instead of materializing the clipped gradient.
-    """
-    if params is None:
-        raise ValueError(
-            "adaptive_grad_clip needs the parameters: call `tx.update(grads, state, params)`."
-        )
-    check_updates_match(updates, params)
-    scales, clipped_counts, ratios = [], [], []
-    for (path, axes), g, w in zip(
-        plan, jax.tree.leaves(updates), jax.tree.leaves(params), strict=True
-    ):
-        if axes is None:
-            scales.append(None)
-            continue
-        check_float_leaf(path, g, "the gradient")
-        scale, clip, ratio = unit_clip_scale(g, w, axes, clipping, eps, norm)
-        scales.append(scale)
-        if stats:
-            clipped_counts.append(jnp.sum(clip, dtype=jnp.int32))
-            ratios.append(jnp.max(ratio).astype(jnp.float32))
-    if not stats:
-        return scales, None
-    zero = initial_stats(plan, params)
-    if not clipped_counts:
-        return scales, zero
-    return scales, AdaptiveGradClipState(
-        clip_fraction=sum(clipped_counts).astype(jnp.float32) / zero.num_units.astype(jnp.float32),
-        max_ratio=jnp.max(jnp.stack(ratios)),
-        num_units=zero.num_units,
-    )
 
 
 def adaptive_grad_clip(
@@ -316,16 +218,28 @@ def adaptive_grad_clip(
         raise ValueError(f"`granularity` must be 'unit' or 'layer', got {granularity!r}.")
     rule = _whole_leaf if granularity == "layer" else unit_axes
 
+    plans = PlanCache(rule, exclude)  # bad rules fail here, at construction
+
     def init_fn(params: Any) -> optax.OptState:
-        plan = plan_units(params, rule, exclude)  # bad rules fail at init, not at step 1
-        return initial_stats(plan, params) if stats else optax.EmptyState()
+        plan = plans(params)  # and bad leaves at init, not at step 1
+        return initial_stats(plan) if stats else optax.EmptyState()
+
+    def keep_or_scale(row: UnitInfo, g: jax.Array, w: jax.Array, scale: jax.Array | None):
+        return (g if scale is None else apply_scale(g, scale),)
 
     def update_fn(updates: Any, state: optax.OptState, params: Any = None):
-        scales, new_stats = clip_scales(
-            updates, params, plan_units(params, rule, exclude), clipping, eps, norm, stats
+        plan = None if params is None else plans(params)
+        (clipped,), new_stats = clip_leaves(
+            "adaptive_grad_clip",
+            plan,
+            updates,
+            params,
+            keep_or_scale,
+            clipping=clipping,
+            eps=eps,
+            norm=norm,
+            stats=stats,
         )
-        g_leaves, treedef = jax.tree.flatten(updates)
-        out = [g if s is None else apply_scale(g, s) for g, s in zip(g_leaves, scales, strict=True)]
-        return jax.tree.unflatten(treedef, out), (new_stats if stats else state)
+        return clipped, (new_stats if stats else state)
 
     return optax.GradientTransformation(init_fn, update_fn)

@@ -8,6 +8,9 @@ intermediates as possible (see ``benchmarks/RESULTS.md`` for the measured bytes)
 
 from __future__ import annotations
 
+import functools
+import inspect
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -15,16 +18,11 @@ import jax.numpy as jnp
 import optax
 
 from agc_optax import kernels
-from agc_optax.clipping import (
-    apply_scale,
-    check_hyperparameter,
-    check_static_flag,
-    clip_scales,
-    initial_stats,
-    is_static_zero,
-    plan_units,
-)
-from agc_optax.unit_axes import VECTOR_NAMES, ExcludeRule, UnitAxesRule, path_from_keys
+from agc_optax._checks import check_hyperparameter, check_static_flag, is_static_zero
+from agc_optax._norms import apply_scale
+from agc_optax._plan import PlanCache, UnitInfo
+from agc_optax.clipping import clip_leaves, initial_stats
+from agc_optax.unit_axes import ExcludeRule, UnitAxesRule, gets_weight_decay, path_from_keys
 
 #: The classifier's kernel, which the NFNet recipe leaves unclipped (Brock et al. 2021, sec. 4.1).
 HEAD_PATTERN = r"(^|/)head/kernel$"
@@ -37,7 +35,7 @@ def weight_decay_mask(params: Any) -> Any:
     ``scale``, ``offset`` or ``b``, as in DeepMind's NFNet training code.
     """
     return jax.tree_util.tree_map_with_path(
-        lambda kp, _: path_from_keys(kp).rsplit("/", 1)[-1] not in VECTOR_NAMES, params
+        lambda kp, _: gets_weight_decay(path_from_keys(kp)), params
     )
 
 
@@ -62,21 +60,136 @@ def _learning_rate(learning_rate: optax.ScalarOrSchedule, count: jax.Array) -> A
     return learning_rate(count) if callable(learning_rate) else learning_rate
 
 
-def _clipped(g: jax.Array, scale: jax.Array | None) -> jax.Array:
-    # Cast back like adaptive_grad_clip, so states keep their dtype (bf16 stays bf16); left
-    # unmaterialized, XLA fuses the product into each consumer's loop.
-    return g if scale is None else apply_scale(g, scale)
+def _agc_state(plans: PlanCache, params: Any, stats: bool) -> Any:
+    return initial_stats(plans(params)) if stats else optax.EmptyState()
 
 
-def _agc_core(params: Any, updates: Any, clipping, eps, unit_axes, exclude, stats):
-    plan = plan_units(params, unit_axes, exclude)
-    scales, agc_stats = clip_scales(updates, params, plan, clipping, eps, 2, stats)
-    return scales, (agc_stats if stats else optax.EmptyState())
+def _sgd_elementwise(
+    g: jax.Array,
+    w: jax.Array | None,
+    s: jax.Array | None,
+    m: jax.Array | None,
+    neg_lr: Any,
+    *,
+    momentum: Any,
+    nesterov: bool,
+    weight_decay: Any,
+    barrier: bool = False,
+) -> tuple[jax.Array, jax.Array | None]:
+    """The elementwise step of :func:`sgd_agc` for one leaf: (update, new momentum).
+
+    The same function is the body of the Pallas kernel and the XLA path, so both compute the
+    same expression in the same dtypes. ``s`` is ``None`` for a leaf AGC leaves alone (then
+    ``g`` itself is used, not ``g * 1``); ``w`` is ``None`` when the leaf gets no weight decay;
+    ``m`` is ``None`` without momentum. The clipped gradient and the new momentum keep the
+    dtypes of ``g`` and ``m`` (as the optax chain does), so bf16 states stay bf16.
+
+    ``barrier``: Nesterov needs the decayed gradient g' twice (for the new momentum and for the
+    update). Without multi-output fusion (XLA:CPU) XLA would write g' out and read it back, or
+    copy the donated momentum buffer; recomputing g' from barrier'd inputs (no CSE across the
+    barrier) keeps each of the two loops at one read per input.
+    """
+
+    def decayed(g, w, s):
+        step = g if s is None else apply_scale(g, s)
+        return step + weight_decay * w if w is not None else step
+
+    step = decayed(g, w, s)
+    m_next = None
+    if m is not None:
+        m_next = (step + momentum * m).astype(m.dtype)
+        if nesterov:
+            if barrier:
+                g, w, s = jax.lax.optimization_barrier((g, w, s))
+            step = decayed(g, w, s) + momentum * m_next
+        else:
+            step = m_next
+    return (neg_lr * step).astype(g.dtype), m_next
 
 
-def _agc_init(params: Any, unit_axes, exclude, stats) -> Any:
-    plan = plan_units(params, unit_axes, exclude)  # bad rules fail at init
-    return initial_stats(plan, params) if stats else optax.EmptyState()
+def _sgd_agc_parts(
+    learning_rate: optax.ScalarOrSchedule,
+    momentum: Any,
+    nesterov: bool,
+    weight_decay: Any,
+    clipping: Any,
+    eps: Any,
+    exclude: ExcludeRule,
+    unit_axes: UnitAxesRule,
+    stats: bool,
+    implementation: str,
+) -> tuple[Callable, Callable]:
+    """``(init, update(updates, state, params, apply=False))`` of :func:`sgd_agc`.
+
+    With ``apply``, ``update`` returns the new params instead of the updates (for
+    :func:`sgd_agc_step`).
+    """
+    check_static_flag("nesterov", nesterov)
+    check_static_flag("stats", stats)
+    for name, value in (
+        ("momentum", momentum),
+        ("weight_decay", weight_decay),
+        ("clipping", clipping),
+        ("eps", eps),
+    ):
+        check_hyperparameter(name, value)
+    kernels.check_implementation(implementation)
+    has_momentum = not is_static_zero(momentum)
+    has_decay = not is_static_zero(weight_decay)
+    plans = PlanCache(unit_axes, exclude)
+    elementwise = functools.partial(
+        _sgd_elementwise, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay
+    )
+
+    def init_fn(params: Any) -> SgdAgcState:
+        buffers = jax.tree.map(jnp.zeros_like, params) if has_momentum else optax.EmptyState()
+        return SgdAgcState(
+            count=jnp.zeros((), jnp.int32),
+            momentum=buffers,
+            agc=_agc_state(plans, params, stats),
+        )
+
+    def update(updates: Any, state: SgdAgcState, params: Any = None, apply: bool = False):
+        neg_lr = -_learning_rate(learning_rate, state.count)
+
+        def xla_leaf(row: UnitInfo, g, w, scale, m):
+            decay_w = w if row.weight_decay and has_decay else None
+            u, m_next = elementwise(g, decay_w, scale, m, neg_lr, barrier=True)
+            return (optax.apply_updates(w, u) if apply else u), m_next
+
+        leaf_fn, unit_norms = xla_leaf, None
+        if kernels.use_pallas(implementation):
+            from agc_optax.kernels import _sgd_agc_pallas
+
+            unit_norms, leaf_fn = _sgd_agc_pallas.leaf_functions(
+                xla_leaf,
+                elementwise,
+                neg_lr,
+                scalars=(momentum, weight_decay),
+                decay=has_decay,
+                apply=apply,
+            )
+        (out, new_momentum), agc = clip_leaves(
+            "sgd_agc",
+            None if params is None else plans(params),
+            updates,
+            params,
+            leaf_fn,
+            clipping=clipping,
+            eps=eps,
+            stats=stats,
+            state=(state.momentum if has_momentum else None,),
+            num_outputs=2,
+            unit_norms=unit_norms,
+        )
+        new_state = SgdAgcState(
+            count=optax.safe_increment(state.count),
+            momentum=new_momentum if has_momentum else state.momentum,
+            agc=agc if stats else optax.EmptyState(),
+        )
+        return out, new_state
+
+    return init_fn, update
 
 
 def sgd_agc(
@@ -145,65 +258,59 @@ def sgd_agc(
       >>> updates, state = tx.update(grads, tx.init(params), params)
     """
 
-    check_static_flag("nesterov", nesterov)
-    check_static_flag("stats", stats)
-    for name, value in (
-        ("momentum", momentum),
-        ("weight_decay", weight_decay),
-        ("clipping", clipping),
-        ("eps", eps),
-    ):
-        check_hyperparameter(name, value)
-    has_momentum = not is_static_zero(momentum)
-    has_decay = not is_static_zero(weight_decay)
-
-    def init_fn(params: Any) -> SgdAgcState:
-        buffers = jax.tree.map(jnp.zeros_like, params) if has_momentum else optax.EmptyState()
-        return SgdAgcState(
-            count=jnp.zeros((), jnp.int32),
-            momentum=buffers,
-            agc=_agc_init(params, unit_axes, exclude, stats),
-        )
-
-    kernels.check_implementation(implementation)
-    hyper = dict(learning_rate=learning_rate, momentum=momentum, nesterov=nesterov)
-    hyper |= dict(weight_decay=weight_decay, clipping=clipping, eps=eps, exclude=exclude)
+    init_fn, update = _sgd_agc_parts(
+        learning_rate,
+        momentum,
+        nesterov,
+        weight_decay,
+        clipping,
+        eps,
+        exclude,
+        unit_axes,
+        stats,
+        implementation,
+    )
 
     def update_fn(updates: Any, state: SgdAgcState, params: Any = None):
-        if kernels.use_pallas(implementation):
-            return kernels.sgd_agc_update(
-                updates, state, params, unit_axes=unit_axes, stats=stats, **hyper
-            )
-        scales, agc_state = _agc_core(params, updates, clipping, eps, unit_axes, exclude, stats)
-        lr = _learning_rate(learning_rate, state.count)
-        g_leaves, treedef = jax.tree.flatten(updates)
-        w_leaves = jax.tree.leaves(params)
-        decay = jax.tree.leaves(weight_decay_mask(params))
-        m_leaves = jax.tree.leaves(state.momentum) if has_momentum else [None] * len(g_leaves)
-        new_u, new_m = [], []
-        for g, w, s, m, wd in zip(g_leaves, w_leaves, scales, m_leaves, decay, strict=True):
-            # The same elementwise step as the Pallas kernel's body; see kernels.leaf_update.
-            u, m_next = kernels.leaf_update(
-                g,
-                w if wd and has_decay else None,
-                s,
-                m,
-                -lr,
-                momentum=momentum,
-                nesterov=nesterov,
-                weight_decay=weight_decay,
-                barrier=True,
-            )
-            new_u.append(u)
-            new_m.append(m_next)
-        new_state = SgdAgcState(
-            count=optax.safe_increment(state.count),
-            momentum=jax.tree.unflatten(treedef, new_m) if has_momentum else state.momentum,
-            agc=agc_state,
-        )
-        return jax.tree.unflatten(treedef, new_u), new_state
+        return update(updates, state, params)
 
     return optax.GradientTransformation(init_fn, update_fn)
+
+
+def sgd_agc_step(learning_rate: optax.ScalarOrSchedule, **kwargs: Any) -> Callable:
+    """A whole optimizer step ``(params, state, grads) -> (new_params, new_state)`` of sgd_agc.
+
+    The same numbers as ``tx = agc_optax.sgd_agc(learning_rate, **kwargs)`` followed by
+    ``optax.apply_updates``, and the same state (``tx.init(params)``). With the Pallas
+    implementation the kernel writes the new weights directly, so a leaf costs 7 passes
+    (norms: read g, w; update: read g, w, m, write w, m) instead of the 10 it costs when the
+    update is written out and applied separately: XLA cannot fuse ``apply_updates`` into a
+    Pallas call. Jit it with ``donate_argnums=(0, 1)`` so that the weights and momentum are
+    updated in place.
+
+    Args:
+      learning_rate: as :func:`sgd_agc`.
+      **kwargs: any other argument of :func:`sgd_agc`, ``implementation`` included (default
+        ``"xla"``, as there).
+
+    Returns:
+      ``step(params, state, grads) -> (new_params, new_state)``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, agc_optax
+      >>> params = {"dense": {"kernel": jnp.ones((4, 2)), "bias": jnp.zeros(2)}}
+      >>> state = agc_optax.sgd_agc(0.1).init(params)
+      >>> step = jax.jit(agc_optax.sgd_agc_step(0.1, implementation="auto"), donate_argnums=(0, 1))
+      >>> params, state = step(params, state, jax.tree.map(jnp.ones_like, params))
+    """
+    bound = inspect.signature(sgd_agc).bind(learning_rate, **kwargs)
+    bound.apply_defaults()
+    _, update = _sgd_agc_parts(**bound.arguments)
+
+    def step(params: Any, state: SgdAgcState, grads: Any) -> tuple[Any, SgdAgcState]:
+        return update(grads, state, params, apply=True)
+
+    return step
 
 
 def adamw_agc(
@@ -273,50 +380,47 @@ def adamw_agc(
     ):
         check_hyperparameter(name, value)
     has_decay = not is_static_zero(weight_decay)
+    plans = PlanCache(unit_axes, exclude)
 
     def init_fn(params: Any) -> AdamWAgcState:
         return AdamWAgcState(
             count=jnp.zeros((), jnp.int32),
             mu=jax.tree.map(jnp.zeros_like, params),
             nu=jax.tree.map(jnp.zeros_like, params),
-            agc=_agc_init(params, unit_axes, exclude, stats),
+            agc=_agc_state(plans, params, stats),
         )
 
     def update_fn(updates: Any, state: AdamWAgcState, params: Any = None):
-        scales, agc_state = _agc_core(params, updates, clipping, agc_eps, unit_axes, exclude, stats)
         lr = _learning_rate(learning_rate, state.count)
         count = optax.safe_increment(state.count)
         correction1, correction2 = 1 - b1**count, 1 - b2**count
-        g_leaves, treedef = jax.tree.flatten(updates)
-        decay = jax.tree.leaves(weight_decay_mask(params))
-        new_u, new_mu, new_nu = [], [], []
-        leaves = zip(
-            g_leaves,
-            jax.tree.leaves(params),
-            scales,
-            jax.tree.leaves(state.mu),
-            jax.tree.leaves(state.nu),
-            decay,
-            strict=True,
-        )
-        for g, w, s, mu, nu, wd in leaves:
-            clipped = _clipped(g, s)
+
+        def leaf(row: UnitInfo, g, w, scale, mu, nu):
+            clipped = g if scale is None else apply_scale(g, scale)
             mu = (1 - b1) * clipped + b1 * mu
             nu = (1 - b2) * jnp.square(clipped) + b2 * nu
-            new_mu.append(mu)
-            new_nu.append(nu)
             mu_hat = mu / correction1.astype(mu.dtype)
             nu_hat = nu / correction2.astype(nu.dtype)
             step = mu_hat / (jnp.sqrt(nu_hat + eps_root) + eps)
-            if wd and has_decay:
+            if row.weight_decay and has_decay:
                 step = step + weight_decay * w
-            new_u.append((-lr * step).astype(g.dtype))
-        new_state = AdamWAgcState(
-            count=count,
-            mu=jax.tree.unflatten(treedef, new_mu),
-            nu=jax.tree.unflatten(treedef, new_nu),
-            agc=agc_state,
+            return (-lr * step).astype(g.dtype), mu, nu
+
+        (out, mu, nu), agc = clip_leaves(
+            "adamw_agc",
+            None if params is None else plans(params),
+            updates,
+            params,
+            leaf,
+            clipping=clipping,
+            eps=agc_eps,
+            stats=stats,
+            state=(state.mu, state.nu),
+            num_outputs=3,
         )
-        return jax.tree.unflatten(treedef, new_u), new_state
+        new_state = AdamWAgcState(
+            count=count, mu=mu, nu=nu, agc=agc if stats else optax.EmptyState()
+        )
+        return out, new_state
 
     return optax.GradientTransformation(init_fn, update_fn)

@@ -10,8 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from agc_optax.clipping import check_float_leaf, check_hyperparameter
-from agc_optax.unit_axes import ExcludeRule, resolve_unit_axes
+from agc_optax._checks import check_hyperparameter
+from agc_optax._norms import apply_scale
+from agc_optax._plan import PlanCache
+from agc_optax.unit_axes import ExcludeRule
 
 ZClipMode = Literal["reciprocal", "mean", "percentile"]
 _MODES = ("reciprocal", "mean", "percentile")
@@ -154,14 +156,11 @@ def zclip(
     if max_grad_norm is not None:
         check_hyperparameter("max_grad_norm", max_grad_norm)
 
-    def _eligible(tree: Any) -> list[tuple[str, bool]]:
-        # Unit axes are irrelevant to a global norm; () skips inference, exclusion still applies.
-        return [(path, axes is not None) for path, axes in resolve_unit_axes(tree, (), exclude)]
+    # Unit axes are irrelevant to a global norm; () skips inference, exclusion still applies.
+    plans = PlanCache((), exclude)  # bad rules fail here, at construction
 
     def init_fn(params: Any) -> ZClipState:
-        for (path, ok), w in zip(_eligible(params), jax.tree.leaves(params), strict=True):
-            if ok:
-                check_float_leaf(path, w, "the parameter")
+        plans(params)  # bad leaves fail at init, not at step 1
         zero = jnp.zeros((), jnp.float32)
         return ZClipState(
             count=jnp.zeros((), jnp.int32), mean=zero, var=zero, grad_norm=zero, clip_fraction=zero
@@ -169,11 +168,11 @@ def zclip(
 
     def update_fn(updates: Any, state: ZClipState, params: Any = None):
         del params  # ZClip looks at gradients only.
-        g_leaves, treedef = jax.tree.flatten(updates)
+        plan = plans(updates, "the gradient")
+        g_leaves = jax.tree.leaves(updates)
         sq = jnp.zeros((), jnp.float32)
-        for (path, ok), g in zip(_eligible(updates), g_leaves, strict=True):
-            if ok:
-                check_float_leaf(path, g, "the gradient")
+        for row, g in zip(plan, g_leaves, strict=True):
+            if row.clipped:
                 sq = sq + jnp.sum(jnp.square(g.astype(jnp.promote_types(g.dtype, jnp.float32))))
         norm = jnp.sqrt(sq.astype(jnp.float32))
         warm = state.count < warmup_steps
@@ -200,8 +199,8 @@ def zclip(
         scale = jnp.where(clip, target / jnp.where(clip, norm, 1), 1).astype(jnp.float32)
         # scale is exactly 1 when not clipped, so the update comes back bit for bit.
         out = [
-            (g * scale.astype(jnp.promote_types(g.dtype, jnp.float32))).astype(g.dtype) if ok else g
-            for (_, ok), g in zip(_eligible(updates), g_leaves, strict=True)
+            apply_scale(g, scale) if row.clipped else g
+            for row, g in zip(plan, g_leaves, strict=True)
         ]
 
         # Statistics. Warm-up: online mean and population variance of the raw norms (Welford),
@@ -222,6 +221,6 @@ def zclip(
             grad_norm=norm,
             clip_fraction=clip.astype(jnp.float32),
         )
-        return jax.tree.unflatten(treedef, out), new_state
+        return plan.unflatten(out), new_state
 
     return optax.GradientTransformation(init_fn, update_fn)

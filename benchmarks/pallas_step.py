@@ -17,12 +17,13 @@ ResNet-50-shaped float32 tree:
 
 from __future__ import annotations
 
+import math
+
 import jax
 import optax
 
 import agc_optax
 from agc_optax import kernels
-from agc_optax.unit_axes import resolve_unit_axes
 from benchmarks import common
 
 MIN_PASSES = 7  # norms: read g, w; update: read g, w, m; write w, m
@@ -68,17 +69,17 @@ def run(repeats: int = 15, small: bool = False, force: bool = False) -> str:
     lr = 0.1
     grads = common.random_tree(shapes, seed=1, scale=0.01)
     n_bytes = common.tree_bytes(grads)
-    plan = resolve_unit_axes(grads, None, agc_optax.HEAD_PATTERN)
+    # Float32 leaves with their units last and at least MIN_SIZE elements take the kernel.
     in_kernel = sum(
-        x.size
-        for x, (_, axes) in zip(jax.tree.leaves(grads), plan, strict=True)
-        if kernels.eligible(x, x, x, axes)
+        math.prod(row.shape)
+        for row in agc_optax.describe(grads, None, agc_optax.HEAD_PATTERN)
+        if row.units_last and math.prod(row.shape) >= kernels.MIN_SIZE
     )
 
     fused_tx = agc_optax.sgd_agc(lr)
     contenders = {
         "sgd_agc_step, Pallas": (
-            jax.jit(kernels.sgd_agc_step(lr, implementation="pallas"), donate_argnums=(0, 1)),
+            jax.jit(agc_optax.sgd_agc_step(lr, implementation="pallas"), donate_argnums=(0, 1)),
             fused_tx,
         ),
         "sgd_agc, Pallas + apply_updates": (

@@ -1,6 +1,6 @@
 """The Pallas path of sgd_agc (interpret mode on CPU) equals the XLA path and the optax chain."""
 
-import doctest
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -10,9 +10,10 @@ import pytest
 
 import agc_optax
 from agc_optax import kernels
-from agc_optax.clipping import unit_clip_scale
-from agc_optax.kernels import sgd_agc_pallas
-from agc_optax.unit_axes import squared_unit_norms
+from agc_optax._norms import squared_unit_norms
+from agc_optax._plan import UnitInfo
+from agc_optax.kernels import _sgd_agc_pallas as sgd_agc_pallas
+from agc_optax.optimizers import _sgd_elementwise
 
 from . import agc_reference as ref
 
@@ -37,7 +38,7 @@ def _random_tree(seed, scale=1.0, dtype=jnp.float32, shapes=SHAPES):
 @pytest.fixture
 def small_leaves(monkeypatch):
     """Lets every leaf of SHAPES with units last take the kernel."""
-    monkeypatch.setattr(sgd_agc_pallas, "MIN_SIZE", 1)
+    monkeypatch.setattr(kernels, "MIN_SIZE", 1)
 
 
 def _count_pallas_calls(fn, *args):
@@ -46,18 +47,6 @@ def _count_pallas_calls(fn, *args):
 
 
 # --------------------------------------------------------------------------- building blocks
-
-
-def test_scale_from_sums_is_unit_clip_scale():
-    rng = np.random.default_rng(0)
-    g = jnp.asarray(rng.standard_normal((6, 7)), jnp.float32).at[:, 0].set(0.0)
-    w = jnp.asarray(rng.standard_normal((6, 7)) * 0.1, jnp.float32).at[:, 1].set(0.0)
-    want = unit_clip_scale(g, w, (1,), 0.05, 1e-3, 2)
-    got = kernels.scale_from_sums(
-        squared_unit_norms(g, (1,)), squared_unit_norms(w, (1,)), 0.05, 1e-3
-    )
-    for x, y in zip(got, want, strict=True):
-        np.testing.assert_array_equal(x, y)
 
 
 @pytest.mark.parametrize(
@@ -73,7 +62,7 @@ def test_column_sums_of_squares(rows, cols, block_rows, block_cols, dtype):
     rng = np.random.default_rng(1)
     g = jnp.asarray(rng.standard_normal((rows, cols)), dtype)
     w = jnp.asarray(rng.standard_normal((rows, cols)), dtype)
-    gsq, wsq = kernels.column_sums_of_squares(g, w, block_rows, block_cols)
+    gsq, wsq = sgd_agc_pallas.column_sums_of_squares(g, w, block_rows, block_cols)
     assert gsq.shape == (cols,) and gsq.dtype == jnp.float32
     np.testing.assert_allclose(gsq, squared_unit_norms(g, (1,))[0], rtol=1e-6)
     np.testing.assert_allclose(wsq, squared_unit_norms(w, (1,))[0], rtol=1e-6)
@@ -94,13 +83,23 @@ def test_fused_update_is_leaf_update(momentum, nesterov, decay, apply, dtype):
     g, w, m = (jnp.asarray(rng.standard_normal((45, 20)), dtype) for _ in range(3))
     s = jnp.asarray(rng.uniform(size=(1, 20)), jnp.float32)
     hyper = dict(momentum=momentum, nesterov=nesterov, weight_decay=1e-2)
+    elementwise = functools.partial(_sgd_elementwise, **hyper)
     m = m if momentum else None
-    got = kernels.fused_update(
-        g, w, s, m, -0.1, decay=decay, apply=apply, block_rows=16, block_cols=8, **hyper
+    got = sgd_agc_pallas.fused_update(
+        g,
+        w,
+        s,
+        m,
+        -0.1,
+        elementwise=elementwise,
+        decay=decay,
+        apply=apply,
+        block_rows=16,
+        block_cols=8,
     )
 
     def reference(g, w, s, m):
-        u, m_next = kernels.leaf_update(g, w if decay else None, s, m, -0.1, **hyper)
+        u, m_next = elementwise(g, w if decay else None, s, m, -0.1)
         return (optax.apply_updates(w, u) if apply else u), m_next
 
     want = jax.jit(reference)(g, w, s, m)
@@ -112,21 +111,29 @@ def test_fused_update_is_leaf_update(momentum, nesterov, decay, apply, dtype):
 
 def test_fused_update_needs_w():
     x = jnp.zeros((8, 8))
-    hyper = dict(momentum=0.9, nesterov=True, weight_decay=1e-2)
+    elementwise = functools.partial(
+        _sgd_elementwise, momentum=0.9, nesterov=True, weight_decay=1e-2
+    )
     with pytest.raises(ValueError, match="needs `w`"):
-        kernels.fused_update(x, None, jnp.ones((1, 8)), x, -0.1, **hyper)
+        sgd_agc_pallas.fused_update(x, None, jnp.ones((1, 8)), x, -0.1, elementwise=elementwise)
+
+
+def _row(shape, unit_axes):
+    return UnitInfo("k", shape, "float32", unit_axes, 0, unit_axes is None)
 
 
 def test_eligible():
     x = jnp.zeros((3, 3, 8, 16))
-    assert kernels.eligible(x, x, x, (3,), min_size=1)
-    assert kernels.eligible(x, x, None, (3,), min_size=1)
-    assert not kernels.eligible(x, x, x, (3,))  # smaller than MIN_SIZE
-    assert not kernels.eligible(x, x, x, (2, 3), min_size=1)
-    assert not kernels.eligible(x, x, x, (0,), min_size=1)
-    assert not kernels.eligible(x, x, x, None, min_size=1)
-    assert not kernels.eligible(jnp.zeros(16), jnp.zeros(16), None, (0,), min_size=1)
-    assert not kernels.eligible(x.astype(jnp.int32), x, x, (3,), min_size=1)
+    eligible = sgd_agc_pallas.eligible
+    assert eligible(_row(x.shape, (3,)), x, x, x, min_size=1)
+    assert eligible(_row(x.shape, (3,)), x, x, None, min_size=1)
+    assert not eligible(_row(x.shape, (3,)), x, x, x)  # smaller than MIN_SIZE
+    assert not eligible(_row(x.shape, (2, 3)), x, x, x, min_size=1)
+    assert not eligible(_row(x.shape, (0,)), x, x, x, min_size=1)
+    assert not eligible(_row(x.shape, None), x, x, x, min_size=1)
+    assert not eligible(_row((16,), (0,)), jnp.zeros(16), jnp.zeros(16), None, min_size=1)
+    assert not eligible(_row(x.shape, (3,)), x.astype(jnp.int32), x, x, min_size=1)
+    assert not eligible(_row(x.shape, (3,)), x, x, jnp.zeros((3, 3, 8, 15)), min_size=1)
 
 
 # --------------------------------------------------------------------------- the whole step
@@ -235,7 +242,7 @@ def test_sgd_agc_step_equals_update_then_apply(small_leaves, implementation):
     kwargs = dict(momentum=0.9, weight_decay=1e-2, clipping=0.05)
     tx = agc_optax.sgd_agc(0.1, **kwargs)
     step = jax.jit(
-        kernels.sgd_agc_step(0.1, implementation=implementation, **kwargs), donate_argnums=(0, 1)
+        agc_optax.sgd_agc_step(0.1, implementation=implementation, **kwargs), donate_argnums=(0, 1)
     )
     grads = [_random_tree(10 + i, 0.1) for i in range(2)]
     if implementation == "pallas":
@@ -286,10 +293,6 @@ def test_pallas_needs_params():
         tx.update(params, tx.init(params))
 
 
-def test_docstring_examples():
-    assert doctest.testmod(sgd_agc_pallas, optionflags=doctest.ELLIPSIS).failed == 0
-
-
 @pytest.mark.parametrize("platform", ["cuda", "tpu"])
 def test_kernels_lower_for_gpu_and_tpu(small_leaves, monkeypatch, platform):
     """Cross-lowering without the device: Triton (GPU) and Mosaic (TPU) accept the kernels.
@@ -297,7 +300,7 @@ def test_kernels_lower_for_gpu_and_tpu(small_leaves, monkeypatch, platform):
     This checks block shapes and that every op in the kernels has a lowering rule; it cannot
     check numerics or speed, which need the device.
     """
-    monkeypatch.setattr(sgd_agc_pallas, "INTERPRET", False)
+    monkeypatch.setattr(kernels, "INTERPRET", False)
     monkeypatch.setattr(sgd_agc_pallas, "_platform", lambda: "gpu" if platform == "cuda" else "tpu")
     shapes = {
         "conv": {"kernel": (3, 3, 64, 128)},
@@ -312,7 +315,7 @@ def test_kernels_lower_for_gpu_and_tpu(small_leaves, monkeypatch, platform):
         for target in ("__gpu$xla.gpu.triton", "tpu_custom_call")
     ]
     for fn in (
-        kernels.sgd_agc_step(0.1, implementation="pallas"),
+        agc_optax.sgd_agc_step(0.1, implementation="pallas"),
         lambda p, s, g: agc_optax.sgd_agc(0.1, implementation="pallas").update(g, s, p),
     ):
         exported = jax.export.export(jax.jit(fn), platforms=(platform,), disabled_checks=checks)(

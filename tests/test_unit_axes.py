@@ -7,9 +7,13 @@ import pytest
 from flax import nnx
 
 import agc_optax
-from agc_optax.unit_axes import resolve_unit_axes
 
 from .agc_reference import unit_norms
+
+
+def resolve_unit_axes(params, rule):
+    """(path, unit axes) of every leaf, as the unit plan resolves them."""
+    return [(row.path, row.unit_axes) for row in agc_optax.describe(params, rule)]
 
 
 @pytest.mark.parametrize(

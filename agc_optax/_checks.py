@@ -1,0 +1,87 @@
+"""Argument and tree checks shared by every transform (private).
+
+Each check raises a ``ValueError``/``TypeError`` that names the argument or the leaf path and
+says what to pass instead. Only concrete values can be checked: traced ones (``jit``,
+``optax.inject_hyperparams``) pass through.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def check_hyperparameter(
+    name: str, value: Any, *, below: float | None = None, why: str = ""
+) -> None:
+    """A concrete hyperparameter must be finite and >= 0 (and < ``below`` if given).
+
+    Traced values (inject_hyperparams, schedules under jit) cannot be checked and pass. ``why``
+    ends the error for ``below`` (e.g. "; the paper uses 0.98").
+    """
+    if isinstance(value, numbers.Real | np.ndarray) and np.ndim(value) == 0:
+        if not np.isfinite(value) or value < 0:
+            raise ValueError(f"`{name}` must be a finite number >= 0, got {value!r}.")
+        if below is not None and not value < below:
+            raise ValueError(f"`{name}` must be in [0, {below:g}), got {value!r}{why}.")
+
+
+def check_static_flag(name: str, value: Any) -> None:
+    """A flag that shapes the computation (``stats``, ``nesterov``) must be a Python value.
+
+    ``optax.inject_hyperparams`` turns bools into arrays unless they are listed in its
+    ``static_args``; say so instead of failing later with a tracer-conversion error.
+    """
+    if isinstance(value, jax.Array | np.ndarray):
+        raise TypeError(
+            f"`{name}` must be a Python bool, got an array. With `optax.inject_hyperparams`, "
+            f"list it in `static_args`, e.g. `static_args=({name!r},)`."
+        )
+
+
+def is_static_zero(value: Any) -> bool:
+    """True for ``None`` or a concrete Python/NumPy number equal to 0.
+
+    Decides at trace time whether an optional term (momentum buffers, weight decay) exists. An
+    array value counts as non-zero even when it holds 0, so ``optax.inject_hyperparams``, which
+    passes hyperparameters as arrays to both ``init`` and ``update``, always gets the term and a
+    traced value never has to be converted to a Python bool.
+    """
+    if value is None:
+        return True
+    return isinstance(value, numbers.Real) and not isinstance(value, jax.Array) and value == 0
+
+
+def check_float_leaf(path: str, leaf: Any, what: str) -> None:
+    """A leaf that is clipped must hold floating-point numbers; ``what`` names it in the error."""
+    dtype = getattr(leaf, "dtype", None)
+    if dtype is None or not jnp.issubdtype(dtype, jnp.inexact):
+        raise TypeError(
+            f"`{path}`: {what} has dtype {dtype}; gradient clipping needs floating-point leaves. "
+            f"Pass only trainable float parameters (e.g. `nnx.state(model, nnx.Param)`), or skip "
+            f'this leaf with `exclude=r"{path}$"`.'
+        )
+
+
+def check_same_paths(who: str, got: list[str], want: list[str], got_name: str, want_name: str):
+    """Raises a ``ValueError`` listing the leaf paths that differ between two trees."""
+    if got == want:
+        return
+    missing = sorted(set(got) - set(want))
+    extra = sorted(set(want) - set(got))
+    parts = []
+    if missing:
+        parts.append(
+            f"in {got_name} but not {want_name}: {', '.join(f'`{p}`' for p in missing[:5])}"
+        )
+    if extra:
+        parts.append(f"in {want_name} but not {got_name}: {', '.join(f'`{p}`' for p in extra[:5])}")
+    detail = "; ".join(parts) or "the same paths in a different order"
+    raise ValueError(
+        f"{who}: `{got_name}` and `{want_name}` must have the same tree structure ({detail}). "
+        "Pass the params the gradients were taken with, filtered the same way."
+    )

@@ -1,0 +1,168 @@
+"""Unit norms and AGC's per-unit scale (private; :func:`unitwise_norm` is public).
+
+Every implementation (the XLA transforms and the Pallas kernels) turns unit norms into a scale
+with the one function :func:`clip_scale`, so they clip alike.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+UnitAxes = tuple[int, ...] | None
+"""Axes that index units (``()``: the whole leaf is one unit), or ``None``: leave the leaf alone."""
+
+NormOrder = int | float
+"""A unit norm: 2 (Euclidean), 1, or ``math.inf``."""
+
+
+def is_axes(x: Any) -> bool:
+    """Whether ``x`` is a unit-axes value: a tuple of ints, or ``None``."""
+    return x is None or (isinstance(x, tuple) and all(isinstance(a, int | np.integer) for a in x))
+
+
+def normalize_axes(path: str, axes: Any, shape: Sequence[int], source: str) -> UnitAxes:
+    """Checks a rule's answer and makes its axes non-negative and sorted."""
+    if axes is None:
+        return None
+    if isinstance(axes, int | np.integer):
+        axes = (int(axes),)
+    if not is_axes(axes):
+        raise TypeError(
+            f"`{path}`: {source} gave unit axes {axes!r}; expected a tuple of ints "
+            "(e.g. (-1,)), () for the whole leaf, or None to leave the leaf unclipped."
+        )
+    rank = len(shape)
+    out = []
+    for a in axes:
+        if not -rank <= a < rank:
+            raise ValueError(
+                f"`{path}`: unit axes {tuple(axes)} out of range for shape {tuple(shape)}; "
+                f"give a rule with axes in [-{rank}, {rank - 1}], such as "
+                f"{'(-1,)' if rank else '()'}."
+            )
+        out.append(int(a) % rank)
+    if len(set(out)) != len(out):
+        raise ValueError(f"`{path}`: unit axes {tuple(axes)} repeat an axis of shape {shape}.")
+    return tuple(sorted(out))
+
+
+def check_norm(norm: Any) -> NormOrder:
+    """Validates a norm order: 1, 2 or inf; ``None`` means 2."""
+    if norm is None:
+        return 2
+    if isinstance(norm, jax.core.Tracer):
+        raise TypeError(
+            "`norm` picks code, so it cannot be traced: with optax.inject_hyperparams, add "
+            "'norm' to static_args."
+        )
+    if norm not in (1, 2, math.inf):
+        raise ValueError(f"`norm` must be 1, 2 or float('inf'), got {norm!r}.")
+    return norm
+
+
+def norm_power(norm: NormOrder) -> int:
+    """The power in which :func:`powered_unit_norms` returns a norm (2 for L2, else 1)."""
+    return 2 if norm == 2 else 1
+
+
+def reduction_axes(unit_axes: tuple[int, ...], ndim: int) -> tuple[int, ...]:
+    """The axes a unit's norm reduces over: every axis that does not index units."""
+    return tuple(a for a in range(ndim) if a not in unit_axes)
+
+
+def num_units(shape: Sequence[int], unit_axes: tuple[int, ...]) -> int:
+    """How many units a leaf of ``shape`` has."""
+    return math.prod(shape[a] for a in unit_axes)
+
+
+def squared_unit_norms(x: jax.Array, unit_axes: tuple[int, ...]) -> jax.Array:
+    """Sum of squares over each unit (keepdims), in ``promote(x.dtype, float32)``."""
+    acc = jnp.promote_types(jnp.real(x).dtype if jnp.iscomplexobj(x) else x.dtype, jnp.float32)
+    if jnp.iscomplexobj(x):
+        sq = jnp.square(x.real.astype(acc)) + jnp.square(x.imag.astype(acc))
+    else:
+        sq = jnp.square(x.astype(acc))
+    return jnp.sum(sq, axis=reduction_axes(unit_axes, x.ndim), keepdims=True)
+
+
+def powered_unit_norms(x: jax.Array, unit_axes: tuple[int, ...], norm: NormOrder = 2) -> jax.Array:
+    """Each unit's norm raised to :func:`norm_power` (keepdims, at least float32).
+
+    The squared L2 norm needs no square root, so comparisons against a squared bound stay cheap.
+    """
+    if norm == 2:
+        return squared_unit_norms(x, unit_axes)
+    magnitude = jnp.abs(x)
+    magnitude = magnitude.astype(jnp.promote_types(magnitude.dtype, jnp.float32))
+    reduce = jnp.sum if norm == 1 else jnp.max
+    return reduce(magnitude, axis=reduction_axes(unit_axes, x.ndim), keepdims=True)
+
+
+def unitwise_norm(x: jax.Array, unit_axes: Sequence[int], norm: NormOrder = 2) -> jax.Array:
+    """The norm of each unit of ``x``, accumulated in at least float32.
+
+    Not the same signature as ``optax.unitwise_norm``: optax's takes the axes the norm *reduces
+    over* (its ``axis``); this takes the axes that *index units* (the complement), and always
+    keeps the reduced axes as size 1.
+
+    Args:
+      x: an array.
+      unit_axes: the axes that index units (``()``: the whole array is one unit). Negative axes
+        are allowed.
+      norm: 2 (Euclidean, the default), 1, or ``float("inf")`` (largest magnitude).
+
+    Returns:
+      The norms, with the reduced axes kept as size 1 so they broadcast against ``x``: for a
+      ``(3, 3, 64, 128)`` conv kernel and ``unit_axes=(-1,)`` the result has shape
+      ``(1, 1, 1, 128)``.
+    """
+    x = jnp.asarray(x)
+    axes = normalize_axes("x", tuple(unit_axes), x.shape, "`unit_axes`")
+    powered = powered_unit_norms(x, axes, check_norm(norm))
+    return jnp.sqrt(powered) if norm == 2 else powered
+
+
+def safe_sqrt(x: jax.Array) -> jax.Array:
+    # sqrt has an infinite derivative at 0; keep jax.grad through the transform finite.
+    positive = x > 0
+    return jnp.where(positive, jnp.sqrt(jnp.where(positive, x, 1)), 0)
+
+
+def clip_scale(
+    g_pow: jax.Array, w_pow: jax.Array, clipping: Any, eps: Any, norm: NormOrder = 2
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """AGC from unit norms: (scale, clip mask, ratio ``||G_i|| / max(||W_i||, eps)``).
+
+    ``g_pow`` and ``w_pow`` are the units' norms raised to :func:`norm_power` (squared for L2).
+    ``scale`` is exactly 1 where a unit is not clipped. The ratio is only for statistics.
+    """
+    power = norm_power(norm)
+    w_floor_pow = jnp.maximum(w_pow, eps**power)
+    # For L2, compare squared norms: no sqrt on the hot path, and zero gradients never divide.
+    max_pow = clipping**power * w_floor_pow
+    clip = g_pow > max_pow
+    safe_g_pow = jnp.where(clip, g_pow, 1)
+    if power == 2:
+        factor = safe_sqrt(max_pow) * jax.lax.rsqrt(safe_g_pow)
+    else:
+        factor = max_pow / safe_g_pow
+    scale = jnp.where(clip, factor, 1)
+    safe_den = jnp.where(w_floor_pow > 0, w_floor_pow, 1)
+    ratio_pow = jnp.where(w_floor_pow > 0, g_pow / safe_den, jnp.where(g_pow > 0, jnp.inf, 0))
+    ratio = jnp.sqrt(ratio_pow) if power == 2 else ratio_pow
+    return scale, clip, ratio
+
+
+def apply_scale(g: jax.Array, scale: jax.Array) -> jax.Array:
+    """``g * scale`` in the wider of the two dtypes, cast back to ``g.dtype``.
+
+    A scale of exactly 1 returns g bit for bit, also in bf16 (which widens to float32 and back
+    exactly).
+    """
+    return (g * scale.astype(jnp.promote_types(g.dtype, scale.dtype))).astype(g.dtype)
