@@ -1,0 +1,127 @@
+"""This tree's optimizer steps against another revision's, side by side in one process.
+
+``python -m benchmarks.compare_versions --baseline REV`` exports ``agc_optax/`` at the git
+revision ``REV`` into a temporary folder as a package named ``agc_optax_baseline`` (every
+``agc_optax`` import inside it renamed), then times each step of this tree and of the baseline in
+the same interleaved rounds (donated buffers, as :mod:`benchmarks.fused_step`), with XLA's bytes
+accessed and the largest difference between the two versions' new parameters. A refactor that
+should not change the compiled program shows ratios near 1.0, equal bytes and a difference of 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import pathlib
+import re
+import subprocess
+import sys
+import tarfile
+import tempfile
+
+import jax
+import jax.numpy as jnp
+import optax
+
+import agc_optax
+from benchmarks import common
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def import_baseline(revision: str, folder: pathlib.Path):
+    """``agc_optax`` at ``revision``, imported as the package ``agc_optax_baseline``."""
+    archive = folder / "baseline.tar"
+    subprocess.run(
+        ["git", "archive", "--format=tar", "-o", str(archive), revision, "agc_optax"],
+        cwd=ROOT,
+        check=True,
+    )
+    with tarfile.open(archive) as tar:
+        tar.extractall(folder / "src", filter="data")
+    package = folder / "src" / "agc_optax_baseline"
+    (folder / "src" / "agc_optax").rename(package)
+    for path in package.rglob("*.py"):
+        path.write_text(re.sub(r"\bagc_optax\b", "agc_optax_baseline", path.read_text()))
+    sys.path.insert(0, str(folder / "src"))
+    return importlib.import_module("agc_optax_baseline")
+
+
+def _stepper(tx: optax.GradientTransformation):
+    def step(params, state, grads):
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    return jax.jit(step, donate_argnums=(0, 1))
+
+
+def _transforms(package) -> dict[str, optax.GradientTransformation]:
+    return {
+        "adaptive_grad_clip": package.adaptive_grad_clip(0.01, stats=True),
+        "sgd_agc": package.sgd_agc(0.1),
+        "adamw_agc": package.adamw_agc(1e-3),
+        "adagc": package.adagc(),
+        "zclip": package.zclip(),
+    }
+
+
+def run(baseline: str, repeats: int = 15, small: bool = False) -> str:
+    with tempfile.TemporaryDirectory() as folder:
+        old = import_baseline(baseline, pathlib.Path(folder))
+        shapes = common.resnet50_shapes()
+        if small:
+            shapes = dict(list(shapes.items())[:6])
+        grads = common.random_tree(shapes, seed=1, scale=0.01)
+        steps, inits = {}, {}
+        for version, package in (("this tree", agc_optax), (baseline, old)):
+            for name, tx in _transforms(package).items():
+                steps[(name, version)] = _stepper(tx)
+                # Copies: a state may hold one buffer twice (ZClip's zeros), which donation refuses.
+                inits[(name, version)] = lambda p, init=tx.init: jax.tree.map(jnp.copy, init(p))
+        thunks, nbytes = common.donated_steps(
+            steps, lambda: common.random_tree(shapes, seed=0), inits, grads
+        )
+        times = common.time_interleaved(thunks, repeats=repeats)
+
+        def new_params(key):
+            params = common.random_tree(shapes, seed=0)
+            return steps[key](params, inits[key](params), grads)[0]
+
+        rows = []
+        for name in _transforms(agc_optax):
+            new, ref = (name, "this tree"), (name, baseline)
+            rows.append(
+                (
+                    name,
+                    f"{times[new] * 1e3:.2f}",
+                    f"{times[ref] * 1e3:.2f}",
+                    f"{times[new] / times[ref]:.3f}",
+                    f"{nbytes[new] / 2**20:.1f} / {nbytes[ref] / 2**20:.1f}",
+                    f"{common.max_relative_difference(new_params(new), new_params(ref)):.1e}",
+                )
+            )
+    header = (
+        "step (ResNet-50 tree, donated)",
+        "ms, this tree",
+        f"ms, {baseline}",
+        "ratio",
+        "MiB accessed (this / baseline)",
+        "new params, max rel diff",
+    )
+    return (
+        f"### This tree vs {baseline} (median of interleaved runs); {common.machine()}\n\n"
+        + common.markdown_table(header, rows)
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--baseline", required=True, help="git revision to compare against")
+    parser.add_argument("--repeats", type=int, default=15, help="timed repetitions per contender")
+    parser.add_argument("--small", action="store_true", help="tiny sizes: a smoke test, not data")
+    args = parser.parse_args(argv)
+    print(run(args.baseline, args.repeats, args.small))
+
+
+if __name__ == "__main__":
+    main()
