@@ -371,3 +371,54 @@ def test_bad_options():
         agc_optax.adaptive_grad_clip(norm=3)
     with pytest.raises(ValueError, match="`granularity` must be 'unit' or 'layer'"):
         agc_optax.adaptive_grad_clip(granularity="tensor")
+
+
+@pytest.mark.parametrize(
+    ("bad", "err", "words"),
+    [
+        ("(", ValueError, r"`exclude`: '\(' is not a valid regular expression"),
+        (123, TypeError, r"`exclude` must be a regex.*got 123"),
+    ],
+)
+def test_bad_exclude_fails_at_construction(bad, err, words):
+    for make in (agc_optax.adaptive_grad_clip, agc_optax.adagc, agc_optax.zclip):
+        with pytest.raises(err, match=words):
+            make(exclude=bad)
+    with pytest.raises(err, match=words):
+        agc_optax.sgd_agc(0.1, exclude=bad)
+
+
+def test_bad_unit_axes_regex_names_the_argument():
+    tx = agc_optax.adaptive_grad_clip(unit_axes=[("[", (0,))])
+    with pytest.raises(ValueError, match=r"`unit_axes`: '\[' is not a valid regular expression"):
+        tx.init({"w": jnp.ones((2, 2))})
+
+
+@pytest.mark.parametrize("make", ["adaptive_grad_clip", "sgd_agc", "adamw_agc"])
+def test_unit_plan_is_built_once_per_tree(make):
+    """Rules run once per leaf for a tree, not again at every update or trace."""
+    calls = []
+
+    def rule(path, leaf):
+        calls.append(path)
+        return (-1,) if np.ndim(leaf) >= 2 else ()
+
+    kwargs = dict(unit_axes=rule, stats=True)
+    tx = (
+        agc_optax.adaptive_grad_clip(**kwargs)
+        if make == "adaptive_grad_clip"
+        else getattr(agc_optax, make)(0.1, **kwargs)
+    )
+    params = {"dense": {"kernel": jnp.ones((3, 4)), "bias": jnp.zeros(4)}}
+    grads = jax.tree.map(lambda x: x + 1.0, params)
+    state = tx.init(params)
+    _, state = tx.update(grads, state, params)
+    _, state = jax.jit(tx.update)(grads, state, params)
+    assert sorted(calls) == ["dense/bias", "dense/kernel"]
+    # The plan describe() shows is the one the transform used.
+    plan = agc_optax.describe(params, rule)
+    assert int(optax.tree.get(state, "num_units")) == plan.num_units == 5
+    # A tree of another shape gets its own plan.
+    bigger = {"dense": {"kernel": jnp.ones((3, 6)), "bias": jnp.zeros(6)}}
+    tx.update(bigger, tx.init(bigger), bigger)
+    assert len(calls) == 2 + 2 + 2
