@@ -68,7 +68,7 @@ def xla_unit_norms(norm: NormOrder) -> UnitNorms:
 
 def clip_leaves(
     who: str,
-    plan: UnitTable,
+    plans: PlanCache,
     updates: Any,
     params: Any,
     leaf_fn: LeafFn,
@@ -85,7 +85,7 @@ def clip_leaves(
 
     Args:
       who: the transform's name, for errors.
-      plan: the unit plan of ``params``.
+      plans: the transform's plans; the driver takes the one of ``params``.
       updates: the gradients.
       params: the parameters (``None`` is an error naming ``who``).
       leaf_fn: the transform's step for one leaf, see :data:`LeafFn`.
@@ -104,6 +104,7 @@ def clip_leaves(
     """
     if params is None:
         raise ValueError(f"{who} needs the parameters: call `tx.update(grads, state, params)`.")
+    plan = plans(params)
     g_leaves = plan.check_matches(updates, "updates", who)
     w_leaves = jax.tree.leaves(params)
     state_leaves = [[None] * len(g_leaves) if t is None else jax.tree.leaves(t) for t in state]
@@ -228,10 +229,9 @@ def adaptive_grad_clip(
         return (g if scale is None else apply_scale(g, scale),)
 
     def update_fn(updates: Any, state: optax.OptState, params: Any = None):
-        plan = None if params is None else plans(params)
         (clipped,), new_stats = clip_leaves(
             "adaptive_grad_clip",
-            plan,
+            plans,
             updates,
             params,
             keep_or_scale,

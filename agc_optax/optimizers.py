@@ -171,7 +171,7 @@ def _sgd_agc_parts(
             )
         (out, new_momentum), agc = clip_leaves(
             "sgd_agc",
-            None if params is None else plans(params),
+            plans,
             updates,
             params,
             leaf_fn,
@@ -408,7 +408,7 @@ def adamw_agc(
 
         (out, mu, nu), agc = clip_leaves(
             "adamw_agc",
-            None if params is None else plans(params),
+            plans,
             updates,
             params,
             leaf,
