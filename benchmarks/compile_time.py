@@ -10,7 +10,7 @@ from flax import nnx
 
 import agc_optax
 from agc_optax.models import create_model
-from agc_optax.training import loop
+from agc_optax.training import init_state, make_train_step, split_model
 from benchmarks import common
 
 
@@ -20,11 +20,11 @@ def _compile_seconds(name: str, scan: bool, small: bool) -> tuple[float, int]:
         overrides |= {"widths": (256, 256, 256, 256), "depths": (1, 2, 1, 1)}
     model = create_model(name, 1000, rngs=nnx.Rngs(0), **overrides)
     tx = agc_optax.sgd_agc(0.1, unit_axes=model.agc_unit_axes)
-    split, params, stats = loop.split_model(model)
-    state = loop.init_state(params, stats, tx)
+    split, params, stats = split_model(model)
+    state = init_state(params, stats, tx)
     res = 16 if small else 64
     batch = (jnp.zeros((2, res, res, 3), jnp.float32), jnp.zeros((2,), jnp.int32))
-    step = jax.jit(loop.make_train_step(split, tx, seed=0))
+    step = jax.jit(make_train_step(split, tx, seed=0))
     start = time.perf_counter()
     step.lower(state, batch).compile()
     n_params = sum(x.size for x in jax.tree.leaves(params))

@@ -1,7 +1,7 @@
 """Benchmarks 3 and 4: AGC's share of a whole training step, and NF-ResNet-50 vs BN ResNet-50.
 
-Both use the library's own train step (``agc_optax.training.loop``) at a small resolution so that
-they run on a CPU; the ratios, not the absolute numbers, are the point.
+Both use the library's own train step (``agc_optax.training.make_train_step``) at a small
+resolution so that they run on a CPU; the ratios, not the absolute numbers, are the point.
 """
 
 from __future__ import annotations
@@ -16,16 +16,16 @@ from flax import nnx
 
 import agc_optax
 from agc_optax.models import create_model
-from agc_optax.training import loop
+from agc_optax.training import init_state, make_train_step, split_model
 from benchmarks import common
 
 TINY = {"widths": (16, 32, 48, 64), "depths": (1, 1, 1, 1)}
 
 
 def _step_runner(model: nnx.Module, tx: optax.GradientTransformation, batch):
-    split, params, stats = loop.split_model(model)
-    state = loop.init_state(params, stats, tx)
-    step = jax.jit(loop.make_train_step(split, tx, seed=0), donate_argnums=(0,))
+    split, params, stats = split_model(model)
+    state = init_state(params, stats, tx)
+    step = jax.jit(make_train_step(split, tx, seed=0), donate_argnums=(0,))
     live = [state]
 
     def go():
