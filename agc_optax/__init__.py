@@ -21,9 +21,9 @@ __version__ = "0.1.0"
 # Signal-propagation tools need the models (Flax); import them on first use so that
 # `import agc_optax` for the optax transforms stays light.
 _LAZY = {
-    "signal_propagation": "agc_optax.spp",
-    "plot_signal_propagation": "agc_optax.spp",
-    "expected_variance": "agc_optax.spp",
+    "signal_propagation": "agc_optax.models.spp",
+    "plot_signal_propagation": "agc_optax.models.spp",
+    "expected_variance": "agc_optax.models.spp",
 }
 
 

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from agc_optax import expected_variance, plot_signal_propagation, signal_propagation
 from agc_optax.models import NFResNet, ResNet
-from agc_optax.spp import expected_variance, plot_signal_propagation, signal_propagation
 
 ALPHA = 0.2
 DEPTHS = (3, 3, 3)

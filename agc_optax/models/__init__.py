@@ -1,12 +1,5 @@
 """Normalizer-free networks in Flax NNX, with DeepMind parity and weight loading."""
 
-from agc_optax.models.haiku_weights import (
-    HaikuWeightsError,
-    download_nfnet_weights,
-    load_haiku_params,
-    load_params,
-    save_params,
-)
 from agc_optax.models.layers import (
     GAMMAS,
     SqueezeExcite,
@@ -18,9 +11,15 @@ from agc_optax.models.layers import (
 )
 from agc_optax.models.nf_regnet import NFRegNet, NFRegNetConfig
 from agc_optax.models.nf_resnet import NFResNet, NFResNetConfig
-from agc_optax.models.nfnet import NFNet, NFNetConfig
+from agc_optax.models.nfnet import NFNet, NFNetConfig, download_nfnet_weights
 from agc_optax.models.registry import create_model, get_config, list_models
 from agc_optax.models.resnet import ResNet, ResNetConfig
+from agc_optax.models.weights import (
+    HaikuWeightsError,
+    load_haiku_params,
+    load_params,
+    save_params,
+)
 
 __all__ = [
     "GAMMAS",

@@ -4,7 +4,9 @@ Everything here reproduces the numerics of DeepMind's Haiku reference
 (google-deepmind/deepmind-research, ``nfnets/base.py``): scaled weight
 standardization, activations with their published gamma constants,
 squeeze-excite, batchwise stochastic depth without rescaling, the signal
-metrics, and TF-style SAME pooling.
+metrics, TF-style SAME pooling, and the normalizer-free schedule of ``beta``
+and expected variance that every NF family and the signal propagation plots
+share.
 
 References:
   Brock, De, Smith, Simonyan 2021, "Characterizing signal propagation to close
@@ -17,24 +19,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-
-__all__ = [
-    "GAMMAS",
-    "SqueezeExcite",
-    "StochasticDepth",
-    "WSConv",
-    "avg_pool_same",
-    "estimate_gamma",
-    "max_pool_same",
-    "scaled_activation",
-    "signal_metrics",
-]
 
 Array = jax.Array
 Dtype = Any
@@ -191,8 +181,14 @@ def signal_metrics(x: Array, index: int | str) -> dict[str, Array]:
     axes = tuple(range(x.ndim - 1))
     return {
         f"avg_sq_mean_{index}": jnp.mean(jnp.mean(x, axis=axes) ** 2),
-        f"avg_var_{index}": jnp.mean(jnp.var(x, axis=axes)),
+        f"avg_var_{index}": avg_channel_var(x),
     }
+
+
+def avg_channel_var(x: Array) -> Array:
+    """``mean_C(var_NHW(x))`` of a channels-last activation, in float32 (biased variance)."""
+    x = x.astype(jnp.float32)
+    return jnp.mean(jnp.var(x, axis=tuple(range(x.ndim - 1))))
 
 
 def run_residual_blocks(
@@ -201,8 +197,8 @@ def run_residual_blocks(
     """Runs blocks that return ``(out, res_avg_var)``, collecting DeepMind's metric dict.
 
     Shared by the families' ``forward_features``: with ``return_metrics``, the dict holds
-    :func:`signal_metrics` of the stem output (index 0) and of each block output (index
-    ``block + 1``), and ``res_avg_var_<block>`` of each residual branch.
+    :func:`signal_metrics` of the stem output (``avg_sq_mean_0``, ``avg_var_0``) and of each
+    block output (index ``block + 1``), and ``res_avg_var_<block>`` of each residual branch.
     """
     outputs: dict[str, Array] = {}
     out = stem_out
@@ -214,6 +210,70 @@ def run_residual_blocks(
             outputs.update(signal_metrics(out, i + 1))
             outputs[f"res_avg_var_{i}"] = res_avg_var
     return out, outputs
+
+
+# ----------------------------------------------------------------------------- NF schedule
+
+
+class ScheduledBlock(NamedTuple):
+    """One residual block's entry in the normalizer-free schedule (see `nf_schedule`).
+
+    Attributes:
+      index: position in its stage; 0 is the stage's first (transition) block.
+      beta: input scale of the residual branch, ``1 / expected_std`` of the block's input.
+      stochdepth_rate: the block's stochastic-depth rate.
+      variance: the expected variance of the block's output at initialization.
+    """
+
+    index: int
+    beta: float
+    stochdepth_rate: float
+    variance: float
+
+
+def nf_schedule(
+    depths: Sequence[int], alpha: float, stochdepth_rate: float | None = None
+) -> list[ScheduledBlock]:
+    """The per-block ``beta``, stochastic-depth rate and expected variance of an NF network.
+
+    A residual branch whose input is scaled by ``beta = 1 / expected_std`` outputs unit variance
+    at initialization, so every block adds ``alpha**2`` to the variance of the skip path. The
+    first block of each stage has a shortcut on the normalized input, so the variance restarts
+    from one there (plus that block's ``alpha**2``). Block ``i`` of ``n`` gets the stochastic
+    depth rate ``stochdepth_rate * i / n`` (zero when ``stochdepth_rate`` is None).
+
+    ``beta`` follows DeepMind's recurrence on the standard deviation,
+    ``expected_std = sqrt(expected_std**2 + alpha**2)``, which parity needs to the last bit;
+    ``variance`` is the exact sum ``1 + k * alpha**2``.
+
+    Args:
+      depths: blocks per stage.
+      alpha: the residual-branch scale.
+      stochdepth_rate: the rate of the last block.
+
+    Returns:
+      One `ScheduledBlock` per block, in order.
+
+    Example:
+      >>> [round(b.beta, 4) for b in nf_schedule((2, 2), alpha=0.2)]
+      [1.0, 0.9806, 0.9623, 0.9806]
+    """
+    schedule = []
+    expected_std = variance = 1.0
+    num_blocks = sum(depths)
+    for depth in depths:
+        for index in range(depth):
+            beta = 1.0 / expected_std
+            rate = 0.0 if stochdepth_rate is None else stochdepth_rate * len(schedule) / num_blocks
+            if index == 0:
+                expected_std = variance = 1.0
+            expected_std = (expected_std**2 + alpha**2) ** 0.5
+            variance += alpha**2
+            schedule.append(ScheduledBlock(index, beta, rate, variance))
+    return schedule
+
+
+# ----------------------------------------------------------------------------- pooling
 
 
 def _window(x: Array, size: int) -> tuple[int, ...]:
@@ -253,13 +313,7 @@ def avg_pool_same(x: Array, window: int = 2, stride: int = 2) -> Array:
 def max_pool_same(x: Array, window: int = 3, stride: int = 2) -> Array:
     """Max pool over the spatial axes with TF 'SAME' padding (pads with -inf).
 
-    Args:
-      x: array of shape ``(N, *spatial, C)``.
-      window: window size along every spatial axis.
-      stride: stride along every spatial axis.
-
-    Returns:
-      The pooled array, of the same dtype.
+    Arguments and result as in `avg_pool_same`.
     """
     return jax.lax.reduce_window(
         x, np.array(-np.inf, x.dtype), jax.lax.max, _window(x, window), _window(x, stride), "SAME"
@@ -427,24 +481,16 @@ class SqueezeExcite(nnx.Module):
                 raise ValueError("SqueezeExcite: give one of `se_ratio` or `hidden_features`")
             hidden_features = max(1, int(in_features * se_ratio))
         self.hidden_features = hidden_features
-        # hk.Linear's default: truncated normal with stddev 1/sqrt(fan_in) before
-        # truncation at two standard deviations.
-        self.fc0 = nnx.Linear(
-            in_features,
-            hidden_features,
-            kernel_init=nnx.initializers.truncated_normal(1.0 / math.sqrt(in_features)),
-            dtype=dtype,
-            param_dtype=param_dtype,
-            rngs=rngs,
-        )
-        self.fc1 = nnx.Linear(
-            hidden_features,
-            out_features,
-            kernel_init=nnx.initializers.truncated_normal(1.0 / math.sqrt(hidden_features)),
-            dtype=dtype,
-            param_dtype=param_dtype,
-            rngs=rngs,
-        )
+
+        def linear(n_in: int, n_out: int) -> nnx.Linear:
+            # hk.Linear's default: truncated normal with stddev 1/sqrt(fan_in) before
+            # truncation at two standard deviations.
+            init = nnx.initializers.truncated_normal(1.0 / math.sqrt(n_in))
+            kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+            return nnx.Linear(n_in, n_out, kernel_init=init, **kw)
+
+        self.fc0 = linear(in_features, hidden_features)
+        self.fc1 = linear(hidden_features, out_features)
 
     def __call__(self, x: Array) -> Array:
         """Computes the gate for channels-last ``x``."""
@@ -528,3 +574,71 @@ class StochasticDepth(nnx.Module):
             key = self.rngs()
         u = jax.random.uniform(key, (x.shape[0],) + (1,) * (x.ndim - 1), x.dtype)
         return x * jnp.floor((1.0 - rate) + u).astype(x.dtype)
+
+
+# ----------------------------------------------------------------------------- NF block pieces
+
+
+def optional_stochastic_depth(
+    rate: float | None, rngs: nnx.Rngs | nnx.RngStream | None
+) -> StochasticDepth | None:
+    """A `StochasticDepth` for a rate in (0, 1), else None, as DeepMind's blocks decide."""
+    return StochasticDepth(rate, rngs=rngs) if rate is not None and 0.0 < rate < 1.0 else None
+
+
+def pooled_shortcut(x: Array, out: Array, stride: int, conv_shortcut: Any) -> Array:
+    """The shortcut of NFNet and NF-RegNet blocks, from the block input ``x`` and ``out``.
+
+    ``out`` is ``act(x) * beta``. A strided block takes ``conv_shortcut(avg_pool_same(out))``
+    (or the pool alone without a conv), a channel change ``conv_shortcut(out)``, any other block
+    ``x`` itself: not activated, so that the signal's scale keeps accumulating.
+    """
+    if stride > 1:
+        shortcut = avg_pool_same(out, window=2, stride=stride)
+        return shortcut if conv_shortcut is None else conv_shortcut(shortcut)
+    return x if conv_shortcut is None else conv_shortcut(out)
+
+
+def nf_residual(
+    block: nnx.Module,
+    branch: Array,
+    shortcut: Array,
+    stochdepth_rate: float | Array | None = None,
+) -> tuple[Array, Array]:
+    """The end of an NF block: ``stoch_depth(branch) * skip_gain * alpha + shortcut``.
+
+    Args:
+      block: the NF block, with attributes ``alpha`` (the residual-branch scale),
+        ``skip_gain`` (its scalar SkipInit gain) and ``stoch_depth`` (a `StochasticDepth` or
+        None).
+      branch: the residual branch's output.
+      shortcut: the skip path (cast to the branch's dtype).
+      stochdepth_rate: overrides the stochastic-depth rate (traced per layer by the scanned
+        NFNet stacks).
+
+    Returns:
+      ``(output, res_avg_var)``, the latter the branch's `avg_channel_var` before stochastic
+      depth and ``skip_gain``.
+    """
+    res_avg_var = avg_channel_var(branch)
+    if block.stoch_depth is not None:
+        branch = block.stoch_depth(branch, rate=stochdepth_rate)
+    branch = branch * block.skip_gain[...].astype(branch.dtype)
+    return branch * block.alpha + shortcut.astype(branch.dtype), res_avg_var
+
+
+# ----------------------------------------------------------------------------- Haiku names
+
+# How DeepMind's Haiku checkpoints name these layers' parameters (see
+# `agc_optax.models.weights.HaikuNames`): WSConv2D has `w`, `gain` and `bias`, hk.Linear `w`
+# and `b`. No tensor needs a transpose: Haiku's HWIO kernels and (in, out) weights are Flax's.
+WS_CONV_PARAMS = {"w": "kernel", "gain": "gain", "bias": "bias"}
+LINEAR_PARAMS = {"w": "kernel", "b": "bias"}
+
+# The layers inside a residual block, named alike by the three NF families: Haiku module path
+# below the block (a regex, full match) -> (NNX path template, parameter names).
+NF_BLOCK_LAYERS = {
+    "(conv0|conv1|conv1b|conv2|conv_shortcut)": (r"\1", WS_CONV_PARAMS),
+    "squeeze_excite/linear": ("se/fc0", LINEAR_PARAMS),
+    "squeeze_excite/linear_1": ("se/fc1", LINEAR_PARAMS),
+}

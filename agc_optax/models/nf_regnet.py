@@ -13,9 +13,9 @@ The model follows ``nfnets/nf_regnet.py`` of google-deepmind/deepmind-research:
 * head: ``final_conv`` 1x1 to ``1280 * ch // 440`` channels, act, spatial mean, dropout and the
   zero-initialized linear classifier ``head``.
 
-The registry's ``nf_regnet_b*`` models use DeepMind's training arguments
-(``experiment_nf_regnets.py``): width 0.75, expansion 2.25, group size 8, SE ratio 0.5,
-alpha 0.2, stochastic depth 0.1, the variant's dropout and ``silu``.
+The constructor's defaults are DeepMind's training arguments (``experiment_nf_regnets.py``):
+width 0.75, expansion 2.25, group size 8, SE ratio 0.5, alpha 0.2, stochastic depth 0.1, the
+variant's dropout and ``silu``; the registry's ``nf_regnet_b*`` models are built with them.
 
 References:
   Brock, De, Smith. Characterizing signal propagation to close the performance gap in unnormalized
@@ -26,58 +26,69 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from agc_optax.models import haiku_weights, layers, registry
-from agc_optax.models.nf_resnet import block_schedule
-
-__all__ = [
-    "MODEL_CONFIGS",
-    "NF_REGNET_VARIANTS",
-    "NFRegNet",
-    "NFRegNetBlock",
-    "NFRegNetConfig",
-    "NFRegNetVariant",
-    "build",
-]
+from agc_optax.models import layers
+from agc_optax.models._config import check_stages, resolve_config
+from agc_optax.models.weights import HaikuNames
 
 Initializer = Callable[..., jax.Array]
 
 
 @dataclasses.dataclass(frozen=True)
-class NFRegNetVariant:
-    """A row of DeepMind's ``nf_regnet_params``.
+class NFRegNetConfig:
+    """One NF-RegNet variant (a row of DeepMind's ``nf_regnet_params``).
 
     Attributes:
-      widths: stage widths before the ``width`` multiplier.
+      variant: the name, e.g. ``"B0"``.
+      widths: output channels per stage, before the model's ``width`` multiplier.
       depths: blocks per stage.
       train_imsize: training resolution.
       test_imsize: evaluation resolution.
       drop_rate: dropout before the classifier.
     """
 
+    variant: str
     widths: tuple[int, ...]
     depths: tuple[int, ...]
     train_imsize: int
     test_imsize: int
     drop_rate: float
 
+    def __post_init__(self) -> None:
+        check_stages(self, ("depths",))
 
-NF_REGNET_VARIANTS: dict[str, NFRegNetVariant] = {
-    "B0": NFRegNetVariant((48, 104, 208, 440), (1, 3, 6, 6), 192, 224, 0.2),
-    "B1": NFRegNetVariant((48, 104, 208, 440), (2, 4, 7, 7), 224, 256, 0.2),
-    "B2": NFRegNetVariant((56, 112, 232, 488), (2, 4, 8, 8), 240, 272, 0.3),
-    "B3": NFRegNetVariant((56, 128, 248, 528), (2, 5, 9, 9), 288, 320, 0.3),
-    "B4": NFRegNetVariant((64, 144, 288, 616), (2, 6, 11, 11), 320, 384, 0.4),
-    "B5": NFRegNetVariant((80, 168, 336, 704), (3, 7, 14, 14), 384, 456, 0.4),
-    "B6": NFRegNetVariant((88, 184, 376, 792), (3, 8, 16, 16), 448, 528, 0.5),
-    "B7": NFRegNetVariant((96, 208, 416, 880), (4, 10, 19, 19), 512, 600, 0.5),
-    "B8": NFRegNetVariant((104, 232, 456, 968), (4, 11, 22, 22), 600, 672, 0.5),
+
+NF_REGNET_VARIANTS: dict[str, NFRegNetConfig] = {
+    config.variant: config
+    for config in (
+        NFRegNetConfig("B0", (48, 104, 208, 440), (1, 3, 6, 6), 192, 224, 0.2),
+        NFRegNetConfig("B1", (48, 104, 208, 440), (2, 4, 7, 7), 224, 256, 0.2),
+        NFRegNetConfig("B2", (56, 112, 232, 488), (2, 4, 8, 8), 240, 272, 0.3),
+        NFRegNetConfig("B3", (56, 128, 248, 528), (2, 5, 9, 9), 288, 320, 0.3),
+        NFRegNetConfig("B4", (64, 144, 288, 616), (2, 6, 11, 11), 320, 384, 0.4),
+        NFRegNetConfig("B5", (80, 168, 336, 704), (3, 7, 14, 14), 384, 456, 0.4),
+        NFRegNetConfig("B6", (88, 184, 376, 792), (3, 8, 16, 16), 448, 528, 0.5),
+        NFRegNetConfig("B7", (96, 208, 416, 880), (4, 10, 19, 19), 512, 600, 0.5),
+        NFRegNetConfig("B8", (104, 232, 456, 968), (4, 11, 22, 22), 600, 672, 0.5),
+    )
 }
+
+# DeepMind's Haiku names -> NNX paths (read by `agc_optax.models.load_haiku_params`).
+HAIKU_NAMES = HaikuNames(
+    top_level="NF_RegNet",
+    layers={
+        "initial_conv": ("stem/conv", layers.WS_CONV_PARAMS),
+        "final_conv": ("final_conv", layers.WS_CONV_PARAMS),
+        "linear": ("head", layers.LINEAR_PARAMS),
+    },
+    blocks="nf_block",
+    block_layers=layers.NF_BLOCK_LAYERS,
+)
 
 
 def _activation(name: str) -> Callable[[jax.Array], jax.Array]:
@@ -146,33 +157,18 @@ class NFRegNetBlock(nnx.Module):
         self.conv_shortcut = (
             layers.WSConv(in_features, out_features, 1, **common) if self.use_projection else None
         )
-        self.stoch_depth = (
-            layers.StochasticDepth(stochdepth_rate, rngs=rngs)
-            if stochdepth_rate is not None and 0.0 < stochdepth_rate < 1.0
-            else None
-        )
+        self.stoch_depth = layers.optional_stochastic_depth(stochdepth_rate, rngs)
         self.skip_gain = nnx.Param(jnp.zeros((), param_dtype))
 
     def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Returns ``(output, residual-branch average channel variance)``."""
         out = self.activation(x) * self.beta
-        if self.stride > 1:
-            shortcut = layers.avg_pool_same(out, 2, 2)
-            if self.conv_shortcut is not None:
-                shortcut = self.conv_shortcut(shortcut)
-        elif self.conv_shortcut is not None:
-            shortcut = self.conv_shortcut(out)
-        else:
-            shortcut = x
+        shortcut = layers.pooled_shortcut(x, out, self.stride, self.conv_shortcut)
         out = self.conv1(self.activation(self.conv0(out)))
         # The factor 2 restores unit variance: a sigmoid gate averages about one half at init.
         out = 2 * self.se(out) * out
         out = self.conv2(self.activation(out))
-        res_avg_var = jnp.mean(jnp.var(out.astype(jnp.float32), axis=(0, 1, 2)))
-        if self.stoch_depth is not None:
-            out = self.stoch_depth(out)
-        out = out * self.skip_gain[...].astype(out.dtype)
-        return out * self.alpha + shortcut, res_avg_var
+        return layers.nf_residual(self, out, shortcut)
 
 
 class Stem(nnx.Module):
@@ -197,7 +193,8 @@ class NFRegNet(nnx.Module):
 
     Args:
       num_classes: classifier outputs.
-      variant: a key of :data:`NF_REGNET_VARIANTS` (``'B0'`` ... ``'B8'``).
+      variant: a key of :data:`NF_REGNET_VARIANTS` (``'B0'`` ... ``'B8'``) or an
+        `NFRegNetConfig`.
       width: multiplier of the variant's stage widths (each rounded down with ``int``).
       expansion: bottleneck expansion of every block but the first (which uses 1).
       group_size: channels per group of the 3x3 convs.
@@ -222,10 +219,12 @@ class NFRegNet(nnx.Module):
       (1, 10)
     """
 
+    haiku_names: ClassVar[HaikuNames] = HAIKU_NAMES
+
     def __init__(
         self,
         num_classes: int,
-        variant: str = "B0",
+        variant: str | NFRegNetConfig = "B0",
         width: float = 0.75,
         expansion: float = 2.25,
         group_size: int = 8,
@@ -243,25 +242,15 @@ class NFRegNet(nnx.Module):
         param_dtype: Any = jnp.float32,
         rngs: nnx.Rngs,
     ):
-        if variant not in NF_REGNET_VARIANTS:
-            raise ValueError(
-                f"`variant`={variant!r} is not an NF-RegNet variant; choose one of "
-                f"{sorted(NF_REGNET_VARIANTS)}"
-            )
-        preset = NF_REGNET_VARIANTS[variant]
-        self.variant = variant
-        self.train_imsize, self.test_imsize = preset.train_imsize, preset.test_imsize
-        base_widths = tuple(preset.widths if widths is None else widths)
-        self.depths = tuple(int(d) for d in (preset.depths if depths is None else depths))
-        if len(base_widths) != len(self.depths):
-            raise ValueError(
-                f"`widths` has {len(base_widths)} stages but `depths` has {len(self.depths)}; "
-                "give one width per stage"
-            )
-        if any(d < 1 for d in self.depths):
-            raise ValueError(f"`depths`={self.depths}: every stage needs at least one block")
-        self.widths = tuple(int(w * width) for w in base_widths)
-        self.drop_rate = float(preset.drop_rate if drop_rate is None else drop_rate)
+        config = resolve_config(
+            variant, NF_REGNET_VARIANTS, NFRegNetConfig, widths=widths, depths=depths
+        )
+        self.config = config
+        self.variant = config.variant
+        self.train_imsize, self.test_imsize = config.train_imsize, config.test_imsize
+        self.depths = config.depths
+        self.widths = tuple(int(w * width) for w in config.widths)
+        self.drop_rate = float(config.drop_rate if drop_rate is None else drop_rate)
         if not 0.0 <= self.drop_rate < 1.0:
             raise ValueError(f"`drop_rate`={drop_rate} must be in [0, 1)")
         self.activation = _activation(activation)
@@ -271,11 +260,11 @@ class NFRegNet(nnx.Module):
         ch = self.widths[0]
         self.stem = Stem(in_features, ch, **common)
         blocks = []
-        schedule = iter(block_schedule(self.depths, alpha, stochdepth_rate))
+        schedule = iter(layers.nf_schedule(self.depths, alpha, stochdepth_rate))
         index = 0
         for out_ch, depth in zip(self.widths, self.depths, strict=True):
             for _ in range(depth):
-                block_index, beta, rate = next(schedule)
+                block_index, beta, rate, _ = next(schedule)
                 blocks.append(
                     NFRegNetBlock(
                         ch,
@@ -300,16 +289,10 @@ class NFRegNet(nnx.Module):
         self.head = nnx.Linear(1280 * ch // 440, num_classes, kernel_init=fc_init, **common)
 
     def forward_features(self, x: jax.Array, *, return_metrics: bool = False) -> dict[str, Any]:
-        """Runs the network and returns DeepMind's output dict.
+        """Runs the network on NHWC images; returns DeepMind's output dict.
 
-        Args:
-          x: images, NHWC.
-          return_metrics: also return ``avg_sq_mean_{i}`` and ``avg_var_{i}`` of the stem output
-            (``i = 0``) and of every block output (``i = block + 1``), and ``res_avg_var_{i}`` of
-            every residual branch before the skip gain.
-
-        Returns:
-          ``{'pool', 'logits'}`` plus the metrics when asked for.
+        ``{'pool', 'logits'}``, plus with ``return_metrics`` the signal metrics of every block
+        (keys as in `layers.run_residual_blocks`; the residual branch before the skip gain).
         """
         out, outputs = layers.run_residual_blocks(self.stem(x), self.blocks, return_metrics)
         out = self.activation(self.final_conv(out))
@@ -321,39 +304,3 @@ class NFRegNet(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         """Returns the logits (no softmax) for NHWC images."""
         return self.forward_features(x)["logits"]
-
-
-@dataclasses.dataclass(frozen=True)
-class NFRegNetConfig:
-    """Constructor arguments of a registered NF-RegNet (DeepMind's experiment kwargs)."""
-
-    variant: str = "B0"
-    width: float = 0.75
-    expansion: float = 2.25
-    group_size: int = 8
-    se_ratio: float = 0.5
-    alpha: float = 0.2
-    stochdepth_rate: float = 0.1
-    drop_rate: float | None = None
-    activation: str = "silu"
-
-
-MODEL_CONFIGS: dict[str, NFRegNetConfig] = {
-    f"nf_regnet_{v.lower()}": NFRegNetConfig(variant=v) for v in NF_REGNET_VARIANTS
-}
-
-
-build = registry.config_builder(NFRegNet)
-
-
-haiku_weights.register_haiku_family(
-    "NF_RegNet",
-    haiku_weights.residual_family_mapper(
-        "nf_block",
-        {
-            "initial_conv": ("stem/conv", haiku_weights.CONV_PARAMS),
-            "final_conv": ("final_conv", haiku_weights.CONV_PARAMS),
-            "linear": ("head", haiku_weights.LINEAR_PARAMS),
-        },
-    ),
-)

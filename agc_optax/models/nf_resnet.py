@@ -12,7 +12,8 @@ The model follows ``nfnets/nf_resnet.py`` in google-deepmind/deepmind-research n
 
 ``beta = 1 / expected_std`` keeps the input of every residual branch at unit variance at
 initialization; ``expected_std`` grows by ``alpha^2`` in variance after every block and is reset to
-one after the first block of each stage.
+one after the first block of each stage (`agc_optax.models.layers.nf_schedule`, shared by the NF
+families).
 
 References:
   Brock, De, Smith. Characterizing signal propagation to close the performance gap in unnormalized
@@ -23,85 +24,66 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from agc_optax.models import haiku_weights, layers, registry
-
-__all__ = [
-    "MODEL_CONFIGS",
-    "NF_RESNET_VARIANTS",
-    "NFResBlock",
-    "NFResNet",
-    "NFResNetConfig",
-    "NFResNetVariant",
-    "block_schedule",
-    "build",
-]
+from agc_optax.models import layers
+from agc_optax.models._config import check_stages, resolve_config
+from agc_optax.models.weights import HaikuNames
 
 Initializer = Callable[..., jax.Array]
 
 
 @dataclasses.dataclass(frozen=True)
-class NFResNetVariant:
-    """Depth preset of an NF-ResNet, as in DeepMind's ``NF_ResNet.variant_dict``.
+class NFResNetConfig:
+    """One NF-ResNet variant (DeepMind's ``NF_ResNet.variant_dict`` entry).
 
     Attributes:
-      depths: number of bottleneck blocks in each of the four stages.
-      drop_rate: dropout rate before the classifier used when the constructor gets
-        ``drop_rate=None``. DeepMind's table has no drop rate for NF-ResNets (its ``drop_rate=None``
-        default raises a ``KeyError``); zero is what every published configuration passes.
+      variant: the name, e.g. ``"ResNet50"``.
+      widths: output channels per stage, before the model's ``width`` multiplier.
+      depths: bottleneck blocks per stage.
+      drop_rate: dropout before the classifier when the constructor gets ``drop_rate=None``.
+        DeepMind's table has none for NF-ResNets (its ``drop_rate=None`` default raises a
+        ``KeyError``); zero is what every published configuration passes.
     """
 
+    variant: str
+    widths: tuple[int, ...]
     depths: tuple[int, ...]
     drop_rate: float = 0.0
 
+    def __post_init__(self) -> None:
+        check_stages(self, ("depths",))
 
-NF_RESNET_VARIANTS: dict[str, NFResNetVariant] = {
-    # Not an official DeepMind variant: the depth used by the reference parity data.
-    "ResNet26": NFResNetVariant(depths=(2, 2, 2, 2)),
-    "ResNet50": NFResNetVariant(depths=(3, 4, 6, 3)),
-    "ResNet101": NFResNetVariant(depths=(3, 4, 23, 3)),
-    "ResNet152": NFResNetVariant(depths=(3, 8, 36, 3)),
-    "ResNet200": NFResNetVariant(depths=(3, 24, 36, 3)),
-    "ResNet288": NFResNetVariant(depths=(24, 24, 24, 24)),
-    "ResNet600": NFResNetVariant(depths=(50, 50, 50, 50)),
+
+NF_RESNET_VARIANTS: dict[str, NFResNetConfig] = {
+    name: NFResNetConfig(name, (64, 128, 256, 512), depths)
+    for name, depths in {
+        # Not an official DeepMind variant: the depth used by the reference parity data.
+        "ResNet26": (2, 2, 2, 2),
+        "ResNet50": (3, 4, 6, 3),
+        "ResNet101": (3, 4, 23, 3),
+        "ResNet152": (3, 8, 36, 3),
+        "ResNet200": (3, 24, 36, 3),
+        "ResNet288": (24, 24, 24, 24),
+        "ResNet600": (50, 50, 50, 50),
+    }.items()
 }
 
-_BASE_WIDTHS = (64, 128, 256, 512)
-
-
-def block_schedule(
-    depths: Sequence[int], alpha: float, stochdepth_rate: float | None
-) -> list[tuple[int, float, float]]:
-    """Per-block ``(block_index_in_stage, beta, stochdepth_rate)`` of a normalizer-free network.
-
-    Args:
-      depths: blocks per stage.
-      alpha: the residual-branch scale.
-      stochdepth_rate: the rate of the last block; block ``i`` of ``n`` gets ``rate * i / n``.
-
-    Returns:
-      One tuple per block, in order.
-    """
-    schedule = []
-    expected_std = 1.0
-    num_blocks = sum(depths)
-    index = 0
-    for depth in depths:
-        for block_index in range(depth):
-            rate = 0.0 if stochdepth_rate is None else stochdepth_rate * index / num_blocks
-            schedule.append((block_index, 1.0 / expected_std, rate))
-            index += 1
-            # The first block of a stage has a projection shortcut that re-normalizes the signal,
-            # so the variance restarts from one, plus that block's own residual contribution.
-            if block_index == 0:
-                expected_std = 1.0
-            expected_std = (expected_std**2 + alpha**2) ** 0.5
-    return schedule
+# DeepMind's Haiku names -> NNX paths (read by `agc_optax.models.load_haiku_params`). The stem
+# conv has a bias although DeepMind's constructor says with_bias=False: WSConv2D always has one.
+HAIKU_NAMES = HaikuNames(
+    top_level="NF_ResNet",
+    layers={
+        "initial_conv": ("stem/conv", layers.WS_CONV_PARAMS),
+        "linear": ("head", layers.LINEAR_PARAMS),
+    },
+    blocks="nf_res_block",
+    block_layers=layers.NF_BLOCK_LAYERS,
+)
 
 
 def _conv(
@@ -203,11 +185,7 @@ class NFResBlock(nnx.Module):
         self.conv0 = _conv(in_features, self.width, 1, **conv)
         self.conv1 = _conv(self.width, self.width, 3, strides=stride, **conv)
         self.conv2 = _conv(self.width, out_features, 1, **conv)
-        self.stoch_depth = (
-            layers.StochasticDepth(stochdepth_rate, rngs=rngs)
-            if stochdepth_rate is not None and 0.0 < stochdepth_rate < 1.0
-            else None
-        )
+        self.stoch_depth = layers.optional_stochastic_depth(stochdepth_rate, rngs)
         self.se = (
             layers.SqueezeExcite(out_features, out_features, se_ratio, rngs=rngs)
             if use_se
@@ -224,11 +202,7 @@ class NFResBlock(nnx.Module):
         out = self.conv2(self.activation(out))
         if self.se is not None:
             out = 2 * self.se(out) * out
-        res_avg_var = jnp.mean(jnp.var(out.astype(jnp.float32), axis=(0, 1, 2)))
-        if self.stoch_depth is not None:
-            out = self.stoch_depth(out)
-        out = out * self.skip_gain[...].astype(out.dtype)
-        return out * self.alpha + shortcut, res_avg_var
+        return layers.nf_residual(self, out, shortcut)
 
 
 class Stem(nnx.Module):
@@ -269,9 +243,10 @@ class NFResNet(nnx.Module):
 
     Args:
       num_classes: classifier outputs.
-      variant: a key of :data:`NF_RESNET_VARIANTS` (``'ResNet26'``, ``'ResNet50'`` ...).
-      width: width multiplier: stages have ``(64, 128, 256, 512) * width`` channels and the stem
-        ``int(16 * width)``.
+      variant: a key of :data:`NF_RESNET_VARIANTS` (``'ResNet26'``, ``'ResNet50'`` ...) or an
+        `NFResNetConfig`.
+      width: width multiplier: stages have ``widths * width`` channels (``(64, 128, 256, 512)``
+        for DeepMind's variants) and the stem ``int(16 * width)``.
       alpha: residual-branch scale.
       stochdepth_rate: stochastic-depth rate of the last block (linear in the block index).
       drop_rate: dropout before the classifier; ``None`` takes the variant's (zero).
@@ -280,8 +255,8 @@ class NFResNet(nnx.Module):
       skipinit_gain: initializer of every block's scalar ``skip_gain`` (zeros: SkipInit).
       use_se: squeeze-excite on each block output.
       se_ratio: squeeze-excite hidden ratio.
-      widths: stage widths before the ``width`` multiplier, replacing ``(64, 128, 256, 512)``;
-        the first stage has stride 1, every later one stride 2.
+      widths: stage widths before the ``width`` multiplier, replacing the variant's; the first
+        stage has stride 1, every later one stride 2.
       depths: explicit blocks per stage, replacing the variant's.
       stem_width: explicit stem channels, replacing ``int(16 * width)``.
       scaled: ``False`` builds the unscaled, unnormalized comparison model (see above).
@@ -298,10 +273,12 @@ class NFResNet(nnx.Module):
       (1, 10)
     """
 
+    haiku_names: ClassVar[HaikuNames] = HAIKU_NAMES
+
     def __init__(
         self,
         num_classes: int,
-        variant: str = "ResNet50",
+        variant: str | NFResNetConfig = "ResNet50",
         width: float = 4,
         alpha: float = 0.2,
         stochdepth_rate: float = 0.1,
@@ -321,24 +298,15 @@ class NFResNet(nnx.Module):
         param_dtype: Any = jnp.float32,
         rngs: nnx.Rngs,
     ):
-        if variant not in NF_RESNET_VARIANTS:
-            raise ValueError(
-                f"`variant`={variant!r} is not an NF-ResNet variant; choose one of "
-                f"{sorted(NF_RESNET_VARIANTS)} or pass `depths=`"
-            )
-        preset = NF_RESNET_VARIANTS[variant]
-        self.variant = variant
-        self.depths = tuple(int(d) for d in (preset.depths if depths is None else depths))
+        config = resolve_config(
+            variant, NF_RESNET_VARIANTS, NFResNetConfig, widths=widths, depths=depths
+        )
+        self.config = config
+        self.variant = config.variant
+        self.depths = config.depths
         # As in NFNet and NF-RegNet, `width` multiplies the (variant's or given) stage widths.
-        self.widths = tuple(int(w * width) for w in (_BASE_WIDTHS if widths is None else widths))
-        if len(self.widths) != len(self.depths):
-            raise ValueError(
-                f"`widths` has {len(self.widths)} stages but `depths` has {len(self.depths)}; "
-                "give one width per stage"
-            )
-        if any(d < 1 for d in self.depths):
-            raise ValueError(f"`depths`={self.depths}: every stage needs at least one block")
-        self.drop_rate = float(preset.drop_rate if drop_rate is None else drop_rate)
+        self.widths = tuple(int(w * width) for w in config.widths)
+        self.drop_rate = float(config.drop_rate if drop_rate is None else drop_rate)
         if not 0.0 <= self.drop_rate < 1.0:
             raise ValueError(f"`drop_rate`={drop_rate} must be in [0, 1)")
         self.scaled = scaled
@@ -352,11 +320,11 @@ class NFResNet(nnx.Module):
         self.stem = Stem(in_features, ch, scaled=scaled, **common)
 
         blocks = []
-        schedule = iter(block_schedule(self.depths, alpha, stochdepth_rate))
+        schedule = iter(layers.nf_schedule(self.depths, alpha, stochdepth_rate))
         strides = (1,) + (2,) * (len(self.widths) - 1)
         for stage, (block_width, stride) in enumerate(zip(self.widths, strides, strict=True)):
             for _ in range(self.depths[stage]):
-                block_index, beta, rate = next(schedule)
+                block_index, beta, rate, _ = next(schedule)
                 blocks.append(
                     NFResBlock(
                         ch,
@@ -384,16 +352,10 @@ class NFResNet(nnx.Module):
         )
 
     def forward_features(self, x: jax.Array, *, return_metrics: bool = False) -> dict[str, Any]:
-        """Runs the network and returns DeepMind's output dict.
+        """Runs the network on NHWC images; returns DeepMind's output dict.
 
-        Args:
-          x: images, NHWC.
-          return_metrics: also return ``avg_sq_mean_{i}`` and ``avg_var_{i}`` of the stem output
-            (``i = 0``) and of every block output (``i = block + 1``), and ``res_avg_var_{i}`` of
-            every residual branch before the skip gain.
-
-        Returns:
-          ``{'pool', 'logits'}`` plus the metrics when asked for.
+        ``{'pool', 'logits'}``, plus with ``return_metrics`` the signal metrics of every block
+        (keys as in `layers.run_residual_blocks`; the residual branch before the skip gain).
         """
         out, outputs = layers.run_residual_blocks(self.stem(x), self.blocks, return_metrics)
         pool = jnp.mean(self.activation(out), axis=(1, 2))
@@ -411,39 +373,3 @@ def _plain(name: str) -> Callable[[jax.Array], jax.Array]:
     scaled = layers.scaled_activation(name)  # raises the ValueError for unknown names
     gamma = layers.GAMMAS[name]
     return lambda x: scaled(x) / gamma
-
-
-@dataclasses.dataclass(frozen=True)
-class NFResNetConfig:
-    """Constructor arguments of a registered NF-ResNet (DeepMind's defaults)."""
-
-    variant: str = "ResNet50"
-    width: float = 4
-    alpha: float = 0.2
-    stochdepth_rate: float = 0.1
-    drop_rate: float | None = None
-    activation: str = "relu"
-    use_se: bool = False
-    se_ratio: float = 0.25
-
-
-MODEL_CONFIGS: dict[str, NFResNetConfig] = {
-    f"nf_resnet{depth}": NFResNetConfig(variant=f"ResNet{depth}")
-    for depth in (26, 50, 101, 152, 200)
-}
-
-
-build = registry.config_builder(NFResNet)
-
-
-# NF-ResNet's stem conv has a bias although DeepMind's constructor says with_bias=False.
-haiku_weights.register_haiku_family(
-    "NF_ResNet",
-    haiku_weights.residual_family_mapper(
-        "nf_res_block",
-        {
-            "initial_conv": ("stem/conv", haiku_weights.CONV_PARAMS),
-            "linear": ("head", haiku_weights.LINEAR_PARAMS),
-        },
-    ),
-)

@@ -18,7 +18,8 @@ model (``nfnets/nfnet.py``) number for number:
 ``beta = 1 / expected_std``, where ``expected_std`` starts at 1, grows as
 ``sqrt(expected_std**2 + alpha**2)`` after every block, and is reset to 1 after
 the first block of each stage (before that growth). Block ``i`` of ``n`` drops
-its branch with rate ``stochdepth_rate * i / n``.
+its branch with rate ``stochdepth_rate * i / n``. The NF families share this
+schedule (`agc_optax.models.layers.nf_schedule`).
 
 References:
   Brock, De, Smith, Simonyan 2021, "High-Performance Large-Scale Image
@@ -28,33 +29,30 @@ References:
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Callable, Sequence
-from typing import Any
+from pathlib import Path
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from agc_optax.models._config import check_stages, resolve_config
 from agc_optax.models.layers import (
+    LINEAR_PARAMS,
+    NF_BLOCK_LAYERS,
+    WS_CONV_PARAMS,
     SqueezeExcite,
-    StochasticDepth,
     WSConv,
-    avg_pool_same,
+    nf_residual,
+    nf_schedule,
+    optional_stochastic_depth,
+    pooled_shortcut,
     scaled_activation,
     signal_metrics,
 )
-
-__all__ = [
-    "MODEL_CONFIGS",
-    "NFBlock",
-    "NFBlockStack",
-    "NFNET_VARIANTS",
-    "NFNet",
-    "NFNetConfig",
-    "SCANNED_UNIT_AXES",
-    "Stem",
-    "build",
-]
+from agc_optax.models.weights import HaikuNames, fetch_cached
 
 Array = jax.Array
 Dtype = Any
@@ -92,13 +90,8 @@ class NFNetConfig:
     big_widths: tuple[bool, ...] = (True, True, True, True)
 
     def __post_init__(self) -> None:
+        check_stages(self, ("depths", "expansions", "group_widths", "big_widths"))
         n = len(self.widths)
-        for field in ("depths", "expansions", "group_widths", "big_widths"):
-            if len(getattr(self, field)) != n:
-                raise ValueError(
-                    f"NFNetConfig `{field}`: expected {n} entries (one per stage, like "
-                    f"`widths`), got {getattr(self, field)!r}"
-                )
         if n > len(_STAGE_STRIDES):
             raise ValueError(f"NFNetConfig `widths`: at most 4 stages, got {n}")
 
@@ -127,10 +120,17 @@ def _f_series() -> dict[str, NFNetConfig]:
 
 NFNET_VARIANTS: dict[str, NFNetConfig] = _f_series()
 
-# Registry names -> configs (see `agc_optax.models.registry`).
-MODEL_CONFIGS: dict[str, NFNetConfig] = {
-    "nfnet_" + name.lower().replace("+", "_plus"): config for name, config in NFNET_VARIANTS.items()
-}
+# DeepMind's Haiku names -> NNX paths (read by `agc_optax.models.load_haiku_params`).
+HAIKU_NAMES = HaikuNames(
+    top_level="NFNet",
+    layers={
+        r"stem_conv([0-3])": (r"stem/conv\1", WS_CONV_PARAMS),
+        "final_conv": ("final_conv", WS_CONV_PARAMS),
+        "linear": ("head", LINEAR_PARAMS),
+    },
+    blocks="nf_block",
+    block_layers=NF_BLOCK_LAYERS,
+)
 
 
 # Unit-axes rules, as (regex, axes) pairs for `agc_optax.adaptive_grad_clip`, for a model
@@ -239,8 +239,7 @@ class NFBlock(nnx.Module):
             WSConv(in_features, out_features, 1, **kw) if self.use_projection else None
         )
         self.se = SqueezeExcite(out_features, out_features, se_ratio, **kw)
-        has_sd = stochdepth_rate is not None and 0.0 < stochdepth_rate < 1.0
-        self.stoch_depth = StochasticDepth(stochdepth_rate, rngs=rngs) if has_sd else None
+        self.stoch_depth = optional_stochastic_depth(stochdepth_rate, rngs)
         self.skip_gain = nnx.Param(jnp.zeros((), param_dtype))
 
     def __call__(
@@ -263,25 +262,14 @@ class NFBlock(nnx.Module):
         """
         beta = self.beta if beta is None else beta
         out = self.activation(x) * beta
-        if self.stride > 1:
-            shortcut = avg_pool_same(out, window=2, stride=2)
-            if self.conv_shortcut is not None:
-                shortcut = self.conv_shortcut(shortcut)
-        elif self.conv_shortcut is not None:
-            shortcut = self.conv_shortcut(out)
-        else:
-            shortcut = x  # Not activated: the signal's scale keeps accumulating.
+        shortcut = pooled_shortcut(x, out, self.stride, self.conv_shortcut)
         out = self.conv0(out)
         out = self.conv1(self.activation(out))
         if self.conv1b is not None:
             out = self.conv1b(self.activation(out))
         out = self.conv2(self.activation(out))
         out = (self.se(out) * 2) * out  # x2 restores the variance halved by the gate.
-        res_avg_var = jnp.mean(jnp.var(out.astype(jnp.float32), axis=(0, 1, 2)))
-        if self.stoch_depth is not None:
-            out = self.stoch_depth(out, rate=stochdepth_rate)
-        out = out * self.skip_gain[...].astype(out.dtype)
-        return out * self.alpha + shortcut.astype(out.dtype), res_avg_var
+        return nf_residual(self, out, shortcut, stochdepth_rate)
 
 
 class NFBlockStack(nnx.Module):
@@ -385,6 +373,8 @@ class NFNet(nnx.Module):
       config: the resolved `NFNetConfig`.
     """
 
+    haiku_names: ClassVar[HaikuNames] = HAIKU_NAMES
+
     def __init__(
         self,
         num_classes: int = 1000,
@@ -407,20 +397,7 @@ class NFNet(nnx.Module):
         param_dtype: Dtype = jnp.float32,
         rngs: nnx.Rngs,
     ):
-        if isinstance(variant, NFNetConfig):
-            config = variant
-        elif variant in NFNET_VARIANTS:
-            config = NFNET_VARIANTS[variant]
-        else:
-            raise ValueError(
-                f"`variant`: unknown NFNet variant {variant!r}; expected one of "
-                f"{list(NFNET_VARIANTS)} or an NFNetConfig (use `widths=`/`depths=` "
-                "for custom sizes)"
-            )
-        if widths is not None:
-            config = dataclasses.replace(config, widths=tuple(int(w) for w in widths))
-        if depths is not None:
-            config = dataclasses.replace(config, depths=tuple(int(d) for d in depths))
+        config = resolve_config(variant, NFNET_VARIANTS, NFNetConfig, widths=widths, depths=depths)
         if final_conv_mult is None and final_conv_ch is None:
             raise ValueError("NFNet: give one of `final_conv_mult` or `final_conv_ch`")
         self.config = config
@@ -436,9 +413,7 @@ class NFNet(nnx.Module):
         self.stem = Stem(3, ch, self.activation, **kw)
 
         blocks: list[nnx.Module] = []
-        expected_std = 1.0
-        num_blocks = sum(config.depths)
-        index = 0
+        schedule = iter(nf_schedule(config.depths, alpha, stochdepth_rate))
         stages = zip(
             config.widths,
             config.depths,
@@ -462,9 +437,8 @@ class NFNet(nnx.Module):
             )
             run_betas: list[float] = []
             run_rates: list[float] = []
-            for block_index in range(depth):
-                beta = 1.0 / expected_std
-                sd_rate = stochdepth_rate * index / num_blocks
+            for _ in range(depth):
+                block_index, beta, sd_rate, _ = next(schedule)
                 block_stride = stride if block_index == 0 else 1
                 identity = block_stride == 1 and ch == out_ch
                 if scan_blocks and identity and block_index > 0:
@@ -482,10 +456,6 @@ class NFNet(nnx.Module):
                         )
                     )
                 ch = out_ch
-                index += 1
-                if block_index == 0:
-                    expected_std = 1.0  # Reset, but the first block still adds alpha^2.
-                expected_std = (expected_std**2 + alpha**2) ** 0.5
             if len(run_betas) == 1:
                 blocks.append(
                     NFBlock(ch, ch, beta=run_betas[0], stochdepth_rate=run_rates[0], **common)
@@ -495,7 +465,7 @@ class NFNet(nnx.Module):
                     NFBlockStack(ch, betas=run_betas, stochdepth_rates=run_rates, **common)
                 )
         self.blocks = nnx.List(blocks)
-        self.num_blocks = num_blocks
+        self.num_blocks = sum(config.depths)
 
         final_ch = final_conv_ch if final_conv_mult is None else int(final_conv_mult * ch)
         self.final_conv = WSConv(ch, final_ch, 1, **kw)
@@ -575,21 +545,33 @@ class NFNet(nnx.Module):
         return self.forward_features(x)["logits"]
 
 
-def build(
-    config: NFNetConfig,
+_RELEASED_URL = "https://storage.googleapis.com/dm-nfnets/{variant}_haiku.npz"
+_RELEASED = ("F0", "F1", "F2", "F3", "F4", "F5", "F6")
+
+
+def download_nfnet_weights(
+    variant: str,
+    cache_dir: str | os.PathLike | None = None,
     *,
-    num_classes: int,
-    dtype: Dtype | None,
-    param_dtype: Dtype,
-    rngs: nnx.Rngs,
-    **overrides: Any,
-) -> NFNet:
-    """Registry builder: an `NFNet` for ``config`` with constructor ``overrides``."""
-    return NFNet(
-        num_classes,
-        variant=config,
-        dtype=dtype,
-        param_dtype=param_dtype,
-        rngs=rngs,
-        **overrides,
-    )
+    sha256: str | None = None,
+) -> Path:
+    """Downloads DeepMind's released ImageNet weights for an NFNet (needs network).
+
+    The file is a dill pickle of the nested Haiku dict; load it with
+    ``load_haiku_params(NFNet(1000, variant), path, allow_pickle=True)`` (needs
+    ``dill``).
+
+    Args:
+      variant: ``"F0"`` ... ``"F6"``.
+      cache_dir: where to keep the file (default ``~/.cache/agc_optax``).
+      sha256: the expected digest, if you have one; otherwise the digest of the
+        first download is recorded and later cache hits are checked against it.
+
+    Returns:
+      The path of the cached file.
+    """
+    if variant not in _RELEASED:
+        raise ValueError(f"`variant`: DeepMind released {list(_RELEASED)}, got {variant!r}")
+    cache = Path(cache_dir) if cache_dir else Path.home() / ".cache" / "agc_optax"
+    url = _RELEASED_URL.format(variant=variant)
+    return fetch_cached(url, cache / f"{variant}_haiku.npz", sha256)

@@ -1,76 +1,51 @@
-"""Model names -> (config, builder), merged from every family's ``MODEL_CONFIGS``.
+"""Model names -> configs; a config's type picks the family class that builds it.
 
-Each family module exposes ``MODEL_CONFIGS: dict[str, <frozen dataclass>]`` and a
-``build(config, *, num_classes, dtype, param_dtype, rngs, **overrides)`` function.
-Adding a family is one entry in ``_FAMILIES`` below.
+Every family is a frozen config dataclass with named presets and a model class whose constructor
+takes ``(num_classes, variant, ..., *, dtype, param_dtype, rngs)``, where ``variant`` is a preset
+name or a config. Adding a family is one entry in ``_FAMILIES`` and its names in ``_CONFIGS``.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
-import importlib
-from collections.abc import Callable
 from typing import Any
 
 import jax.numpy as jnp
 from flax import nnx
 
-__all__ = ["create_model", "get_config", "list_models"]
+from agc_optax.models.nf_regnet import NF_REGNET_VARIANTS, NFRegNet, NFRegNetConfig
+from agc_optax.models.nf_resnet import NF_RESNET_VARIANTS, NFResNet, NFResNetConfig
+from agc_optax.models.nfnet import NFNET_VARIANTS, NFNet, NFNetConfig
+from agc_optax.models.resnet import RESNET_VARIANTS, ResNet, ResNetConfig
 
-# Module paths (relative to this package) of the families; each must define
-# `MODEL_CONFIGS` and `build`. Imported lazily so one broken family file does not
-# break the others.
-_FAMILIES: tuple[str, ...] = (
-    ".nfnet",
-    ".nf_resnet",
-    ".nf_regnet",
-    ".resnet",
-)
+# Config type -> the model class it configures.
+_FAMILIES: dict[type, type[nnx.Module]] = {
+    NFNetConfig: NFNet,
+    NFResNetConfig: NFResNet,
+    NFRegNetConfig: NFRegNet,
+    ResNetConfig: ResNet,
+}
 
-
-def config_builder(model_class: type[nnx.Module]) -> Callable[..., nnx.Module]:
-    """A family's registry ``build``: the config's fields (then ``overrides``) as keywords.
-
-    For families whose frozen config dataclass mirrors the constructor's keywords.
-    """
-
-    def build(
-        config: Any,
-        *,
-        num_classes: int,
-        dtype: Any,
-        param_dtype: Any,
-        rngs: nnx.Rngs,
-        **overrides: Any,
-    ) -> nnx.Module:
-        kwargs = {**dataclasses.asdict(config), **overrides}
-        return model_class(num_classes, dtype=dtype, param_dtype=param_dtype, rngs=rngs, **kwargs)
-
-    build.__doc__ = f"Builds a :class:`{model_class.__name__}` from a registry config."
-    return build
-
-
-def _table() -> dict[str, tuple[Any, Callable[..., nnx.Module]]]:
-    table: dict[str, tuple[Any, Callable[..., nnx.Module]]] = {}
-    for family in _FAMILIES:
-        module = importlib.import_module(family, __package__)
-        for name, config in module.MODEL_CONFIGS.items():
-            if name in table:
-                raise RuntimeError(f"model name {name!r} is registered twice")
-            table[name] = (config, module.build)
-    return table
+_CONFIGS: dict[str, Any] = {
+    # nfnet_f0 ... nfnet_f7, nfnet_f0_plus ... nfnet_f7_plus
+    **{
+        "nfnet_" + name.lower().replace("+", "_plus"): config
+        for name, config in NFNET_VARIANTS.items()
+    },
+    # nf_resnet26 ... nf_resnet200 (not the 288- and 600-layer variants)
+    **{
+        f"nf_resnet{depth}": NF_RESNET_VARIANTS[f"ResNet{depth}"]
+        for depth in (26, 50, 101, 152, 200)
+    },
+    # nf_regnet_b0 ... nf_regnet_b8
+    **{f"nf_regnet_{name.lower()}": config for name, config in NF_REGNET_VARIANTS.items()},
+    "resnet50": RESNET_VARIANTS["ResNet50"],
+}
 
 
 def list_models() -> list[str]:
     """Returns the registered model names, sorted."""
-    return sorted(_table())
-
-
-def _unknown(name: str, valid: list[str]) -> ValueError:
-    close = difflib.get_close_matches(name, valid, n=3, cutoff=0.5)
-    hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
-    return ValueError(f"`name`: unknown model {name!r}.{hint} Valid names: {', '.join(valid)}")
+    return sorted(_CONFIGS)
 
 
 def get_config(name: str) -> Any:
@@ -79,10 +54,12 @@ def get_config(name: str) -> Any:
     Raises:
       ValueError: for an unknown name, listing the valid ones (close matches first).
     """
-    table = _table()
-    if name not in table:
-        raise _unknown(name, sorted(table))
-    return table[name][0]
+    if name not in _CONFIGS:
+        valid = list_models()
+        close = difflib.get_close_matches(name, valid, n=3, cutoff=0.5)
+        hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+        raise ValueError(f"`name`: unknown model {name!r}.{hint} Valid names: {', '.join(valid)}")
+    return _CONFIGS[name]
 
 
 def create_model(
@@ -103,7 +80,7 @@ def create_model(
       param_dtype: parameter dtype.
       rngs: an ``nnx.Rngs`` with ``params`` (and ``dropout`` for training) streams.
       **overrides: constructor keywords of the family class (for example
-        ``stochdepth_rate=0.25`` or ``scan_blocks=True``).
+        ``stochdepth_rate=0.25``, ``depths=(1, 1, 1, 1)`` or ``scan_blocks=True``).
 
     Returns:
       The model, in training mode (call ``model.eval()`` for inference).
@@ -118,15 +95,8 @@ def create_model(
       >>> model.head.kernel.shape
       (3072, 1000)
     """
-    table = _table()
-    if name not in table:
-        raise _unknown(name, sorted(table))
-    config, build = table[name]
-    return build(
-        config,
-        num_classes=num_classes,
-        dtype=dtype,
-        param_dtype=param_dtype,
-        rngs=rngs,
-        **overrides,
+    config = get_config(name)
+    model_class = _FAMILIES[type(config)]
+    return model_class(
+        num_classes, config, dtype=dtype, param_dtype=param_dtype, rngs=rngs, **overrides
     )

@@ -26,9 +26,31 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from agc_optax.models import layers, registry
+from agc_optax.models import layers
+from agc_optax.models._config import check_stages, resolve_config
 
-__all__ = ["MODEL_CONFIGS", "ResNet", "ResNetBlock", "ResNetConfig", "build"]
+
+@dataclasses.dataclass(frozen=True)
+class ResNetConfig:
+    """One BatchNorm ResNet variant; the defaults are torchvision's ResNet-50.
+
+    Attributes:
+      variant: the name, e.g. ``"ResNet50"``.
+      widths: output channels per stage (four times the bottleneck width).
+      depths: bottleneck blocks per stage.
+      stem_width: channels of the stem conv.
+    """
+
+    variant: str = "ResNet50"
+    widths: tuple[int, ...] = (256, 512, 1024, 2048)
+    depths: tuple[int, ...] = (3, 4, 6, 3)
+    stem_width: int = 64
+
+    def __post_init__(self) -> None:
+        check_stages(self, ("depths",))
+
+
+RESNET_VARIANTS: dict[str, ResNetConfig] = {"ResNet50": ResNetConfig()}
 
 # torchvision: kaiming_normal_(mode="fan_out", nonlinearity="relu").
 _CONV_INIT = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
@@ -116,8 +138,7 @@ class ResNetBlock(nnx.Module):
         out = jax.nn.relu(self.bn0(self.conv0(x)))
         out = jax.nn.relu(self.bn1(self.conv1(out)))
         out = self.bn2(self.conv2(out))
-        res_avg_var = jnp.mean(jnp.var(out.astype(jnp.float32), axis=(0, 1, 2)))
-        return jax.nn.relu(out + shortcut), res_avg_var
+        return jax.nn.relu(out + shortcut), layers.avg_channel_var(out)
 
 
 class Stem(nnx.Module):
@@ -154,9 +175,11 @@ class ResNet(nnx.Module):
 
     Args:
       num_classes: classifier outputs.
-      depths: blocks per stage.
-      widths: output channels per stage (four times the bottleneck width).
-      stem_width: channels of the stem conv.
+      variant: a key of :data:`RESNET_VARIANTS` (``'ResNet50'``) or a `ResNetConfig`.
+      widths: output channels per stage (four times the bottleneck width), replacing the
+        variant's.
+      depths: blocks per stage, replacing the variant's.
+      stem_width: channels of the stem conv, replacing the variant's.
       bn_momentum: BatchNorm momentum in Flax's convention (torchvision's 0.1 is 0.9 here).
       in_features: input channels.
       dtype: computation dtype.
@@ -174,29 +197,31 @@ class ResNet(nnx.Module):
     def __init__(
         self,
         num_classes: int,
-        depths: Sequence[int] = (3, 4, 6, 3),
-        widths: Sequence[int] = (256, 512, 1024, 2048),
-        stem_width: int = 64,
+        variant: str | ResNetConfig = "ResNet50",
         *,
+        widths: Sequence[int] | None = None,
+        depths: Sequence[int] | None = None,
+        stem_width: int | None = None,
         bn_momentum: float = 0.9,
         in_features: int = 3,
         dtype: Any = None,
         param_dtype: Any = jnp.float32,
         rngs: nnx.Rngs,
     ):
-        self.depths = tuple(int(d) for d in depths)
-        self.widths = tuple(int(w) for w in widths)
-        if len(self.depths) != len(self.widths):
-            raise ValueError(
-                f"`widths` has {len(self.widths)} stages but `depths` has {len(self.depths)}; "
-                "give one width per stage"
-            )
-        if any(d < 1 for d in self.depths):
-            raise ValueError(f"`depths`={self.depths}: every stage needs at least one block")
+        config = resolve_config(
+            variant,
+            RESNET_VARIANTS,
+            ResNetConfig,
+            widths=widths,
+            depths=depths,
+            stem_width=stem_width,
+        )
+        self.config = config
+        self.variant, self.depths, self.widths = config.variant, config.depths, config.widths
         common = dict(bn_momentum=bn_momentum, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.stem = Stem(in_features, stem_width, **common)
+        self.stem = Stem(in_features, config.stem_width, **common)
         blocks = []
-        ch = stem_width
+        ch = config.stem_width
         for stage, (width, depth) in enumerate(zip(self.widths, self.depths, strict=True)):
             for index in range(depth):
                 stride = 2 if stage > 0 and index == 0 else 1
@@ -216,11 +241,11 @@ class ResNet(nnx.Module):
         )
 
     def forward_features(self, x: jax.Array, *, return_metrics: bool = False) -> dict[str, Any]:
-        """Runs the network; returns ``{'pool', 'logits'}`` and, if asked, the signal metrics.
+        """Runs the network on NHWC images; returns ``{'pool', 'logits'}`` like the NF families.
 
-        The metric keys are those of the NF families: ``avg_sq_mean_{i}``/``avg_var_{i}`` for the
-        stem output (``i = 0``) and each block output, ``res_avg_var_{i}`` for each residual
-        branch (after its last BatchNorm, before the addition).
+        With ``return_metrics``, also the signal metrics of every block (keys as in
+        `layers.run_residual_blocks`; the residual branch after its last BatchNorm, before the
+        addition).
         """
         out, outputs = layers.run_residual_blocks(self.stem(x), self.blocks, return_metrics)
         pool = jnp.mean(out, axis=(1, 2))
@@ -240,18 +265,3 @@ def _uniform_bias(fan_in: int):
         return jax.random.uniform(key, shape, dtype, -bound, bound)
 
     return init
-
-
-@dataclasses.dataclass(frozen=True)
-class ResNetConfig:
-    """Constructor arguments of a registered BatchNorm ResNet."""
-
-    depths: tuple[int, ...] = (3, 4, 6, 3)
-    widths: tuple[int, ...] = (256, 512, 1024, 2048)
-    stem_width: int = 64
-
-
-MODEL_CONFIGS: dict[str, ResNetConfig] = {"resnet50": ResNetConfig()}
-
-
-build = registry.config_builder(ResNet)

@@ -20,6 +20,7 @@ from agc_optax.models.layers import (
     avg_pool_same,
     estimate_gamma,
     max_pool_same,
+    nf_schedule,
     scaled_activation,
     signal_metrics,
 )
@@ -255,6 +256,19 @@ def test_signal_metrics_definitions():
     assert set(m) == {"avg_sq_mean_3", "avg_var_3"}
     np.testing.assert_allclose(float(m["avg_sq_mean_3"]), np.mean(x.mean((0, 1, 2)) ** 2), 1e-5)
     np.testing.assert_allclose(float(m["avg_var_3"]), np.mean(x.var((0, 1, 2))), 1e-5)
+
+
+def test_nf_schedule_resets_at_every_stage():
+    schedule = nf_schedule((2, 3), alpha=0.5, stochdepth_rate=0.5)
+    assert [b.index for b in schedule] == [0, 1, 0, 1, 2]
+    # Each block adds alpha^2 = 0.25; the first block of a stage starts again from one.
+    np.testing.assert_array_equal([b.variance for b in schedule], [1.25, 1.5, 1.25, 1.5, 1.75])
+    # beta is one over the std of the block's input: the previous block's output, or 1.
+    np.testing.assert_allclose(
+        [b.beta for b in schedule], 1 / np.sqrt([1.0, 1.25, 1.5, 1.25, 1.5]), rtol=1e-15
+    )
+    np.testing.assert_allclose([b.stochdepth_rate for b in schedule], [0, 0.1, 0.2, 0.3, 0.4])
+    assert all(b.stochdepth_rate == 0.0 for b in nf_schedule((2, 3), alpha=0.5))
 
 
 def test_avg_pool_same_excludes_padding():

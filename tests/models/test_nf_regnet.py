@@ -11,7 +11,6 @@ import pytest
 from flax import nnx
 
 from agc_optax.models import NFRegNet, create_model, get_config, load_haiku_params
-from agc_optax.models.haiku_weights import haiku_to_nnx_path
 
 from .reference import REFERENCE, load_manifest, num_params, param_shapes
 
@@ -40,28 +39,29 @@ def test_registry_model_matches_deepmind_manifest(manifest, variant):
     model = nnx.eval_shape(lambda: create_model(f"nf_regnet_{variant.lower()}", rngs=nnx.Rngs(0)))
     assert num_params(model) == entry["total"]
     theirs = {
-        haiku_to_nnx_path(f"{module}/{param}"): tuple(shape)
+        NFRegNet.haiku_names.nnx_path(f"{module}/{param}"): tuple(shape)
         for module, params in entry["params"].items()
         for param, shape in params.items()
     }
     assert theirs == param_shapes(model)
 
 
-def test_registry_config_is_deepmind_experiment(manifest):
-    constructor = manifest["NF-RegNet-B0"]["constructor"]
-    config = get_config("nf_regnet_b0")
-    for key in (
-        "variant",
-        "width",
-        "expansion",
-        "group_size",
-        "se_ratio",
-        "alpha",
-        "stochdepth_rate",
-        "drop_rate",
-        "activation",
-    ):
-        assert getattr(config, key) == constructor[key], key
+def test_registry_model_is_deepmind_experiment(manifest):
+    """``nf_regnet_b0`` is DeepMind's experiment model, ``NF_RegNet(**constructor)``."""
+    kwargs = {k: v for k, v in manifest["NF-RegNet-B0"]["constructor"].items() if k != "class"}
+    assert get_config("nf_regnet_b0").variant == kwargs["variant"]
+
+    def summary(model: NFRegNet) -> tuple:
+        blocks = [
+            (b.beta, b.width, b.groups, b.stride, b.stoch_depth and b.stoch_depth.rate)
+            for b in model.blocks
+        ]
+        act = float(model.activation(jnp.ones(())))
+        return model.alpha, model.drop_rate, model.widths, model.depths, blocks, act
+
+    ours = nnx.eval_shape(lambda: create_model("nf_regnet_b0", rngs=nnx.Rngs(0)))
+    theirs = nnx.eval_shape(lambda: NFRegNet(**kwargs, rngs=nnx.Rngs(0)))
+    assert summary(ours) == summary(theirs)
     model = nnx.eval_shape(lambda: create_model("nf_regnet_b3", rngs=nnx.Rngs(0)))
     assert model.drop_rate == 0.3  # The variant's rate, as DeepMind's drop_rate=None gives.
 

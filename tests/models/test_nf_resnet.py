@@ -13,7 +13,6 @@ import pytest
 from flax import nnx
 
 from agc_optax.models import NFResNet, create_model, get_config, load_haiku_params
-from agc_optax.models.haiku_weights import haiku_to_nnx_path
 
 from .reference import REFERENCE, load_manifest, num_params, param_shapes
 
@@ -209,7 +208,7 @@ def test_parameter_count_and_names_match_deepmind(manifest, name):
     # Every DeepMind parameter maps onto a model leaf of the same shape, and nothing is left over.
     ours = param_shapes(model)
     theirs = {
-        haiku_to_nnx_path(f"{module}/{param}"): tuple(shape)
+        NFResNet.haiku_names.nnx_path(f"{module}/{param}"): tuple(shape)
         for module, params in entry["params"].items()
         for param, shape in params.items()
     }

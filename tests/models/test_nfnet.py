@@ -18,9 +18,9 @@ from agc_optax.models import (
     list_models,
     load_haiku_params,
 )
-from agc_optax.models.haiku_weights import materialize_abstract_state
 from agc_optax.models.layers import GAMMAS, avg_pool_same
 from agc_optax.models.nfnet import NFNET_VARIANTS, SCANNED_UNIT_AXES, NFBlockStack
+from agc_optax.models.weights import materialize_abstract_state
 
 from .reference import num_params, param_shapes, reference_file
 

@@ -20,7 +20,7 @@ from agc_optax.models import (
     load_params,
     save_params,
 )
-from agc_optax.models.haiku_weights import fetch_cached, haiku_to_nnx_path
+from agc_optax.models.weights import fetch_cached
 
 from .reference import REFERENCE
 
@@ -67,14 +67,15 @@ def test_name_table():
         "NFNet/~/linear/b": "head/bias",
     }
     for key, want in cases.items():
-        assert haiku_to_nnx_path(key) == want, key
+        assert NFNet.haiku_names.nnx_path(key) == want, key
     for key in (
         "NFNet/~/nf_block_x/~/conv0/w",
         "NFNet/~/linear/gain",
         "NFNet/~/stem_conv1/b",
         "Other/~/linear/w",
+        "NF_ResNet/~/linear/w",  # Another family's checkpoint.
     ):
-        assert haiku_to_nnx_path(key) is None, key
+        assert NFNet.haiku_names.nnx_path(key) is None, key
 
 
 def test_every_format_loads_the_same_values(tmp_path):

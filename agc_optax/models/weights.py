@@ -1,13 +1,12 @@
-"""Weights: DeepMind's Haiku checkpoints into NNX models, and our own orbax format.
+"""Weight formats: DeepMind's Haiku checkpoints, our orbax format, and cached downloads.
 
 DeepMind's parameters are keyed ``<module path>/<param>``, with submodules joined
-by ``/~/`` (``NFNet/~/nf_block_3/~/conv1/w``). The conversion is a plain table:
-each family registers a function from the Haiku module path (split at ``/~/``,
-without the top-level name) and parameter name to an NNX leaf path, keyed on the
-top-level module name (``NFNet``, ``NF_ResNet``, ``NF_RegNet``). Block numbers
-are global and parsed as integers (``nf_block`` is 0, ``nf_block_10`` is 10);
-models built with stacked (scanned) blocks expose ``block_locations()``, and
-block paths are redirected into the stacked leaves.
+by ``/~/`` (``NFNet/~/nf_block_3/~/conv1/w``). Each model family states how its
+checkpoints name things in a `HaikuNames` table, held by the model class as
+``haiku_names``; the loader reads it from the model it fills. Block numbers are
+global and parsed as integers (``nf_block`` is 0, ``nf_block_10`` is 10); models
+built with stacked (scanned) blocks expose ``block_locations()``, and block paths
+are redirected into the stacked leaves.
 
 No tensor needs a transpose: Haiku's HWIO conv kernels and (in, out) linear
 weights are Flax's layouts.
@@ -15,11 +14,12 @@ weights are Flax's layouts.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import re
 import urllib.request
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -27,54 +27,64 @@ import jax
 import numpy as np
 from flax import nnx
 
-__all__ = [
-    "CONV_PARAMS",
-    "LINEAR_PARAMS",
-    "HaikuWeightsError",
-    "block_index",
-    "download_nfnet_weights",
-    "fetch_cached",
-    "haiku_to_nnx_path",
-    "load_haiku_params",
-    "load_params",
-    "map_block_layer",
-    "materialize_abstract_state",
-    "register_haiku_family",
-    "residual_family_mapper",
-    "save_params",
-]
-
-# Maps (module path below the top-level name, param name) to an NNX leaf path, or
-# None when the key is not part of the family.
-FamilyMapper = Callable[[tuple[str, ...], str], "str | None"]
-
-_FAMILY_MAPPERS: dict[str, FamilyMapper] = {}
+# A Haiku module path (a regex, full match) -> (NNX path template, parameter names Haiku -> NNX).
+LayerTable = Mapping[str, tuple[str, Mapping[str, str]]]
 
 
 class HaikuWeightsError(ValueError):
     """Raised when a checkpoint and a model disagree (lists every problem at once)."""
 
 
-def register_haiku_family(top_level_name: str, mapper: FamilyMapper) -> None:
-    """Registers the Haiku -> NNX name mapping of a model family.
+@dataclasses.dataclass(frozen=True)
+class HaikuNames:
+    """How a family's Haiku checkpoints name its parameters: a table, no code.
 
-    Args:
-      top_level_name: the Haiku top-level module, e.g. ``"NF_ResNet"``.
-      mapper: ``mapper(modules, param) -> "nnx/leaf/path" | None``, where
-        ``modules`` is the module path split at ``/~/`` without the top-level
-        name, e.g. ``("nf_block_3", "conv1")``, and ``param`` is ``"w"``. Block
-        paths use the global block index: ``"blocks/3/conv1/kernel"``.
+    Attributes:
+      top_level: the Haiku top-level module, e.g. ``"NF_ResNet"``.
+      layers: the layers outside the blocks: Haiku module path below the top level (a regex,
+        full match) -> (NNX path template, parameter names), e.g.
+        ``{r"stem_conv(\\d)": (r"stem/conv\\1", {"w": "kernel", ...})}``.
+      blocks: Haiku's name of the residual blocks (``nf_block``; ``nf_block_3`` is
+        ``blocks/3``). A block's own ``skip_gain`` becomes ``blocks/<i>/skip_gain``.
+      block_layers: the same table for the layers inside a block.
     """
-    _FAMILY_MAPPERS[top_level_name] = mapper
+
+    top_level: str
+    layers: LayerTable
+    blocks: str
+    block_layers: LayerTable
+
+    def nnx_path(self, key: str) -> str | None:
+        """Returns the NNX leaf path of a flat Haiku key, or None if the table has none.
+
+        Block paths use the global block index: ``"blocks/3/conv1/kernel"``.
+        """
+        module, sep, param = key.rpartition("/")
+        top, *modules = module.split("/~/")
+        if not sep or top != self.top_level or not modules:
+            return None
+        if len(modules) == 1:
+            found = _lookup(self.layers, modules[0], param)
+            if found is not None:
+                return found
+        index = _block_index(modules[0], self.blocks)
+        if index is None:
+            return None
+        if len(modules) == 1:
+            return f"blocks/{index}/skip_gain" if param == "skip_gain" else None
+        inner = _lookup(self.block_layers, "/".join(modules[1:]), param)
+        return f"blocks/{index}/{inner}" if inner else None
 
 
-# Haiku parameter names -> NNX names: WSConv2D has `w`, `gain`, `bias`; hk.Linear
-# has `w` and `b`.
-CONV_PARAMS = {"w": "kernel", "gain": "gain", "bias": "bias"}
-LINEAR_PARAMS = {"w": "kernel", "b": "bias"}
+def _lookup(table: LayerTable, module: str, param: str) -> str | None:
+    for pattern, (target, names) in table.items():
+        match = re.fullmatch(pattern, module)
+        if match and param in names:
+            return f"{match.expand(target)}/{names[param]}"
+    return None
 
 
-def block_index(name: str, prefix: str) -> int | None:
+def _block_index(name: str, prefix: str) -> int | None:
     """Parses Haiku's numbered module names: ``prefix`` -> 0, ``prefix_12`` -> 12."""
     if name == prefix:
         return 0
@@ -82,78 +92,19 @@ def block_index(name: str, prefix: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def map_block_layer(modules: tuple[str, ...], param: str) -> str | None:
-    """Maps a layer inside a residual block (``conv0``, SE linears...) to NNX names.
+def _names_of(model: nnx.Module) -> HaikuNames:
+    """The `HaikuNames` table of ``model``'s family.
 
-    Shared by the NF families: ``conv0``, ``conv1``, ``conv1b``, ``conv2``,
-    ``conv_shortcut`` keep their names; ``squeeze_excite/~/linear`` and
-    ``linear_1`` become ``se/fc0`` and ``se/fc1``.
+    Raises:
+      TypeError: if the model's class has no table.
     """
-    convs = {"conv0", "conv1", "conv1b", "conv2", "conv_shortcut"}
-    if len(modules) == 1 and modules[0] in convs and param in CONV_PARAMS:
-        return f"{modules[0]}/{CONV_PARAMS[param]}"
-    if len(modules) == 2 and modules[0] == "squeeze_excite" and param in LINEAR_PARAMS:
-        fc = {"linear": "fc0", "linear_1": "fc1"}.get(modules[1])
-        return f"se/{fc}/{LINEAR_PARAMS[param]}" if fc else None
-    return None
-
-
-def residual_family_mapper(
-    block_prefix: str, top_level: dict[str, tuple[str, dict[str, str]]]
-) -> FamilyMapper:
-    """The mapper of a family made of top-level layers and numbered residual blocks.
-
-    Args:
-      block_prefix: Haiku's block module name, e.g. ``"nf_block"`` (``nf_block_3`` ->
-        ``blocks/3``); inside a block, :func:`map_block_layer` and ``skip_gain`` apply.
-      top_level: Haiku module name (a regex, full match) -> (NNX path template, its parameter
-        names), e.g. ``{r"stem_conv(\\d)": (r"stem/conv\1", CONV_PARAMS)}``.
-    """
-
-    def mapper(modules: tuple[str, ...], param: str) -> str | None:
-        head = modules[0] if modules else ""
-        if len(modules) == 1:
-            for pattern, (target, names) in top_level.items():
-                match = re.fullmatch(pattern, head)
-                if match:
-                    return f"{match.expand(target)}/{names[param]}" if param in names else None
-        index = block_index(head, block_prefix)
-        if index is None:
-            return None
-        if len(modules) == 1:
-            return f"blocks/{index}/skip_gain" if param == "skip_gain" else None
-        inner = map_block_layer(modules[1:], param)
-        return f"blocks/{index}/{inner}" if inner else None
-
-    return mapper
-
-
-register_haiku_family(
-    "NFNet",
-    residual_family_mapper(
-        "nf_block",
-        {
-            r"stem_conv([0-3])": (r"stem/conv\1", CONV_PARAMS),
-            "final_conv": ("final_conv", CONV_PARAMS),
-            "linear": ("head", LINEAR_PARAMS),
-        },
-    ),
-)
-
-
-def haiku_to_nnx_path(key: str) -> str | None:
-    """Returns the NNX leaf path for a flat Haiku key, or None if it has no mapping.
-
-    Example:
-      >>> haiku_to_nnx_path("NFNet/~/nf_block_10/~/squeeze_excite/~/linear_1/w")
-      'blocks/10/se/fc1/kernel'
-    """
-    module, sep, param = key.rpartition("/")
-    if not sep:
-        return None
-    parts = tuple(module.split("/~/"))
-    mapper = _FAMILY_MAPPERS.get(parts[0])
-    return mapper(parts[1:], param) if mapper else None
+    names = getattr(model, "haiku_names", None)
+    if not isinstance(names, HaikuNames):
+        raise TypeError(
+            f"`model`: {type(model).__name__} has no Haiku weight names (`haiku_names`); "
+            "DeepMind's checkpoints fit NFNet, NFResNet and NFRegNet"
+        )
+    return names
 
 
 def _read_source(params: Any, allow_pickle: bool) -> dict[str, np.ndarray]:
@@ -261,7 +212,8 @@ def load_haiku_params(
     may come from ``nnx.eval_shape`` (nothing is allocated twice).
 
     Args:
-      model: an NFNet (or another registered family's model).
+      model: a model whose class has `HaikuNames` (``haiku_names``): an `NFNet`,
+        `NFResNet` or `NFRegNet`.
       params: a nested ``{module: {param: array}}`` dict (Haiku's format), a flat
         ``{"module/param": array}`` dict, an npz path or ``np.load`` result, or the
         path of one of DeepMind's dill-pickled ``*_haiku.npz`` files.
@@ -275,7 +227,7 @@ def load_haiku_params(
 
     Raises:
       HaikuWeightsError: listing all problems at once.
-      TypeError: for an unsupported ``params`` type.
+      TypeError: for an unsupported ``params`` type, or a model without Haiku names.
 
     Example:
       >>> import numpy as np
@@ -286,8 +238,9 @@ def load_haiku_params(
       >>> load_haiku_params(model, {"NFNet/~/linear": {"w": np.zeros((512, 10))}})
       Traceback (most recent call last):
       ...
-      agc_optax.models.haiku_weights.HaikuWeightsError: ...
+      agc_optax.models.weights.HaikuWeightsError: ...
     """
+    names = _names_of(model)
     source = _read_source(params, allow_pickle)
     state = nnx.state(model, nnx.Param)
     targets = {_path_str(path): var for path, var in nnx.to_flat_state(state)}
@@ -297,7 +250,7 @@ def load_haiku_params(
     reported: set[str] = set()  # Mismatched targets are not listed again as missing.
     for key in sorted(source):
         array = source[key]
-        mapped = haiku_to_nnx_path(key)
+        mapped = names.nnx_path(key)
         if mapped is None:
             unexpected.append(f"{key} {array.shape} (no NNX name for this key)")
             continue
@@ -417,10 +370,6 @@ def load_params(model: nnx.Module, path: str | os.PathLike) -> nnx.Module:
     return model
 
 
-_NFNET_URL = "https://storage.googleapis.com/dm-nfnets/{variant}_haiku.npz"
-_RELEASED = ("F0", "F1", "F2", "F3", "F4", "F5", "F6")
-
-
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -467,30 +416,3 @@ def fetch_cached(url: str, path: Path, sha256: str | None = None) -> Path:
     if not record.exists():
         record.write_text(got + "\n")
     return path
-
-
-def download_nfnet_weights(
-    variant: str,
-    cache_dir: str | os.PathLike | None = None,
-    *,
-    sha256: str | None = None,
-) -> Path:
-    """Downloads DeepMind's released ImageNet weights for an NFNet (needs network).
-
-    The file is a dill pickle of the nested Haiku dict; load it with
-    ``load_haiku_params(NFNet(1000, variant), path, allow_pickle=True)`` (needs
-    ``dill``).
-
-    Args:
-      variant: ``"F0"`` ... ``"F6"``.
-      cache_dir: where to keep the file (default ``~/.cache/agc_optax``).
-      sha256: the expected digest, if you have one; otherwise the digest of the
-        first download is recorded and later cache hits are checked against it.
-
-    Returns:
-      The path of the cached file.
-    """
-    if variant not in _RELEASED:
-        raise ValueError(f"`variant`: DeepMind released {list(_RELEASED)}, got {variant!r}")
-    cache = Path(cache_dir) if cache_dir else Path.home() / ".cache" / "agc_optax"
-    return fetch_cached(_NFNET_URL.format(variant=variant), cache / f"{variant}_haiku.npz", sha256)

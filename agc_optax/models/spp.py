@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-__all__ = ["expected_variance", "plot_signal_propagation", "signal_propagation"]
+from agc_optax.models.layers import nf_schedule
 
 _KEYS = ("avg_sq_mean", "avg_var", "res_avg_var")
 
@@ -114,13 +114,12 @@ def expected_variance(depths: Sequence[int], alpha: float = 0.2) -> np.ndarray:
 
     Returns:
       A float64 array with one entry per block (the stem is not included).
+
+    Example:
+      >>> expected_variance((2, 3), alpha=0.5)
+      array([1.25, 1.5 , 1.25, 1.5 , 1.75])
     """
-    values = []
-    for depth in depths:
-        for index in range(depth):
-            previous = 1.0 if index == 0 else values[-1]
-            values.append(previous + alpha**2)
-    return np.asarray(values, np.float64)
+    return np.asarray([block.variance for block in nf_schedule(depths, alpha)], np.float64)
 
 
 def plot_signal_propagation(
