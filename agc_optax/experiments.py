@@ -5,8 +5,9 @@ growing batch sizes with the learning rate scaled linearly (``lr * batch / 256``
 clipping, training becomes unstable at large batch sizes; with Adaptive Gradient Clipping it
 stays stable. :func:`large_batch_sweep` reruns that comparison on a small model and dataset.
 
-Each run is the trainer's own recipe (:func:`agc_optax.training.make_train_step`, the same data
-order, schedule, weight decay mask and Nesterov SGD as ``python -m agc_optax.train``), but the
+Each run is the trainer's own recipe (:func:`agc_optax.training.make_train_step`, the same
+model, data order, schedule, weight decay mask and Nesterov SGD as ``python -m agc_optax.train``),
+but the
 clipping method is an injected hyperparameter: every method at one batch size shares a single
 compiled train step. That is what makes a sweep of dozens of runs fit in minutes on a CPU, where
 :func:`agc_optax.training.train` would compile (and checkpoint) every run separately.
@@ -15,21 +16,22 @@ compiled train step. That is what makes a sweep of dozens of runs fit in minutes
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import nnx
 
-import agc_optax
 from agc_optax import models
 from agc_optax.training import config as config_lib
 from agc_optax.training import data as data_lib
-from agc_optax.training import learning_rate_schedule, loop
+from agc_optax.training import recipe
+from agc_optax.training import step as step_lib
 
 __all__ = [
     "ClipMethod",
@@ -82,7 +84,11 @@ def agc(clipping: float) -> ClipMethod:
 
 
 def sweep_optimizer(
-    schedule: optax.Schedule, *, momentum: float = 0.9, weight_decay: float = 2e-5
+    schedule: optax.Schedule,
+    *,
+    momentum: float = 0.9,
+    weight_decay: float = 2e-5,
+    unit_axes: Any = None,
 ) -> optax.GradientTransformation:
     """AGC, then global-norm clipping, then the NFNet SGD, with both thresholds injected.
 
@@ -96,6 +102,7 @@ def sweep_optimizer(
       schedule: the learning-rate schedule.
       momentum: Nesterov momentum.
       weight_decay: coupled L2, not applied to gains and biases.
+      unit_axes: AGC's unit rules, e.g. a model's ``agc_unit_axes``; ``None`` for the default.
 
     Returns:
       An ``optax.GradientTransformation``; its state's ``hyperparams`` hold the two thresholds
@@ -103,11 +110,13 @@ def sweep_optimizer(
     """
 
     def make(agc_clipping: float, global_clip: float) -> optax.GradientTransformation:
-        return optax.chain(
-            agc_optax.adaptive_grad_clip(agc_clipping, exclude=agc_optax.HEAD_PATTERN, stats=True),
-            optax.clip_by_global_norm(global_clip),
-            optax.add_decayed_weights(weight_decay, mask=agc_optax.weight_decay_mask),
-            optax.sgd(schedule, momentum=momentum or None, nesterov=True),
+        return recipe.sgd_recipe(
+            schedule,
+            momentum=momentum,
+            weight_decay=weight_decay,
+            clipping=agc_clipping,
+            global_clip=global_clip,
+            unit_axes=unit_axes,
         )
 
     return optax.inject_hyperparams(make)(agc_clipping=_OFF, global_clip=_OFF)
@@ -167,11 +176,11 @@ def large_batch_sweep(
     """Trains ``config``'s model once per (batch size, clipping method), lr scaled by batch/256.
 
     Everything but the batch size and the clipping comes from ``config`` (model and overrides,
-    dataset, image size, ``lr`` per 256 examples, warm-up, epochs or steps, momentum, weight
-    decay, label smoothing, seed); its ``batch_size``, ``agc``, ``clipping``, ``global_clip``,
-    ``ema`` and checkpoint fields are ignored. Every run starts from the same initial weights and
-    sees the same data order for its batch size. A run whose loss turns non-finite is stopped at
-    the end of that epoch and reported as diverged.
+    dataset, image size, ``lr`` per 256 examples, warm-up, epochs or steps, momentum, weight decay,
+    label smoothing, compute dtype, seed); its ``batch_size``, ``agc``, ``clipping``,
+    ``global_clip``, ``ema``, ``parallel`` and checkpoint fields are ignored (one device). Every run
+    starts from the same initial weights and sees the same data order for its batch size. A run
+    whose loss turns non-finite is stopped at the end of that epoch and reported as diverged.
 
     Args:
       config: the training configuration, e.g. ``PRESETS["digits"].replace(...)``.
@@ -191,30 +200,31 @@ def large_batch_sweep(
         raise ValueError("`methods` is empty; pass e.g. [no_clipping(), agc(0.01)]")
     say = log or (lambda _: None)
     dataset = data_lib.load_dataset(config.dataset, config.data_dir, image_size=config.image_size)
-    model = models.create_model(
-        config.model,
-        dataset.num_classes,
-        rngs=nnx.Rngs(params=config.seed, dropout=config.seed + 1),
-        **dict(config.model_overrides),
-    )
-    split, init_params, batch_stats = loop.split_model(model)
-    del model
-    eval_step = jax.jit(loop.make_eval_step(split))
+    build, abstract_model = recipe.model_builder(config, dataset.num_classes)
+    split, _, _ = step_lib.split_model(abstract_model)
+    dtype = jnp.dtype(config.dtype)
+    eval_step = jax.jit(step_lib.make_eval_step(split, dtype=dtype))
     runs = []
     for batch_size in batch_sizes:
         batches = data_lib.TrainBatches(dataset.train, batch_size, config.seed)
-        run_config = config.replace(batch_size=batch_size)
-        total_steps = config.steps or max(1, round(config.epochs * batches.steps_per_epoch))
-        schedule = learning_rate_schedule(run_config, total_steps, batches.steps_per_epoch)
-        tx = sweep_optimizer(schedule, momentum=config.momentum, weight_decay=config.weight_decay)
-        step_fn = loop.make_train_step(
-            split, tx, seed=config.seed, label_smoothing=config.label_smoothing, ema=None
+        total_steps = recipe.training_steps(config, batches.steps_per_epoch)
+        schedule = recipe.learning_rate_schedule(
+            config.replace(batch_size=batch_size), total_steps, batches.steps_per_epoch
+        )
+        tx = sweep_optimizer(
+            schedule,
+            momentum=config.momentum,
+            weight_decay=config.weight_decay,
+            unit_axes=getattr(abstract_model, "agc_unit_axes", None),
+        )
+        step_fn = step_lib.make_train_step(
+            split, tx, seed=config.seed, label_smoothing=config.label_smoothing, dtype=dtype
         )
         train_step = jax.jit(step_fn, donate_argnums=0)
+        init = jax.jit(step_lib.state_initializer(build, tx))
         for method in methods:
             start = time.time()
-            params = jax.tree.map(jnp.array, init_params)  # copies: the step donates its input
-            state = loop.init_state(params, batch_stats, tx)
+            state = init()  # the same weights for every run
             state = state._replace(opt_state=_set_method(state.opt_state, method))
             losses, clips, diverged = [], [], False
             for step in range(total_steps):
@@ -227,13 +237,17 @@ def large_batch_sweep(
                     break
             losses_np = np.asarray(jax.device_get(losses), np.float64)
             diverged = diverged or not np.all(np.isfinite(losses_np))
-            accuracy = _accuracy(eval_step, state, dataset.test)
+            # One fixed evaluation batch size: the eval step compiles once for the whole sweep.
+            accuracy = step_lib.evaluate(
+                functools.partial(eval_step, state.params, state.batch_stats),
+                data_lib.eval_batches(dataset.test, _EVAL_BATCH),
+            )
             run = SweepRun(
                 batch_size=batch_size,
                 method=method,
                 peak_lr=config.lr * batch_size / 256,
                 steps=total_steps,
-                test_accuracy=accuracy,
+                test_accuracy=accuracy["accuracy"],
                 diverged=diverged,
                 loss=losses_np,
                 clip_fraction=np.asarray(jax.device_get(clips), np.float64),
@@ -242,18 +256,8 @@ def large_batch_sweep(
             runs.append(run)
             say(
                 f"batch {batch_size:5d}  lr {run.peak_lr:6.3f}  {method.label:16s} "
-                f"test accuracy {accuracy:.3f}"
+                f"test accuracy {run.test_accuracy:.3f}"
                 + (f"  diverged at step {len(losses_np)}" if diverged else "")
                 + f"  ({run.seconds:.1f} s)"
             )
     return runs
-
-
-def _accuracy(eval_step, state: loop.TrainState, split: data_lib.Split) -> float:
-    correct = count = 0.0
-    # One fixed evaluation batch size: the eval step compiles once for the whole sweep.
-    for images, labels, mask in data_lib.eval_batches(split, _EVAL_BATCH):
-        sums = jax.device_get(eval_step(state.params, state.batch_stats, images, labels, mask))
-        correct += float(sums["correct"])
-        count += float(sums["count"])
-    return correct / count

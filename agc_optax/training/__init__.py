@@ -1,6 +1,7 @@
 """Training NFNets with AGC: data, data-parallel set-up, the train step, checkpoints, the trainer.
 
 The CLI is ``python -m agc_optax.train`` (``agc-train``); this package is its library side.
+``__all__`` is its API; the modules behind it (``step``, ``recipe``, ``parallel``, ...) are not.
 """
 
 from agc_optax.training.checkpoint import Checkpointer, CheckpointWarning
@@ -16,7 +17,9 @@ from agc_optax.training.data import (
     load_dataset,
     load_digits,
 )
-from agc_optax.training.loop import (
+from agc_optax.training.metrics import MetricsWriter, plot_metrics, read_metrics
+from agc_optax.training.recipe import build_optimizer, learning_rate_schedule
+from agc_optax.training.step import (
     SplitModel,
     TrainState,
     ema_decay,
@@ -25,8 +28,7 @@ from agc_optax.training.loop import (
     make_train_step,
     split_model,
 )
-from agc_optax.training.metrics import MetricsWriter, plot_metrics, read_metrics
-from agc_optax.training.trainer import RunResult, build_optimizer, learning_rate_schedule, train
+from agc_optax.training.trainer import RunResult, train
 
 __all__ = [
     "PRESETS",

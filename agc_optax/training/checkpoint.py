@@ -1,10 +1,11 @@
-"""Orbax checkpoints of the train state and the data position, with fallback on corruption.
+"""Orbax checkpoints of the train state, with fallback on corruption.
 
 A checkpoint is one orbax step directory holding two items: ``state`` (the :class:`TrainState`
-pytree: step, params, batch statistics, optimizer state, EMA) and ``meta`` (JSON: step, data
-position, the config it was written with). Orbax finalises a step directory only after every
-file is written, so a run killed mid-save leaves an unfinished temporary directory that is never
-listed; a finished but damaged step (a truncated or deleted file) fails to restore, and
+pytree: step, params, batch statistics, optimizer state, EMA) and ``meta`` (JSON: step, the state's
+leaf shapes, the config it was written with). The directory is named after the state's own ``step``,
+the run's one step counter; the data position follows from it. Orbax finalises a step directory only
+after every file is written, so a run killed mid-save leaves an unfinished temporary directory that
+is never listed; a finished but damaged step (a truncated or deleted file) fails to restore, and
 :meth:`Checkpointer.restore_latest` then warns and falls back to the previous step.
 """
 
@@ -13,12 +14,12 @@ from __future__ import annotations
 import os
 import sys
 import warnings
+from collections.abc import Mapping
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
-
-from agc_optax.training.data import DataPosition
 
 
 class CheckpointWarning(UserWarning):
@@ -26,7 +27,7 @@ class CheckpointWarning(UserWarning):
 
 
 class CheckpointMismatchError(ValueError):
-    """A readable checkpoint whose state does not fit the run (other model, other optimizer)."""
+    """A readable checkpoint that does not fit the run (other model, optimizer or batch size)."""
 
 
 class Checkpointer:
@@ -54,15 +55,14 @@ class Checkpointer:
         """The finished checkpoints, oldest first."""
         return sorted(self._manager.all_steps())
 
-    def save(self, step: int, state: Any, position: DataPosition, config: dict[str, Any]) -> None:
-        """Writes a checkpoint for ``step`` (asynchronously when enabled); all processes call it."""
-        meta = {
-            "step": step,
-            "epoch": position.epoch,
-            "index": position.index,
-            "signature": _signature(state),
-            "config": config,
-        }
+    def save(self, state: Any, config: dict[str, Any]) -> None:
+        """Writes a checkpoint of ``state`` at its ``step`` (asynchronously when enabled).
+
+        All processes call it. ``state`` is a :class:`TrainState` of replicated global arrays;
+        ``config`` the run's JSON config, checked on restore.
+        """
+        step = int(np.asarray(state.step.addressable_shards[0].data))
+        meta = {"step": step, "signature": _signature(state), "config": config}
         self._manager.save(
             step,
             args=ocp.args.Composite(
@@ -71,16 +71,23 @@ class Checkpointer:
             force=True,
         )
 
-    def restore_latest(self, target: Any) -> tuple[Any, DataPosition, int] | None:
+    def restore_latest(self, target: Any, *, require: Mapping[str, Any] | None = None) -> Any:
         """Restores the newest checkpoint that reads back whole.
 
         Args:
           target: a state pytree (arrays or ``jax.ShapeDtypeStruct`` with shardings) giving the
             structure, shapes, dtypes and placement to restore into.
+          require: config fields the checkpoint must have been written with, e.g. the batch
+            size, on which the data order at a given step depends.
 
         Returns:
-          ``(state, data_position, step)``, or ``None`` when there is no usable checkpoint.
-          Each damaged checkpoint skipped on the way emits a :class:`CheckpointWarning`.
+          The state (its ``step`` says where the run stands), or ``None`` when there is no usable
+          checkpoint. Each damaged checkpoint skipped on the way emits a
+          :class:`CheckpointWarning`.
+
+        Raises:
+          CheckpointMismatchError: the newest readable checkpoint holds another model or
+            optimizer state, or differs from ``require``.
         """
         abstract = jax.tree.map(_abstract, target)
         signature = _signature(target)
@@ -94,18 +101,15 @@ class Checkpointer:
                 ).meta
                 if meta is None or int(meta["step"]) != step:
                     raise ValueError("metadata missing or for another step")
-                if meta.get("signature") != signature:
-                    # Readable but not ours: a different model or optimizer, a user error that
-                    # falling back would only hide.
+                problem = _mismatch(meta, signature, require or {})
+                if problem:  # readable but not this run's: falling back would hide the mistake
                     raise CheckpointMismatchError(
-                        f"checkpoint {step} in `{self.directory}` holds a different model or "
-                        f"optimizer state ({_diff(meta.get('signature') or {}, signature)}); "
-                        "resume with the flags it was written with, or use a new `--run-dir`"
+                        f"checkpoint {step} in `{self.directory}` {problem}; resume with the "
+                        "flags it was written with, or use a new `--run-dir`"
                     )
                 restored = self._manager.restore(
                     step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
                 )
-                position = DataPosition(int(meta["epoch"]), int(meta["index"]))
             except CheckpointMismatchError:
                 raise
             except Exception as e:  # any failure to read means this step is unusable
@@ -117,7 +121,7 @@ class Checkpointer:
                 )
                 self._set_aside(step)
                 continue
-            return restored.state, position, step
+            return restored.state
         return None
 
     def _set_aside(self, step: int) -> None:
@@ -201,6 +205,18 @@ def _signature(tree: Any) -> dict[str, list[Any]]:
         jax.tree_util.keystr(path): [*map(int, leaf.shape), str(leaf.dtype)]
         for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
     }
+
+
+def _mismatch(meta: dict[str, Any], signature: dict[str, Any], require: Mapping[str, Any]) -> str:
+    """Why a checkpoint's metadata does not fit this run; empty when it does."""
+    if meta.get("signature") != signature:
+        diff = _diff(meta.get("signature") or {}, signature)
+        return f"holds a different model or optimizer state ({diff})"
+    saved = meta.get("config") or {}
+    for name, value in require.items():
+        if saved.get(name) != value:
+            return f"was written with `--{name.replace('_', '-')}` {saved.get(name)}, not {value}"
+    return ""
 
 
 def _diff(saved: dict[str, Any], wanted: dict[str, Any]) -> str:

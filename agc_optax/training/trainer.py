@@ -1,7 +1,7 @@
 """The trainer: one function, read top to bottom.
 
-Sections: set-up, mesh, data, model and optimizer, state and sharding, checkpoint, steps,
-evaluation, loop, wrap-up. ``agc_optax.train`` turns flags into a :class:`Config` and calls
+Sections: set-up, mesh, data, model and optimizer, state and checkpoint, steps, evaluation,
+loop, wrap-up. ``agc_optax.train`` turns flags into a :class:`Config` and calls
 :func:`train`.
 """
 
@@ -16,18 +16,15 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import optax
-from flax import nnx
 
-import agc_optax
 from agc_optax import models
 from agc_optax.training import checkpoint as ckpt_lib
 from agc_optax.training import data as data_lib
-from agc_optax.training import loop, parallel
 from agc_optax.training import metrics as metrics_lib
+from agc_optax.training import parallel, recipe
+from agc_optax.training import step as step_lib
 from agc_optax.training.config import Config, ConfigError, validate
-
-ModelFn = Callable[..., nnx.Module]
+from agc_optax.training.recipe import ModelFn
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,40 +48,6 @@ class RunResult:
     seconds: float
     params: Any
     files: dict[str, str]
-
-
-def build_optimizer(
-    config: Config, schedule: optax.Schedule, unit_axes: Any = None
-) -> optax.GradientTransformation:
-    """The NFNet recipe (``sgd_agc``), or the same SGD without AGC / with global-norm clipping.
-
-    ``unit_axes``: AGC's unit rules, e.g. a model's ``agc_unit_axes`` (an NFNet built with
-    ``scan_blocks=True`` has stacked leaves whose units the default rules would get wrong).
-    """
-    if config.agc:
-        return agc_optax.sgd_agc(
-            schedule,
-            momentum=config.momentum,
-            weight_decay=config.weight_decay,
-            clipping=config.clipping,
-            unit_axes=unit_axes,
-            stats=True,
-        )
-    parts = []
-    if config.global_clip is not None:
-        parts.append(optax.clip_by_global_norm(config.global_clip))
-    parts += [
-        optax.add_decayed_weights(config.weight_decay, mask=agc_optax.weight_decay_mask),
-        optax.sgd(schedule, momentum=config.momentum or None, nesterov=True),
-    ]
-    return optax.chain(*parts)
-
-
-def learning_rate_schedule(config: Config, total_steps: int, steps_per_epoch: int):
-    """Linear warm-up to ``lr * batch_size / 256``, then cosine decay to zero."""
-    peak = config.lr * config.batch_size / 256
-    warmup = min(int(round(config.warmup_epochs * steps_per_epoch)), total_steps // 2)
-    return optax.warmup_cosine_decay_schedule(0.0, peak, warmup, max(total_steps, warmup + 1))
 
 
 def prepare_run_dir(config: Config, is_main: bool) -> str:
@@ -136,13 +99,11 @@ def train(
     is_main = process_index == 0
     say = log if is_main else (lambda _: None)
     run_dir = prepare_run_dir(config, is_main)
-    dtype = jnp.dtype(config.dtype)
-    pmap = config.parallel == "pmap"
 
     # --- Mesh -----------------------------------------------------------------------------------
-    mesh = parallel.make_mesh()
+    placement = parallel.make_placement(config.parallel)
     try:
-        parallel.check_batch_size(config.batch_size, config.parallel)
+        placement.check_batch_size(config.batch_size)
     except ValueError as e:
         raise ConfigError(str(e)) from None
 
@@ -156,103 +117,76 @@ def train(
         process_count=process_count,
         augment=dataset.augment,
     )
-    total_steps = config.steps or max(1, int(round(config.epochs * batches.steps_per_epoch)))
+    total_steps = recipe.training_steps(config, batches.steps_per_epoch)
     eval_every = config.eval_every or batches.steps_per_epoch
     checkpoint_every = config.checkpoint_every or batches.steps_per_epoch
 
     # --- Model and optimizer ------------------------------------------------------------------
-    rngs = nnx.Rngs(params=config.seed, dropout=config.seed + 1)
-    try:
-        if model_fn is None:
-            model = models.create_model(
-                config.model,
-                dataset.num_classes,
-                dtype=dtype,
-                rngs=rngs,
-                **dict(config.model_overrides),
-            )
-        else:
-            model = model_fn(dataset.num_classes, dtype=dtype, rngs=rngs)
-    except TypeError as e:  # an override the model does not take
-        raise ConfigError(f"model `{config.model}`: {e}") from None
-    split, params, batch_stats = loop.split_model(model)
-    schedule = learning_rate_schedule(config, total_steps, batches.steps_per_epoch)
-    tx = build_optimizer(config, schedule, unit_axes=getattr(model, "agc_unit_axes", None))
-    del model
+    # Only shapes here: the weights are computed once, in place, by the state's `init` below.
+    build, abstract_model = recipe.model_builder(config, dataset.num_classes, model_fn)
+    split, _, _ = step_lib.split_model(abstract_model)
+    schedule = recipe.learning_rate_schedule(config, total_steps, batches.steps_per_epoch)
+    tx = recipe.build_optimizer(
+        config, schedule, unit_axes=getattr(abstract_model, "agc_unit_axes", None)
+    )
+    init = step_lib.state_initializer(build, tx)
 
-    # --- State and sharding ----------------------------------------------------------------------
-    # Every process builds the same initial state from the same seed; it is then placed replicated.
-    host_state = jax.device_get(loop.init_state(params, batch_stats, tx))
-    state = parallel.replicate(mesh, host_state)
-
-    # --- Checkpoint ------------------------------------------------------------------------------
+    # --- State and checkpoint ----------------------------------------------------------------
+    # The state is restored into, or else created in, its place on the devices; its `step` is
+    # the run's one step counter, from which the data position follows.
     checkpoint_dir = os.path.abspath(config.checkpoint_dir or os.path.join(run_dir, "checkpoints"))
     checkpointer = ckpt_lib.Checkpointer(checkpoint_dir)
-    start_step = 0
+    state = None
     if config.resume:
         try:
-            restored = checkpointer.restore_latest(state)
+            state = checkpointer.restore_latest(
+                placement.abstract(init), require={"batch_size": config.batch_size}
+            )
         except ckpt_lib.CheckpointMismatchError as e:
             raise ConfigError(str(e)) from None
-        if restored is None:
+        if state is None:
             say(f"no checkpoint in {checkpoint_dir}; starting from scratch")
-        else:
-            state, position, step = restored
-            start_step = batches.step_of(position)
-            if start_step != step or int(parallel.to_host(state.step)) != step:
-                raise ConfigError(
-                    f"checkpoint {step} in `{checkpoint_dir}` has data position {position} that "
-                    f"does not match this run's batch size {config.batch_size}"
-                )
-            say(f"resumed from step {step} ({checkpoint_dir})")
     elif checkpointer.steps():
         raise ConfigError(
             f"`{checkpoint_dir}` already holds checkpoints; pass `--resume` or a new `--run-dir`"
         )
+    state = placement.init(init) if state is None else placement.place(state)
+    start_step = int(placement.to_host(state.step))
+    if start_step:  # restored
+        say(f"resumed from step {start_step} ({checkpoint_dir})")
 
     # --- Steps -----------------------------------------------------------------------------------
-    step_fn = loop.make_train_step(
-        split,
-        tx,
-        seed=config.seed,
-        label_smoothing=config.label_smoothing,
-        ema=config.ema,
-        dtype=dtype,
-        pmap=pmap,
+    dtype = jnp.dtype(config.dtype)
+    train_step = placement.compile(
+        step_lib.make_train_step(
+            split,
+            tx,
+            seed=config.seed,
+            label_smoothing=config.label_smoothing,
+            ema=config.ema,
+            dtype=dtype,
+            pmap=placement.pmap,
+        ),
+        donate_argnums=0,
     )
-    eval_fn = loop.make_eval_step(split, dtype=dtype, pmap=pmap)
-    if pmap:
-        train_step = jax.pmap(step_fn, axis_name=parallel.DATA_AXIS, donate_argnums=0)
-        eval_step = jax.pmap(eval_fn, axis_name=parallel.DATA_AXIS)
-        state = parallel.pmap_replicate(parallel.to_host(state))
-        put_batch = parallel.pmap_batch
-        fetch = parallel.pmap_unreplicate
-    else:
-        replicated = parallel.replicated_sharding(mesh)
-        train_step = jax.jit(step_fn, donate_argnums=0, out_shardings=replicated)
-        eval_step = jax.jit(eval_fn, out_shardings=replicated)
-        put_batch = lambda local: parallel.global_batch(mesh, local)  # noqa: E731
-        fetch = parallel.to_host
-
-    def canonical(state: Any) -> Any:
-        """The state as replicated global arrays, the layout checkpoints use."""
-        return parallel.replicate(mesh, parallel.pmap_unreplicate(state)) if pmap else state
+    eval_step = placement.compile(step_lib.make_eval_step(split, dtype=dtype, pmap=placement.pmap))
 
     # --- Evaluation ------------------------------------------------------------------------------
-    eval_batch = config.batch_size
-
     def evaluate(params: Any, batch_stats: Any) -> dict[str, float]:
-        totals = {"correct": 0.0, "loss": 0.0, "count": 0.0}
-        for images, labels, mask in data_lib.eval_batches(
-            dataset.test, eval_batch, process_index=process_index, process_count=process_count
-        ):
-            sums = fetch(eval_step(params, batch_stats, *put_batch((images, labels, mask))))
-            for k, v in sums.items():
-                totals[k] += float(v)
-        n = totals["count"]
-        return {"accuracy": totals["correct"] / n, "loss": totals["loss"] / n}
+        def sums_of(*batch: Any) -> dict[str, Any]:
+            return placement.to_host(eval_step(params, batch_stats, *placement.shard(batch)))
 
-    def evaluate_both(state: loop.TrainState) -> dict[str, dict[str, float]]:
+        return step_lib.evaluate(
+            sums_of,
+            data_lib.eval_batches(
+                dataset.test,
+                config.batch_size,
+                process_index=process_index,
+                process_count=process_count,
+            ),
+        )
+
+    def evaluate_both(state: step_lib.TrainState) -> dict[str, dict[str, float]]:
         """Test metrics of the raw weights and, when kept, of their EMA (the headline number)."""
         out = {"eval": evaluate(state.params, state.batch_stats)}
         if config.ema is not None:
@@ -274,11 +208,11 @@ def train(
     eval_record: dict[str, dict[str, float]] = {}
     tick, tick_step = time.time(), start_step
     for step in range(start_step, total_steps):
-        state, step_metrics = train_step(state, put_batch(batches.batch(step)))
+        state, step_metrics = train_step(state, placement.shard(batches.batch(step)))
         done = step + 1
         last = done == total_steps
         if done % config.log_every == 0 or last:
-            m = {k: float(v) for k, v in fetch(step_metrics).items()}
+            m = {k: float(v) for k, v in placement.to_host(step_metrics).items()}
             now = time.time()
             m["images_per_s"] = (done - tick_step) * config.batch_size / max(now - tick, 1e-9)
             m["learning_rate"] = float(schedule(step))
@@ -299,14 +233,14 @@ def train(
                 + ", ".join(f"{k} accuracy {v['accuracy']:.4f}" for k, v in eval_record.items())
             )
         if done % checkpoint_every == 0 or last:
-            checkpointer.save(done, canonical(state), batches.position(done), config.to_json())
+            checkpointer.save(placement.replicate(state), config.to_json())
         bar.update(1)
     bar.close()
 
     # --- Wrap-up ---------------------------------------------------------------------------------
     checkpointer.close()
     writer.close()
-    final = fetch(state)
+    final = placement.to_host(state)
     if not eval_record:  # resumed at the very end: evaluate what was restored
         eval_record = evaluate_both(state)
     raw_acc = eval_record["eval"]["accuracy"]

@@ -4,20 +4,20 @@ reseed accepts the stacks' per-layer stochastic-depth streams."""
 from __future__ import annotations
 
 from agc_optax.models.nfnet import SCANNED_UNIT_AXES, NFNet
-from agc_optax.training import PRESETS, train, trainer
+from agc_optax.training import PRESETS, recipe, train
 
 
 def test_scanned_nfnet_trains_with_its_unit_axes(tmp_path, monkeypatch):
     # Before: the step's nnx.reseed refused the stacked (one key per layer) dropout streams, and
     # the default unit rules merged the layer axis into every unit.
     seen = []
-    build = trainer.build_optimizer
+    build = recipe.build_optimizer
 
     def spy(config, schedule, unit_axes=None):
         seen.append(unit_axes)
         return build(config, schedule, unit_axes)
 
-    monkeypatch.setattr(trainer, "build_optimizer", spy)
+    monkeypatch.setattr(recipe, "build_optimizer", spy)
 
     def scanned_nfnet(num_classes, *, dtype, rngs):
         # F0's blocks at the smallest width its group size allows; stage 1 holds two identity

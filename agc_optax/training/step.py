@@ -9,7 +9,7 @@ streams. Parameters travel as pure nested dicts, so optax, AGC (which names leav
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
 
 import jax
@@ -24,7 +24,9 @@ class TrainState(NamedTuple):
     """Everything a step changes; checkpointed as one pytree.
 
     Attributes:
-      step: number of completed training steps, int32 scalar.
+      step: number of completed training steps, int32 scalar: the run's one step counter.
+        The data position (:meth:`TrainBatches.position`), the dropout keys and the checkpoint
+        number derive from it; the optimizer's own ``count`` advances with it.
       params: trainable parameters, a pure nested dict.
       batch_stats: non-trainable statistics (BatchNorm), a pure nested dict, often empty.
       opt_state: the optax state.
@@ -93,6 +95,23 @@ def init_state(params: Any, batch_stats: Any, tx: optax.GradientTransformation) 
         opt_state=tx.init(params),
         ema_params=jax.tree.map(jnp.copy, params),
     )
+
+
+def state_initializer(
+    build: Callable[[], nnx.Module], tx: optax.GradientTransformation
+) -> Callable[[], TrainState]:
+    """``init() -> TrainState`` that builds the model with ``build`` and splits it.
+
+    Made for ``jax.eval_shape(init)`` (the state's shapes, for restoring a checkpoint) and
+    ``jax.jit(init, out_shardings=...)()`` (the state created where it lives): no copy of it ever
+    passes through the host. ``build`` fixes its seeds, so every call gives the same weights.
+    """
+
+    def init() -> TrainState:
+        _, params, batch_stats = split_model(build())
+        return init_state(params, batch_stats, tx)
+
+    return init
 
 
 def _cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float) -> jax.Array:
@@ -200,3 +219,18 @@ def make_eval_step(
         return sums
 
     return eval_fn
+
+
+def evaluate(
+    sums_of: Callable[..., dict[str, Any]], batches: Iterable[tuple[Any, ...]]
+) -> dict[str, float]:
+    """Accuracy and mean loss over ``batches`` of ``(images, labels, mask)``.
+
+    ``sums_of(images, labels, mask)`` returns an eval step's sums (:func:`make_eval_step`).
+    """
+    totals = {"correct": 0.0, "loss": 0.0, "count": 0.0}
+    for batch in batches:
+        for k, v in sums_of(*batch).items():
+            totals[k] += float(v)
+    n = totals["count"]
+    return {"accuracy": totals["correct"] / n, "loss": totals["loss"] / n}

@@ -1,0 +1,128 @@
+"""What a config trains: its model, its optimizer and its learning-rate schedule.
+
+The NFNet recipe (Brock et al. 2021, arXiv:2102.06171): AGC, coupled weight decay (not on gains
+and biases), SGD with Nesterov momentum, linear warm-up then cosine decay, learning rate scaled
+by ``batch_size / 256``. The trainer and the large-batch sweep (:mod:`agc_optax.experiments`)
+both build it here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+import agc_optax
+from agc_optax import models
+from agc_optax.training.config import Config, ConfigError
+
+ModelFn = Callable[..., nnx.Module]
+
+
+def model_builder(
+    config: Config, num_classes: int, model_fn: ModelFn | None = None
+) -> tuple[Callable[[], nnx.Module], nnx.Module]:
+    """The config's model as ``build() -> nnx.Module``, and its abstract shape.
+
+    Args:
+      config: gives ``model``, ``model_overrides``, ``dtype`` and ``seed`` (parameters from
+        ``seed``, dropout and stochastic depth from ``seed + 1``).
+      num_classes: classifier outputs.
+      model_fn: optional ``(num_classes, *, dtype, rngs) -> nnx.Module`` replacing
+        ``create_model(config.model, ...)``.
+
+    Returns:
+      ``(build, abstract)``: every ``build()`` gives the same weights; ``abstract`` is
+      ``nnx.eval_shape(build)``, for what a model says about itself (``agc_unit_axes``) without
+      computing any weights.
+
+    Raises:
+      ConfigError: a model override the model does not take.
+    """
+    dtype = jnp.dtype(config.dtype)
+
+    def build() -> nnx.Module:
+        rngs = nnx.Rngs(params=config.seed, dropout=config.seed + 1)
+        if model_fn is not None:
+            return model_fn(num_classes, dtype=dtype, rngs=rngs)
+        overrides = dict(config.model_overrides)
+        return models.create_model(config.model, num_classes, dtype=dtype, rngs=rngs, **overrides)
+
+    try:
+        abstract = nnx.eval_shape(build)
+    except TypeError as e:  # an override the model does not take
+        raise ConfigError(f"model `{config.model}`: {e}") from None
+    return build, abstract
+
+
+def training_steps(config: Config, steps_per_epoch: int) -> int:
+    """``config.steps``, or ``config.epochs`` in steps (at least one)."""
+    return config.steps or max(1, int(round(config.epochs * steps_per_epoch)))
+
+
+def learning_rate_schedule(config: Config, total_steps: int, steps_per_epoch: int):
+    """Linear warm-up to ``lr * batch_size / 256``, then cosine decay to zero."""
+    peak = config.lr * config.batch_size / 256
+    warmup = min(int(round(config.warmup_epochs * steps_per_epoch)), total_steps // 2)
+    return optax.warmup_cosine_decay_schedule(0.0, peak, warmup, max(total_steps, warmup + 1))
+
+
+def build_optimizer(
+    config: Config, schedule: optax.Schedule, unit_axes: Any = None
+) -> optax.GradientTransformation:
+    """The NFNet recipe (``sgd_agc``), or the same SGD without AGC / with global-norm clipping.
+
+    ``unit_axes``: AGC's unit rules, e.g. a model's ``agc_unit_axes`` (an NFNet built with
+    ``scan_blocks=True`` has stacked leaves whose units the default rules would get wrong).
+    """
+    return sgd_recipe(
+        schedule,
+        momentum=config.momentum,
+        weight_decay=config.weight_decay,
+        clipping=config.clipping if config.agc else None,
+        global_clip=config.global_clip,
+        unit_axes=unit_axes,
+    )
+
+
+def sgd_recipe(
+    schedule: optax.ScalarOrSchedule,
+    *,
+    momentum: Any,
+    weight_decay: Any,
+    clipping: Any = None,
+    global_clip: Any = None,
+    unit_axes: Any = None,
+) -> optax.GradientTransformation:
+    """AGC (if ``clipping``), global-norm clipping (if ``global_clip``), weight decay, Nesterov SGD.
+
+    AGC alone is ``agc_optax.sgd_agc`` (one fused update, AGC statistics kept); every other
+    combination is the same steps as an optax chain, in the same order. Thresholds may be arrays
+    (``optax.inject_hyperparams``). Weight decay skips gains and biases, AGC the classifier.
+    """
+    if clipping is not None and global_clip is None:
+        return agc_optax.sgd_agc(
+            schedule,
+            momentum=momentum,
+            weight_decay=weight_decay,
+            clipping=clipping,
+            unit_axes=unit_axes,
+            stats=True,
+        )
+    parts = []
+    if clipping is not None:
+        parts.append(
+            agc_optax.adaptive_grad_clip(
+                clipping, exclude=agc_optax.HEAD_PATTERN, unit_axes=unit_axes, stats=True
+            )
+        )
+    if global_clip is not None:
+        parts.append(optax.clip_by_global_norm(global_clip))
+    return optax.chain(
+        *parts,
+        optax.add_decayed_weights(weight_decay, mask=agc_optax.weight_decay_mask),
+        optax.sgd(schedule, momentum=momentum or None, nesterov=True),
+    )

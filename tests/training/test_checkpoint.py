@@ -1,0 +1,28 @@
+"""Checkpoints are named by the state's own step, and refuse a run with another batch size."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from agc_optax.training import Checkpointer, TrainState
+from agc_optax.training.checkpoint import CheckpointMismatchError
+
+
+def _state(step: int) -> TrainState:
+    params = {"head": {"kernel": jnp.full((2, 3), float(step))}}
+    return TrainState(jnp.asarray(step, jnp.int32), params, {}, (), params)
+
+
+def test_step_comes_from_the_state_and_batch_size_must_match(tmp_path):
+    checkpointer = Checkpointer(str(tmp_path), async_save=False)
+    for step in (3, 7):
+        checkpointer.save(_state(step), {"batch_size": 32})
+    assert checkpointer.steps() == [3, 7]
+    restored = checkpointer.restore_latest(_state(0), require={"batch_size": 32})
+    assert int(restored.step) == 7
+    np.testing.assert_array_equal(restored.params["head"]["kernel"], np.full((2, 3), 7.0))
+    with pytest.raises(CheckpointMismatchError, match="written with `--batch-size` 32, not 64"):
+        checkpointer.restore_latest(_state(0), require={"batch_size": 64})
+    checkpointer.close()
