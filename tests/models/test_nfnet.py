@@ -407,17 +407,17 @@ def test_activation_choice_is_used():
 
 def test_scanned_unit_axes_rules_give_the_same_units():
     """With `SCANNED_UNIT_AXES`, AGC sees exactly the unrolled model's units."""
-    from agc_optax.unit_axes import reduction_axes, resolve_unit_axes
+    import agc_optax
 
     def unit_norms(model, rules):
         params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-        leaves = jax.tree.leaves(params)
+        plan = agc_optax.describe(params, rules)
         norms = []
-        for (_, axes), leaf in zip(resolve_unit_axes(params, rules), leaves, strict=True):
+        for row, leaf in zip(plan, jax.tree.leaves(params), strict=True):
             leaf = np.asarray(leaf, np.float64)
-            reduce = reduction_axes(axes, leaf.ndim)
+            reduce = tuple(a for a in range(leaf.ndim) if a not in row.unit_axes)
             norms.append(np.sqrt(np.sum(leaf**2, axis=reduce)).ravel())
-        return np.sort(np.concatenate(norms)), dict(resolve_unit_axes(params, rules))
+        return np.sort(np.concatenate(norms)), {row.path: row.unit_axes for row in plan}
 
     unrolled = _tiny()
     checkpoint = {
