@@ -11,6 +11,7 @@ is never listed; a finished but damaged step (a truncated or deleted file) fails
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import warnings
@@ -150,12 +151,14 @@ class Checkpointer:
 
 
 def _silence_closed_loop_callbacks() -> None:
-    """Drops the "Event loop is closed" errors a failed orbax restore leaves behind.
+    """Drops the errors a failed orbax restore leaves behind, once the warning has been given.
 
     When one array of a damaged checkpoint fails to read, orbax closes its event loop while
-    tensorstore still completes reads of the other arrays; each completion then reports
-    ``RuntimeError('Event loop is closed')`` through ``sys.unraisablehook``, one traceback per
-    array. They carry no information beyond the warning already given, so only they are dropped.
+    tensorstore still completes reads of the other arrays: each completion reports
+    ``RuntimeError('Event loop is closed')`` through ``sys.unraisablehook``, and the read tasks
+    that failed are logged by asyncio ("Task exception was never retrieved") whenever the garbage
+    collector meets them, one traceback per array. They carry no information beyond the warning
+    already given, so only they are dropped.
     """
     previous = sys.unraisablehook
     if getattr(previous, "_agc_optax_filter", False):
@@ -169,6 +172,19 @@ def _silence_closed_loop_callbacks() -> None:
 
     hook._agc_optax_filter = True  # type: ignore[attr-defined]
     sys.unraisablehook = hook
+    logging.getLogger("asyncio").addFilter(_drop_orphaned_orbax_reads)
+
+
+def _drop_orphaned_orbax_reads(record: logging.LogRecord) -> bool:
+    """False for asyncio's report of an orbax read task whose failure nobody awaited."""
+    if not str(record.msg).startswith("Task exception was never retrieved"):
+        return True
+    tb = record.exc_info[2] if record.exc_info else None
+    while tb is not None:
+        if f"{os.sep}orbax{os.sep}" in tb.tb_frame.f_code.co_filename:
+            return False
+        tb = tb.tb_next
+    return True
 
 
 def _sync(name: str) -> None:
