@@ -3,9 +3,11 @@
 ``python -m benchmarks.compare_versions --baseline REV`` exports ``agc_optax/`` at the git
 revision ``REV`` into a temporary folder as a package named ``agc_optax_baseline`` (every
 ``agc_optax`` import inside it renamed), then times each step of this tree and of the baseline in
-the same interleaved rounds (donated buffers, as :mod:`benchmarks.fused_step`), with XLA's bytes
-accessed and the largest difference between the two versions' new parameters. A refactor that
-should not change the compiled program shows ratios near 1.0, equal bytes and a difference of 0.
+the same interleaved rounds (donated buffers, as :mod:`benchmarks.fused_step`), then the library
+train step of NF-ResNet-50 and NFNet-F0 (as :mod:`benchmarks.train_step`), with XLA's bytes
+accessed and the largest difference between the two versions' new parameters after one step. A
+refactor that should not change the compiled program shows ratios near 1.0, equal bytes and a
+difference of 0.
 """
 
 from __future__ import annotations
@@ -21,7 +23,9 @@ import tempfile
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
+from flax import nnx
 
 import agc_optax
 from benchmarks import common
@@ -65,6 +69,64 @@ def _transforms(package) -> dict[str, optax.GradientTransformation]:
     }
 
 
+TRAIN_STEPS = {  # model name -> (batch size, resolution), as in benchmarks.train_step
+    "nf_resnet50": (16, 128),
+    "nfnet_f0": (8, 128),
+}
+
+
+def _train_step(package, name: str, batch, small: bool):
+    """The library train step (sgd_agc, state donated) of ``package`` for model ``name``."""
+    # Smoke-test sizes: NFNet's grouped convs need bottlenecks of at least one 128-wide group.
+    width = 256 if name.startswith("nfnet") else 32
+    overrides = {"widths": (width,) * 4, "depths": (1, 1, 1, 1)} if small else {}
+    models = importlib.import_module(f"{package.__name__}.models")
+    training = importlib.import_module(f"{package.__name__}.training")
+    model = models.create_model(name, 1000, rngs=nnx.Rngs(0), **overrides)
+    split, params, stats = training.split_model(model)
+    tx = package.sgd_agc(0.1)
+    step = jax.jit(training.make_train_step(split, tx, seed=0), donate_argnums=(0,))
+
+    def make_state():
+        return training.init_state(jax.tree.map(jnp.copy, params), stats, tx)
+
+    return step, make_state
+
+
+def train_step_rows(old, baseline: str, repeats: int, small: bool) -> list[tuple[str, ...]]:
+    """One row per model: the whole library train step, this tree against the baseline."""
+    rows = []
+    rng = np.random.default_rng(0)
+    for name, (batch_size, resolution) in TRAIN_STEPS.items():
+        if small:
+            batch_size, resolution = 2, 32
+        images = rng.standard_normal((batch_size, resolution, resolution, 3)).astype(np.float32)
+        batch = (jnp.asarray(images), jnp.asarray(rng.integers(0, 1000, batch_size), jnp.int32))
+        steps = {
+            "this tree": _train_step(agc_optax, name, batch, small),
+            baseline: _train_step(old, name, batch, small),
+        }
+        thunks, nbytes, first = {}, {}, {}
+        for version, (step, make_state) in steps.items():
+            state = make_state()
+            nbytes[version] = common.bytes_accessed(step, state, batch)
+            first[version] = step(make_state(), batch)[0].params
+            thunks[version] = common.feedback_thunk(lambda s, b, f=step: f(s, b)[0], state, batch)
+        times = common.time_interleaved(thunks, repeats=repeats)
+        new, ref = "this tree", baseline
+        rows.append(
+            (
+                f"train step, {name} (batch {batch_size}, {resolution} px)",
+                f"{times[new] * 1e3:.2f}",
+                f"{times[ref] * 1e3:.2f}",
+                f"{times[new] / times[ref]:.3f}",
+                f"{nbytes[new] / 2**20:.1f} / {nbytes[ref] / 2**20:.1f}",
+                f"{common.max_relative_difference(first[new], first[ref]):.1e}",
+            )
+        )
+    return rows
+
+
 def run(baseline: str, repeats: int = 15, small: bool = False) -> str:
     with tempfile.TemporaryDirectory() as folder:
         old = import_baseline(baseline, pathlib.Path(folder))
@@ -100,8 +162,9 @@ def run(baseline: str, repeats: int = 15, small: bool = False) -> str:
                     f"{common.max_relative_difference(new_params(new), new_params(ref)):.1e}",
                 )
             )
+        rows += train_step_rows(old, baseline, max(3, repeats // 3), small)
     header = (
-        "step (ResNet-50 tree, donated)",
+        "step (optimizers: ResNet-50 tree, donated)",
         "ms, this tree",
         f"ms, {baseline}",
         "ratio",
