@@ -15,19 +15,63 @@ import jax.numpy as jnp
 import numpy as np
 
 
+def concrete_value(value: Any) -> np.ndarray | None:
+    """``value`` as a NumPy array if it is a concrete number or array, else ``None``.
+
+    ``None`` for tracers (``jit``, ``optax.inject_hyperparams`` under ``jit``), whose values are
+    not known at trace time, and for anything that is not a number or an array.
+    """
+    if isinstance(value, jax.core.Tracer):
+        return None
+    if isinstance(value, numbers.Number | np.ndarray | np.generic | jax.Array):
+        return np.asarray(value)
+    return None
+
+
 def check_hyperparameter(
     name: str, value: Any, *, below: float | None = None, why: str = ""
 ) -> None:
     """A concrete hyperparameter must be finite and >= 0 (and < ``below`` if given).
 
-    Traced values (inject_hyperparams, schedules under jit) cannot be checked and pass. ``why``
-    ends the error for ``below`` (e.g. "; the paper uses 0.98").
+    Python numbers, NumPy values and concrete ``jax.Array`` values are all checked alike.
+    Traced values (a ``jax.core.Tracer``: ``optax.inject_hyperparams`` or a schedule under
+    ``jit``) cannot be checked at trace time and pass unchecked. ``None`` passes (the caller
+    decides what it means). ``why`` ends the error for ``below`` (e.g. "; the paper uses 0.98").
     """
-    if isinstance(value, numbers.Real | np.ndarray) and np.ndim(value) == 0:
-        if not np.isfinite(value) or value < 0:
-            raise ValueError(f"`{name}` must be a finite number >= 0, got {value!r}.")
-        if below is not None and not value < below:
-            raise ValueError(f"`{name}` must be in [0, {below:g}), got {value!r}{why}.")
+    arr = concrete_value(value)
+    if arr is None:
+        return
+    if not np.all(np.isfinite(arr)) or np.any(arr < 0):
+        raise ValueError(f"`{name}` must be a finite number >= 0, got {_show(value)}.")
+    if below is not None and not np.all(arr < below):
+        raise ValueError(f"`{name}` must be in [0, {below:g}), got {_show(value)}{why}.")
+
+
+def check_count(name: str, value: Any, minimum: int, why: str = "") -> None:
+    """A concrete step count (``warmup_steps``) must be an integer >= ``minimum``.
+
+    Checked like :func:`check_hyperparameter`: concrete numbers and arrays alike, tracers pass.
+    """
+    arr = concrete_value(value)
+    if arr is None:
+        return
+    if (
+        isinstance(value, bool)
+        or arr.dtype == np.bool_
+        or arr.ndim != 0
+        or not np.isfinite(arr)
+        or int(arr) != arr
+        or arr < minimum
+    ):
+        raise ValueError(f"`{name}` must be an integer >= {minimum}{why}, got {_show(value)}.")
+
+
+def _show(value: Any) -> str:
+    """A short repr of a hyperparameter for errors: arrays show their values."""
+    if isinstance(value, jax.Array | np.ndarray | np.generic) and not isinstance(value, bool):
+        arr = np.asarray(value)
+        return f"an array holding {arr.item()!r}" if arr.ndim == 0 else f"an array {arr!r}"
+    return repr(value)
 
 
 def check_static_flag(name: str, value: Any) -> None:

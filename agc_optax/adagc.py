@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numbers
 from typing import Any, NamedTuple
 
 import jax
@@ -10,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from agc_optax._checks import check_hyperparameter
+from agc_optax._checks import check_count, check_hyperparameter
 from agc_optax._norms import apply_scale, squared_unit_norms
 from agc_optax._plan import PlanCache
 from agc_optax.unit_axes import ExcludeRule, UnitAxesRule
@@ -37,12 +36,10 @@ class AdaGCState(NamedTuple):
 
 
 def _check_static(lambda_rel: Any, beta: Any, warmup_steps: Any) -> None:
-    # Only concrete Python/NumPy values can be checked; traced ones (inject_hyperparams) pass.
+    # Concrete numbers and arrays are checked; traced ones (inject_hyperparams) pass.
     check_hyperparameter("lambda_rel", lambda_rel)
     check_hyperparameter("beta", beta, below=1, why="; the paper uses 0.98")
-    if isinstance(warmup_steps, numbers.Real | np.ndarray) and np.ndim(warmup_steps) == 0:
-        if isinstance(warmup_steps, bool) or int(warmup_steps) != warmup_steps or warmup_steps < 0:
-            raise ValueError(f"`warmup_steps` must be an integer >= 0, got {warmup_steps!r}.")
+    check_count("warmup_steps", warmup_steps, 0)
 
 
 def _unit_shape(shape: tuple[int, ...], axes: tuple[int, ...]) -> tuple[int, ...]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numbers
 from typing import Any, Literal, NamedTuple
 
 import jax
@@ -10,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from agc_optax._checks import check_hyperparameter
+from agc_optax._checks import check_count, check_hyperparameter, concrete_value
 from agc_optax._norms import apply_scale
 from agc_optax._plan import PlanCache
 from agc_optax.unit_axes import ExcludeRule
@@ -44,17 +43,18 @@ class ZClipState(NamedTuple):
 def _check_static(alpha: Any, z_thresh: Any, warmup_steps: Any, mode: Any) -> None:
     if mode not in _MODES:
         raise ValueError(f"`mode` must be one of {_MODES}, got {mode!r}.")
-    # Only concrete Python/NumPy values can be checked; traced ones (inject_hyperparams) pass.
+    # Concrete numbers and arrays are checked; traced ones (inject_hyperparams) pass.
     check_hyperparameter("alpha", alpha, below=1, why="; the paper uses 0.97")
     check_hyperparameter("z_thresh", z_thresh)
-    if isinstance(z_thresh, numbers.Real) and not z_thresh > 0:
+    z = concrete_value(z_thresh)
+    if z is not None and not np.all(z > 0):
         raise ValueError(f"`z_thresh` must be > 0, got {z_thresh!r}; the paper uses 2.5.")
-    if isinstance(warmup_steps, numbers.Real | np.ndarray) and np.ndim(warmup_steps) == 0:
-        if isinstance(warmup_steps, bool) or int(warmup_steps) != warmup_steps or warmup_steps < 1:
-            raise ValueError(
-                f"`warmup_steps` must be an integer >= 1 (the EMA starts from the warm-up "
-                f"norms' mean and variance), got {warmup_steps!r}."
-            )
+    check_count(
+        "warmup_steps",
+        warmup_steps,
+        1,
+        " (the EMA starts from the warm-up norms' mean and variance)",
+    )
 
 
 def zclip(
