@@ -28,6 +28,33 @@ def concrete_value(value: Any) -> np.ndarray | None:
     return None
 
 
+def _real_value(name: str, value: Any, example: str = "0.9") -> np.ndarray | None:
+    """:func:`concrete_value`, after a ``TypeError`` for a value that is not a real number.
+
+    ``None`` and tracers give ``None`` (nothing to check); a string, a complex number or any
+    other object is a ``TypeError`` naming the argument.
+    """
+    if value is None or isinstance(value, jax.core.Tracer):
+        return None
+    arr = concrete_value(value)
+    if arr is not None and arr.dtype.kind in "biuf":
+        return arr
+    if isinstance(value, jax.Array | np.ndarray):
+        what = f"an array of dtype {arr.dtype}"
+    else:
+        what = f"{type(value).__name__} {value!r}"
+    if isinstance(value, str):
+        try:
+            number = float(value)
+            example = repr(int(number) if example.isdigit() else number)
+        except ValueError:
+            pass
+    raise TypeError(
+        f"`{name}` must be a real number (a Python number or a scalar array), got {what}; "
+        f"pass e.g. `{name}={example}`."
+    )
+
+
 def check_hyperparameter(
     name: str, value: Any, *, below: float | None = None, why: str = ""
 ) -> None:
@@ -38,7 +65,7 @@ def check_hyperparameter(
     ``jit``) cannot be checked at trace time and pass unchecked. ``None`` passes (the caller
     decides what it means). ``why`` ends the error for ``below`` (e.g. "; the paper uses 0.98").
     """
-    arr = concrete_value(value)
+    arr = _real_value(name, value)
     if arr is None:
         return
     if not np.all(np.isfinite(arr)) or np.any(arr < 0):
@@ -52,7 +79,7 @@ def check_count(name: str, value: Any, minimum: int, why: str = "") -> None:
 
     Checked like :func:`check_hyperparameter`: concrete numbers and arrays alike, tracers pass.
     """
-    arr = concrete_value(value)
+    arr = _real_value(name, value, example="100")
     if arr is None:
         return
     if (
@@ -75,7 +102,9 @@ def _show(value: Any) -> str:
 
 
 def check_static_flag(name: str, value: Any) -> None:
-    """A flag that shapes the computation (``stats``, ``nesterov``) must be a Python value.
+    """A flag that shapes the computation (``stats``, ``nesterov``) must be a Python bool.
+
+    Truthy stand-ins (``"yes"``, 1, None) are a ``TypeError``, not silently taken as flags.
 
     ``optax.inject_hyperparams`` turns bools into arrays unless they are listed in its
     ``static_args``; say so instead of failing later with a tracer-conversion error.
@@ -84,6 +113,11 @@ def check_static_flag(name: str, value: Any) -> None:
         raise TypeError(
             f"`{name}` must be a Python bool, got an array. With `optax.inject_hyperparams`, "
             f"list it in `static_args`, e.g. `static_args=({name!r},)`."
+        )
+    if not isinstance(value, bool | np.bool_):
+        raise TypeError(
+            f"`{name}` must be a bool (True or False), got {type(value).__name__} {value!r}; "
+            f"pass e.g. `{name}=True`."
         )
 
 

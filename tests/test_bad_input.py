@@ -5,7 +5,6 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 import agc_optax
@@ -49,3 +48,49 @@ def test_traced_hyperparameters_pass_unchecked():
 
     out = run(jnp.array(0.1))
     assert np.isfinite(np.asarray(out["w"])).all()
+
+
+# 2. Non-numeric hyperparameters and non-bool flags are TypeErrors naming the argument.
+@pytest.mark.parametrize(
+    "make, name",
+    [
+        (lambda: agc_optax.sgd_agc(0.1, momentum="0.9"), "momentum"),
+        (lambda: agc_optax.adaptive_grad_clip("0.1"), "clipping"),
+        (lambda: agc_optax.adaptive_grad_clip(0.1, [1e-3]), "eps"),
+        (lambda: agc_optax.adamw_agc(1e-3, b1="0.9"), "b1"),
+        (lambda: agc_optax.adagc(lambda_rel="1.05"), "lambda_rel"),
+        (lambda: agc_optax.zclip(alpha="0.97"), "alpha"),
+        (lambda: agc_optax.zclip(warmup_steps="25"), "warmup_steps"),
+        (lambda: agc_optax.adagc(warmup_steps="100"), "warmup_steps"),
+        (lambda: agc_optax.adaptive_grad_clip(1 + 2j), "clipping"),
+    ],
+)
+def test_non_numeric_hyperparameters_are_type_errors(make, name):
+    with pytest.raises(TypeError, match=rf"`{name}` must be a real number.*got"):
+        make()
+
+
+def test_string_hyperparameter_error_says_what_to_pass():
+    with pytest.raises(TypeError, match=r"got str '0\.9'; pass e\.g\. `momentum=0\.9`"):
+        agc_optax.sgd_agc(0.1, momentum="0.9")
+    with pytest.raises(TypeError, match=r"pass e\.g\. `warmup_steps=25`"):
+        agc_optax.zclip(warmup_steps="25")
+
+
+@pytest.mark.parametrize(
+    "make, name",
+    [
+        (lambda: agc_optax.sgd_agc(0.1, nesterov="yes"), "nesterov"),
+        (lambda: agc_optax.sgd_agc(0.1, stats="yes"), "stats"),
+        (lambda: agc_optax.adaptive_grad_clip(stats="yes"), "stats"),
+        (lambda: agc_optax.adamw_agc(1e-3, stats=1), "stats"),
+    ],
+)
+def test_flags_must_be_bools(make, name):
+    with pytest.raises(TypeError, match=rf"`{name}` must be a bool \(True or False\), got"):
+        make()
+
+
+def test_array_flag_keeps_the_static_args_advice():
+    with pytest.raises(TypeError, match=r"`stats` must be a Python bool.*static_args"):
+        agc_optax.adaptive_grad_clip(stats=jnp.array(True))
