@@ -56,6 +56,12 @@ class AdamWAgcState(NamedTuple):
     agc: Any
 
 
+def _check_learning_rate(learning_rate: optax.ScalarOrSchedule) -> None:
+    """A concrete learning rate must be finite and >= 0; schedules (callables) are not checked."""
+    if not callable(learning_rate):
+        check_hyperparameter("learning_rate", learning_rate)
+
+
 def _learning_rate(learning_rate: optax.ScalarOrSchedule, count: jax.Array) -> Any:
     return learning_rate(count) if callable(learning_rate) else learning_rate
 
@@ -126,8 +132,11 @@ def _sgd_agc_parts(
     """
     check_static_flag("nesterov", nesterov)
     check_static_flag("stats", stats)
+    _check_learning_rate(learning_rate)
+    check_hyperparameter(
+        "momentum", momentum, below=1, why="; the buffers would grow without bound (NFNets use 0.9)"
+    )
     for name, value in (
-        ("momentum", momentum),
         ("weight_decay", weight_decay),
         ("clipping", clipping),
         ("eps", eps),
@@ -369,6 +378,7 @@ def adamw_agc(
     """
 
     check_static_flag("stats", stats)
+    _check_learning_rate(learning_rate)
     for name, value in (("b1", b1), ("b2", b2)):
         check_hyperparameter(name, value, below=1, why=f": 1 - {name}**t would divide by zero")
     for name, value in (

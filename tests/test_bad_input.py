@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import agc_optax
@@ -94,3 +95,29 @@ def test_flags_must_be_bools(make, name):
 def test_array_flag_keeps_the_static_args_advice():
     with pytest.raises(TypeError, match=r"`stats` must be a Python bool.*static_args"):
         agc_optax.adaptive_grad_clip(stats=jnp.array(True))
+
+
+# 3. sgd_agc (and adamw_agc): learning rate and momentum ranges.
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda: agc_optax.sgd_agc(-0.1), r"`learning_rate` must be a finite number >= 0"),
+        (lambda: agc_optax.sgd_agc(float("inf")), r"`learning_rate` must be a finite number"),
+        (lambda: agc_optax.sgd_agc(jnp.array(np.nan)), r"`learning_rate` must be a finite"),
+        (lambda: agc_optax.sgd_agc(0.1, momentum=1.0), r"`momentum` must be in \[0, 1\)"),
+        (lambda: agc_optax.sgd_agc(0.1, momentum=1.5), r"`momentum` must be in \[0, 1\)"),
+        (lambda: agc_optax.sgd_agc_step(-0.1), r"`learning_rate` must be a finite"),
+        (lambda: agc_optax.adamw_agc(-1e-3), r"`learning_rate` must be a finite"),
+    ],
+)
+def test_sgd_agc_rejects_bad_learning_rate_and_momentum(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+def test_schedules_and_plain_sgd_are_accepted():
+    agc_optax.sgd_agc(optax.constant_schedule(-1.0))  # callables are not checked
+    agc_optax.sgd_agc(lambda count: 0.1, momentum=None)
+    agc_optax.sgd_agc(0.0, momentum=0.0)
+    with pytest.raises(TypeError, match=r"`learning_rate` must be a real number"):
+        agc_optax.sgd_agc("0.1")
