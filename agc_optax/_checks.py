@@ -137,7 +137,16 @@ def is_static_zero(value: Any) -> bool:
 def check_float_leaf(path: str, leaf: Any, what: str) -> None:
     """A leaf that is clipped must hold floating-point numbers; ``what`` names it in the error."""
     dtype = getattr(leaf, "dtype", None)
-    if dtype is None or not jnp.issubdtype(dtype, jnp.inexact):
+    if dtype is None:
+        kind = type(leaf)
+        name = "Python " + kind.__name__ if kind.__module__ == "builtins" else kind.__qualname__
+        raise TypeError(
+            f"`{path}`: {what} is a {name} ({leaf!r}), not an array; gradient clipping needs "
+            f"floating-point arrays. Pass `jnp.asarray(...)` leaves (e.g. "
+            f"`jax.tree.map(jnp.asarray, params)`), or skip this leaf with "
+            f'`exclude=r"{path}$"`.'
+        )
+    if not jnp.issubdtype(dtype, jnp.inexact):
         raise TypeError(
             f"`{path}`: {what} has dtype {dtype}; gradient clipping needs floating-point leaves. "
             f"Pass only trainable float parameters (e.g. `nnx.state(model, nnx.Param)`), or skip "

@@ -121,3 +121,18 @@ def test_schedules_and_plain_sgd_are_accepted():
     agc_optax.sgd_agc(0.0, momentum=0.0)
     with pytest.raises(TypeError, match=r"`learning_rate` must be a real number"):
         agc_optax.sgd_agc("0.1")
+
+
+# 4. A leaf that is not an array says what it is and what to pass.
+def test_python_float_parameter_says_what_it_is():
+    with pytest.raises(TypeError, match=r"`w`: the parameter is a Python float.*jnp\.asarray"):
+        agc_optax.adaptive_grad_clip().init({"w": 1.0})
+
+
+def test_python_float_gradient_says_what_it_is():
+    params = {"w": jnp.ones(())}
+    tx = agc_optax.sgd_agc(0.1)
+    with pytest.raises(TypeError, match=r"`w`: the gradient is a Python float.*jnp\.asarray"):
+        tx.update({"w": 1.0}, tx.init(params), params)
+    with pytest.raises(TypeError, match=r"`w`: the gradient is a Python float"):
+        agc_optax.zclip().update({"w": 1.0}, agc_optax.zclip().init(params))
