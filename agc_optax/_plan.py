@@ -92,6 +92,10 @@ class UnitTable:
             for row in self.rows:
                 if row.path == key:
                     return row
+            if not self.rows:
+                raise KeyError(
+                    f"no leaf with path {key!r}: the table is empty (a tree with no leaves)"
+                )
             raise KeyError(f"no leaf with path {key!r}; paths are e.g. {self.rows[0].path!r}")
         return self.rows[key]
 

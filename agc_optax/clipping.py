@@ -25,7 +25,10 @@ class AdaptiveGradClipState(NamedTuple):
     """Statistics of the last update, kept when ``stats=True``.
 
     Attributes:
-      clip_fraction: clipped units / eligible (non-excluded) units, float32 scalar.
+      clip_fraction: clipped units / eligible (non-excluded) units, float32 scalar; 0 when
+        there are no eligible units. A zero-size leaf has no units along a zero-length unit
+        axis (a ``(4, 0)`` kernel with units on its last axis has 0), otherwise units of norm 0,
+        which are never clipped.
       max_ratio: the largest ``||G_i|| / max(||W_i||, eps)`` over all eligible units.
       num_units: how many units are eligible, int32 scalar.
     """
@@ -116,7 +119,7 @@ def clip_leaves(
             check_float_leaf(row.path, g, "the gradient")
             g_pow, w_pow = unit_norms(row, g, w, *leaf_state)
             scale, clip, ratio = clip_scale(g_pow, w_pow, clipping, eps, norm)
-            if stats:
+            if stats and row.num_units > 0:  # a zero-size leaf may have no units at all
                 clipped_counts.append(jnp.sum(clip, dtype=jnp.int32))
                 ratios.append(jnp.max(ratio).astype(jnp.float32))
         outputs.append(leaf_fn(row, g, w, scale, *leaf_state))
@@ -124,7 +127,7 @@ def clip_leaves(
     if not stats:
         return trees, None
     zero = initial_stats(plan)
-    if not clipped_counts:
+    if not clipped_counts:  # no clipped units (e.g. only zero-size leaves): 0, not 0 / 0
         return trees, zero
     return trees, AdaptiveGradClipState(
         clip_fraction=sum(clipped_counts).astype(jnp.float32) / zero.num_units.astype(jnp.float32),

@@ -136,3 +136,37 @@ def test_python_float_gradient_says_what_it_is():
         tx.update({"w": 1.0}, tx.init(params), params)
     with pytest.raises(TypeError, match=r"`w`: the gradient is a Python float"):
         agc_optax.zclip().update({"w": 1.0}, agc_optax.zclip().init(params))
+
+
+# 5. Zero-size leaves and empty trees.
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda rule: agc_optax.adaptive_grad_clip(stats=True, unit_axes=rule),
+        lambda rule: agc_optax.sgd_agc(0.1, stats=True, unit_axes=rule),
+        lambda rule: agc_optax.adamw_agc(1e-3, stats=True, unit_axes=rule),
+    ],
+)
+@pytest.mark.parametrize("rule, units", [(None, 0), ((), 1), ([("w", (0,))], 4)])
+def test_zero_size_leaf_with_stats(make, rule, units):
+    tx = make(rule)
+    for params, total, fraction in [
+        ({"w": jnp.ones((4, 0))}, units, 0.0),
+        ({"w": jnp.ones((4, 0)), "v": jnp.full(3, 2.0)}, units + 1, 1 / (units + 1)),
+    ]:
+        grads = {k: 1e3 * v for k, v in params.items()}  # `v` is clipped
+        out, state = jax.jit(tx.update)(grads, tx.init(params), params)
+        assert out["w"].shape == (4, 0)
+        assert int(optax.tree.get(state, "num_units")) == total
+        clip_fraction = float(optax.tree.get(state, "clip_fraction"))
+        assert np.isfinite(clip_fraction)
+        assert clip_fraction == pytest.approx(fraction)
+        assert np.isfinite(float(optax.tree.get(state, "max_ratio")))
+
+
+def test_describe_empty_tree():
+    table = agc_optax.describe({})
+    assert len(table) == 0 and table.num_units == 0
+    assert str(table).endswith("0 leaves, 0 clipped units")
+    with pytest.raises(KeyError, match=r"no leaf with path 'x'.*empty"):
+        table["x"]
