@@ -141,6 +141,13 @@ def clip_scale(
 
     ``g_pow`` and ``w_pow`` are the units' norms raised to :func:`norm_power` (squared for L2).
     ``scale`` is exactly 1 where a unit is not clipped. The ratio is only for statistics.
+
+    A unit whose weight norm is not finite (a NaN or Inf in ``W_i``) gets a NaN scale and a NaN
+    ratio, so its output is NaN and an ``optax.apply_if_finite`` after AGC skips the step;
+    otherwise such a
+    unit would pass unclipped, unnoticed. Until weight norms are computed overflow-safely, this
+    includes a finite unit whose powered norm overflows (``||W_i|| > ~1.8e19`` in float32 for
+    L2). Finite norms give bit for bit the same results as without this check.
     """
     power = norm_power(norm)
     w_floor_pow = jnp.maximum(w_pow, eps**power)
@@ -152,11 +159,12 @@ def clip_scale(
         factor = safe_sqrt(max_pow) * jax.lax.rsqrt(safe_g_pow)
     else:
         factor = max_pow / safe_g_pow
-    scale = jnp.where(clip, factor, 1)
+    w_finite = jnp.isfinite(w_pow)
+    scale = jnp.where(w_finite, jnp.where(clip, factor, 1), jnp.nan)
     safe_den = jnp.where(w_floor_pow > 0, w_floor_pow, 1)
     ratio_pow = jnp.where(w_floor_pow > 0, g_pow / safe_den, jnp.where(g_pow > 0, jnp.inf, 0))
     ratio = jnp.sqrt(ratio_pow) if power == 2 else ratio_pow
-    return scale, clip, ratio
+    return scale, clip, jnp.where(w_finite, ratio, jnp.nan)
 
 
 def apply_scale(g: jax.Array, scale: jax.Array) -> jax.Array:

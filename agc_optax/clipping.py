@@ -175,6 +175,14 @@ def adaptive_grad_clip(
     placed after this transform still skips the step. Finite gradients always give finite
     results; a unit whose float32 squared norm overflows is clipped to zero.
 
+    Non-finite weights: a unit whose weight :math:`W_i` holds a NaN or an Inf has no meaningful
+    bound, so its whole output is NaN (and so is its ratio in ``stats``); every other unit is
+    unaffected, and ``optax.apply_if_finite`` placed after this transform skips the step
+    (``apply_if_finite`` tests the updates it receives). ``sgd_agc``, ``adamw_agc`` and the
+    Pallas kernel share this rule (``_norms.clip_scale``). For now this also applies to a unit
+    of finite weights whose float32 norm overflows (:math:`\|W_i\|_2 \gtrsim 1.8 \times
+    10^{19}`).
+
     Args:
       clipping: the maximum ratio :math:`\lambda` of a unit's gradient norm to its weight norm.
         DeepMind's NFNets use 0.01 at batch size 4096; small batches favour larger values. May be

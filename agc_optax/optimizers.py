@@ -230,7 +230,10 @@ def sgd_agc(
 
     Non-finite gradients behave as in that chain: a NaN entry passes AGC unchanged and an Inf
     entry turns into NaN (its unit is scaled by 0), so those entries of the update and of the
-    momentum become NaN while every other entry stays finite. Wrap the optimizer in
+    momentum become NaN while every other entry stays finite. A unit whose weights hold a NaN
+    or an Inf gets a NaN update (see :func:`agc_optax.adaptive_grad_clip`); since
+    ``apply_if_finite`` tests only the incoming gradients, check the updates to catch that.
+    Wrap the optimizer in
     ``optax.apply_if_finite(sgd_agc(...), max_consecutive_errors)`` to skip such steps with the
     state untouched.
 

@@ -170,3 +170,66 @@ def test_describe_empty_tree():
     assert str(table).endswith("0 leaves, 0 clipped units")
     with pytest.raises(KeyError, match=r"no leaf with path 'x'.*empty"):
         table["x"]
+
+
+# 6. Non-finite weights: the unit's output is NaN, every other unit is untouched.
+def _nonfinite_case(bad):
+    params = {"dense": {"kernel": jnp.ones((4, 3)), "bias": jnp.ones(3)}}
+    params["dense"]["kernel"] = params["dense"]["kernel"].at[2, 1].set(bad)  # unit 1 (a column)
+    grads = jax.tree.map(lambda x: jnp.full(x.shape, 0.5), params)
+    return params, grads
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: agc_optax.adaptive_grad_clip(0.01, stats=True),
+        lambda: agc_optax.sgd_agc(0.1, exclude=None),
+        lambda: agc_optax.adamw_agc(1e-3, exclude=None),
+    ],
+)
+def test_nonfinite_weight_unit_gives_nan(make, bad):
+    params, grads = _nonfinite_case(bad)
+    tx = make()
+    out, _ = tx.update(grads, tx.init(params), params)
+    kernel = np.asarray(out["dense"]["kernel"])
+    assert np.isnan(kernel[:, 1]).all()
+    assert np.isfinite(kernel[:, [0, 2]]).all()
+    assert np.isfinite(np.asarray(out["dense"]["bias"])).all()
+
+
+def test_nonfinite_weight_stats_and_apply_if_finite_skip():
+    params, grads = _nonfinite_case(np.nan)
+    tx = agc_optax.adaptive_grad_clip(0.01, stats=True)
+    _, state = tx.update(grads, tx.init(params), params)
+    assert np.isnan(float(state.max_ratio))
+    # apply_if_finite tests the updates it receives: placed after AGC, it skips the step.
+    safe = optax.chain(agc_optax.adaptive_grad_clip(0.01), optax.apply_if_finite(optax.sgd(0.1), 3))
+    updates, safe_state = safe.update(grads, safe.init(params), params)
+    assert int(safe_state[1].notfinite_count) == 1
+    assert all(np.all(np.asarray(u) == 0) for u in jax.tree.leaves(updates))
+
+
+def test_nonfinite_weight_pallas_path_gives_nan(monkeypatch):
+    from agc_optax import kernels
+
+    monkeypatch.setattr(kernels, "MIN_SIZE", 1)
+    params = {"kernel": jnp.ones((16, 128)).at[3, 5].set(np.inf)}
+    grads = {"kernel": jnp.full((16, 128), 0.5)}
+    for implementation in ("xla", "pallas"):
+        tx = agc_optax.sgd_agc(0.1, exclude=None, implementation=implementation)
+        out = np.asarray(tx.update(grads, tx.init(params), params)[0]["kernel"])
+        assert np.isnan(out[:, 5]).all(), implementation
+        assert np.isfinite(np.delete(out, 5, axis=1)).all(), implementation
+
+
+def test_finite_weights_unchanged_by_the_nonfinite_rule():
+    from agc_optax._norms import clip_scale
+
+    g_pow = jnp.array([0.0, 1.0, 4.0, 100.0, 1e-30])
+    w_pow = jnp.array([0.0, 1.0, 1e-8, 2.0, 3.0])
+    scale, clip, ratio = clip_scale(g_pow, w_pow, 0.5, 1e-3)
+    np.testing.assert_array_equal(np.asarray(clip), [False, True, True, True, False])
+    assert np.isfinite(np.asarray(scale)).all() and np.isfinite(np.asarray(ratio)).all()
+    assert float(scale[0]) == 1.0 and float(scale[4]) == 1.0
