@@ -13,7 +13,7 @@ from agc_optax.optimizers import (
     sgd_agc_step,
     weight_decay_mask,
 )
-from agc_optax.unit_axes import infer_unit_axes, leaf_paths
+from agc_optax.unit_axes import TORCH_LAYOUT, infer_unit_axes, leaf_paths
 from agc_optax.zclip import ZClipState, zclip
 
 __version__ = "0.1.0"
@@ -37,6 +37,7 @@ def __getattr__(name: str):
 
 __all__ = [
     "HEAD_PATTERN",
+    "TORCH_LAYOUT",
     "AdaGCState",
     "AdamWAgcState",
     "AdaptiveGradClipState",

@@ -16,7 +16,10 @@ Writing rules for layouts the defaults cannot know:
   ``(r"attn/qkv/kernel", (-2, -1))``.
 * Scanned or stacked layers with a leading layer axis, kernel ``(L, in, out)``: the layer axis also
   indexes units, ``(r"layers/.*/kernel", (0, -1))``.
-* PyTorch-style ``(out, in)`` weights: one unit per row, ``(r"weight$", (0,))``.
+* PyTorch-style ``(out, in, ...)`` weights (timm, torchvision layouts): ``unit_axes=TORCH_LAYOUT``,
+  one unit per output row for rank >= 2 and the whole leaf for 1-D and scalar leaves. Not
+  ``[(r"weight$", (0,))]``: that also matches 1-D norm-layer weights (``bn1/weight``) and makes
+  every element its own unit.
 * Rules may also be callables ``(path, leaf) -> axes | None`` or a pytree of axes matching params.
 """
 
@@ -42,6 +45,26 @@ ExcludeRule = None | str | Sequence[str] | Callable[[str, Any], bool]
 #: Last path names that hold per-channel vectors or scalars: one unit for the whole leaf.
 VECTOR_NAMES = frozenset({"bias", "scale", "gain", "skip_gain", "offset", "b"})
 _ATTENTION_IN_NAMES = frozenset({"query", "key", "value"})
+
+
+def _torch_layout(path: str, leaf: Any) -> tuple[int, ...]:
+    """Unit axes for PyTorch-style parameters, where the output axis comes first.
+
+    A rank >= 2 leaf (``Linear`` ``(out, in)``, ``Conv2d`` ``(out, in, kh, kw)``) gets one unit
+    per output row, ``(0,)``; a 1-D or scalar leaf (biases, norm-layer weights such as
+    ``bn1/weight``) is one unit, ``()``. This is timm's and Composer's ``unitwise_norm``. Pass it
+    as ``unit_axes=agc_optax.TORCH_LAYOUT`` to any AGC transform or to
+    :func:`agc_optax.describe`.
+    """
+    del path
+    return (0,) if len(np.shape(leaf)) >= 2 else ()
+
+
+_torch_layout.__name__ = _torch_layout.__qualname__ = "TORCH_LAYOUT"
+
+#: A ``unit_axes`` rule for PyTorch-style ``(out, in, ...)`` weights: ``(0,)`` for rank >= 2,
+#: the whole leaf for rank <= 1 (biases, norm-layer weights).
+TORCH_LAYOUT: Callable[[str, Any], UnitAxes] = _torch_layout
 
 
 def gets_weight_decay(path: str) -> bool:

@@ -167,3 +167,51 @@ def test_unitwise_norm_accumulates_bf16_in_f32():
     got = agc_optax.unitwise_norm(x, ())
     assert got.dtype == jnp.float32
     np.testing.assert_allclose(got, unit_norms(np.asarray(x, np.float64), ()), rtol=1e-6)
+
+
+def _torch_tree():
+    keys = jax.random.split(jax.random.PRNGKey(0), 8)
+    shapes = {
+        "conv/weight": (8, 3, 3, 3),
+        "bn1/weight": (8,),
+        "bn1/bias": (8,),
+        "fc/weight": (10, 8),
+    }
+    params, grads = {}, {}
+    for i, (path, shape) in enumerate(shapes.items()):
+        layer, name = path.split("/")
+        params.setdefault(layer, {})[name] = jax.random.normal(keys[2 * i], shape)
+        grads.setdefault(layer, {})[name] = 10 * jax.random.normal(keys[2 * i + 1], shape)
+    return params, grads
+
+
+def test_torch_layout_rule():
+    assert "TORCH_LAYOUT" in agc_optax.__all__
+    assert "PyTorch" in agc_optax.TORCH_LAYOUT.__doc__
+    params, _ = _torch_tree()
+    table = agc_optax.describe(params, unit_axes=agc_optax.TORCH_LAYOUT)
+    assert table["conv/weight"].unit_axes == (0,) and table["conv/weight"].num_units == 8
+    assert table["fc/weight"].unit_axes == (0,) and table["fc/weight"].num_units == 10
+    assert table["bn1/weight"].unit_axes == () and table["bn1/weight"].num_units == 1
+    assert table["bn1/bias"].unit_axes == ()
+    # The regex the README used to advise splits the 1-D norm weight into 8 units.
+    assert agc_optax.describe(params, unit_axes=[(r"weight$", (0,))])["bn1/weight"].num_units == 8
+
+
+def test_torch_layout_clips_like_timm():
+    params, grads = _torch_tree()
+    clipping, eps = 0.01, 1e-3
+    tx = agc_optax.adaptive_grad_clip(clipping, eps, unit_axes=agc_optax.TORCH_LAYOUT)
+    out, _ = tx.update(grads, tx.init(params), params)
+
+    def timm_agc(g, w):  # timm.utils.agc.adaptive_clip_grad with norm_type 2
+        g, w = np.asarray(g, np.float64), np.asarray(w, np.float64)
+        axes = tuple(range(1, g.ndim)) if g.ndim > 1 else None
+        wn = np.maximum(np.sqrt(np.sum(w**2, axis=axes, keepdims=g.ndim > 1)), eps)
+        gn = np.sqrt(np.sum(g**2, axis=axes, keepdims=g.ndim > 1))
+        max_norm = clipping * wn
+        return np.where(gn > max_norm, g * (max_norm / np.maximum(gn, 1e-6)), g)
+
+    want = jax.tree.map(timm_agc, grads, params)
+    for got, ref in zip(jax.tree.leaves(out), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-5)
