@@ -13,6 +13,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from agc_optax._checks import check_float_leaf, check_hyperparameter, check_static_flag
@@ -141,9 +142,66 @@ def _whole_leaf(path: str, leaf: Any) -> tuple[int, ...]:
     return ()
 
 
+class _Unset:
+    """The default of ``axis``: not given (``None`` is optax's rank-based default)."""
+
+    def __repr__(self) -> str:
+        return "<unset>"
+
+
+_UNSET = _Unset()
+
+#: optax.unitwise_norm's reduction axes by rank when ``axis=None`` (rank 1 or squeezed to <= 1:
+#: the whole leaf).
+_OPTAX_REDUCTION_AXES = {2: (0,), 3: (0,), 4: (0, 1, 2), 5: (0, 1, 2, 3)}
+
+
+def optax_axis_rule(axis: int | Sequence[int] | None) -> Callable[[str, Any], tuple[int, ...]]:
+    """A unit-axes rule from optax's ``axis``: the axes the norm reduces over, for every leaf.
+
+    ``None`` is ``optax.unitwise_norm``'s rank-based default: a leaf that squeezes to rank <= 1
+    is one unit; otherwise reduce over axis 0 (rank 2 and 3), (0, 1, 2) (rank 4) or
+    (0, 1, 2, 3) (rank 5). The unit axes are the complement of the reduction axes.
+    """
+    if axis is not None:
+        if isinstance(axis, int | np.integer):
+            axis = (int(axis),)
+        if not (isinstance(axis, Sequence) and all(isinstance(a, int | np.integer) for a in axis)):
+            raise TypeError(
+                f"`axis` must be an int, a tuple of ints or None (optax's meaning: the axes the "
+                f"norm reduces over), got {axis!r}."
+            )
+        axis = tuple(int(a) for a in axis)
+
+    def rule(path: str, leaf: Any) -> tuple[int, ...]:
+        shape = tuple(np.shape(leaf))
+        rank = len(shape)
+        if axis is None:
+            if sum(d != 1 for d in shape) <= 1:
+                return ()
+            if rank not in _OPTAX_REDUCTION_AXES:
+                raise ValueError(
+                    f"`{path}`: `axis=None` (optax's rank-based default) handles ranks 1 to 5, "
+                    f"got shape {shape}; pass `axis=` the axes to reduce over, or use `unit_axes`."
+                )
+            reduce = _OPTAX_REDUCTION_AXES[rank]
+        else:
+            if not all(-rank <= a < rank for a in axis):
+                raise ValueError(
+                    f"`{path}`: `axis={axis}` is out of range for shape {shape}; `axis` (the "
+                    f"axes the norm reduces over) applies to every leaf, so use `unit_axes` "
+                    f"rules for leaves of different ranks."
+                )
+            reduce = tuple(a % rank for a in axis)
+        return tuple(a for a in range(rank) if a not in reduce)
+
+    return rule
+
+
 def adaptive_grad_clip(
     clipping: float | jax.Array = 0.01,
     eps: float | jax.Array = 1e-3,
+    axis: int | Sequence[int] | None | _Unset = _UNSET,
     *,
     unit_axes: UnitAxesRule = None,
     exclude: ExcludeRule = None,
@@ -188,6 +246,12 @@ def adaptive_grad_clip(
         DeepMind's NFNets use 0.01 at batch size 4096; small batches favour larger values. May be
         a traced scalar (``optax.inject_hyperparams``).
       eps: floor on weight norms, so zero-initialised weights can still move. May be traced.
+      axis: ``optax.adaptive_grad_clip``'s argument, for code migrating from optax: the axes each
+        norm *reduces over* (the complement of unit axes), the same for every leaf; an
+        explicit ``None`` is optax's rank-based default (``optax.unitwise_norm``: rank <= 1
+        after squeezing is one unit, rank 2-3 reduce axis 0, rank 4 axes (0, 1, 2), rank 5
+        axes (0, 1, 2, 3)), which differs from this library's inferred units for some layers.
+        Leave it out to use ``unit_axes``; giving both is an error.
       unit_axes: which axes of each leaf index units. ``None`` infers them
         (:func:`agc_optax.infer_unit_axes`); or a callable ``(path, leaf) -> axes | None``; or a
         sequence of ``(regex, axes)`` pairs matched with ``re.search`` against leaf paths (first
@@ -229,6 +293,18 @@ def adaptive_grad_clip(
     if granularity not in ("unit", "layer"):
         raise ValueError(f"`granularity` must be 'unit' or 'layer', got {granularity!r}.")
     rule = _whole_leaf if granularity == "layer" else unit_axes
+    if axis is not _UNSET:
+        if unit_axes is not None:
+            raise ValueError(
+                f"Give `axis` (optax's reduction axes) or `unit_axes` (the axes that index "
+                f"units), not both; got axis={axis!r} and unit_axes={unit_axes!r}."
+            )
+        if granularity == "layer":
+            raise ValueError(
+                '`axis` and `granularity="layer"` both choose the units; give one, '
+                f"got axis={axis!r}."
+            )
+        rule = optax_axis_rule(axis)
 
     plans = PlanCache(rule, exclude)  # bad rules fail here, at construction
 

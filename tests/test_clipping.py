@@ -422,3 +422,57 @@ def test_unit_plan_is_built_once_per_tree(make):
     bigger = {"dense": {"kernel": jnp.ones((3, 6)), "bias": jnp.zeros(6)}}
     tx.update(bigger, tx.init(bigger), bigger)
     assert len(calls) == 2 + 2 + 2
+
+
+# optax's `axis=` keyword (the axes the norm reduces over), for code migrating from optax.
+def _optax_axis_tree(shapes):
+    keys = jax.random.split(jax.random.PRNGKey(3), 2 * len(shapes))
+    params = {f"p{i}": jax.random.normal(keys[2 * i], s) for i, s in enumerate(shapes)}
+    grads = {f"p{i}": 5 * jax.random.normal(keys[2 * i + 1], s) for i, s in enumerate(shapes)}
+    return params, grads
+
+
+@pytest.mark.parametrize(
+    "axis, shapes",
+    [
+        (None, [(5,), (1, 7), (4, 6), (3, 4, 6), (3, 3, 4, 8), (2, 2, 2, 3, 4), ()]),
+        (0, [(6, 4), (5,), (5, 3, 2)]),
+        (-1, [(6, 4), (5,), (5, 3, 2)]),
+        ((0, 1), [(6, 4, 3), (2, 3, 4, 5)]),
+    ],
+)
+def test_axis_matches_optax(axis, shapes):
+    params, grads = _optax_axis_tree(shapes)
+    want, _ = optax.adaptive_grad_clip(0.05, 1e-3, axis).update(grads, None, params)
+    tx = agc_optax.adaptive_grad_clip(0.05, 1e-3, axis)  # positional, as optax's
+    got, _ = tx.update(grads, tx.init(params), params)
+    got_kw, _ = agc_optax.adaptive_grad_clip(0.05, axis=axis).update(grads, None, params)
+    leaves = (jax.tree.leaves(got), jax.tree.leaves(got_kw), jax.tree.leaves(want))
+    for g, k, w in zip(*leaves, strict=True):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-6, atol=1e-7)
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(k))
+
+
+def test_axis_under_inject_hyperparams():
+    params, grads = _optax_axis_tree([(4, 6), (3, 3, 4, 8)])
+    tx = optax.inject_hyperparams(agc_optax.adaptive_grad_clip, static_args=("axis",))(
+        clipping=0.05, axis=(0,)
+    )
+    got, _ = jax.jit(tx.update)(grads, tx.init(params), params)
+    want, _ = optax.adaptive_grad_clip(0.05, 1e-3, (0,)).update(grads, None, params)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-6, atol=1e-7)
+
+
+def test_axis_errors():
+    with pytest.raises(ValueError, match=r"Give `axis`.*or `unit_axes`.*not both"):
+        agc_optax.adaptive_grad_clip(0.01, axis=0, unit_axes=[("w", (1,))])
+    with pytest.raises(ValueError, match=r"`axis` and `granularity=\"layer\"`"):
+        agc_optax.adaptive_grad_clip(0.01, axis=0, granularity="layer")
+    with pytest.raises(TypeError, match=r"`axis` must be an int, a tuple of ints or None"):
+        agc_optax.adaptive_grad_clip(0.01, axis="0")
+    tx = agc_optax.adaptive_grad_clip(0.01, axis=2)
+    with pytest.raises(ValueError, match=r"`w`: `axis=\(2,\)` is out of range for shape \(3, 4\)"):
+        tx.init({"w": jnp.ones((3, 4))})
+    with pytest.raises(ValueError, match=r"`w`: `axis=None` .* ranks 1 to 5"):
+        agc_optax.adaptive_grad_clip(0.01, axis=None).init({"w": jnp.ones((2,) * 6)})
