@@ -56,9 +56,12 @@ def _real_value(name: str, value: Any, example: str = "0.9") -> np.ndarray | Non
 
 
 def check_hyperparameter(
-    name: str, value: Any, *, below: float | None = None, why: str = ""
+    name: str, value: Any, *, below: float | None = None, why: str = "", allow_inf: bool = False
 ) -> None:
     """A concrete hyperparameter must be finite and >= 0 (and < ``below`` if given).
+
+    ``allow_inf`` also admits ``+inf``, for thresholds where it means "never clip" (the
+    large-batch sweep switches AGC off that way under ``optax.inject_hyperparams``).
 
     Python numbers, NumPy values and concrete ``jax.Array`` values are all checked alike.
     Traced values (a ``jax.core.Tracer``: ``optax.inject_hyperparams`` or a schedule under
@@ -68,8 +71,10 @@ def check_hyperparameter(
     arr = _real_value(name, value)
     if arr is None:
         return
-    if not np.all(np.isfinite(arr)) or np.any(arr < 0):
-        raise ValueError(f"`{name}` must be a finite number >= 0, got {_show(value)}.")
+    allowed = np.isfinite(arr) | (allow_inf & np.isposinf(arr))
+    if not np.all(allowed) or np.any(arr < 0):
+        what = "a number >= 0 (inf: never clip)" if allow_inf else "a finite number >= 0"
+        raise ValueError(f"`{name}` must be {what}, got {_show(value)}.")
     if below is not None and not np.all(arr < below):
         raise ValueError(f"`{name}` must be in [0, {below:g}), got {_show(value)}{why}.")
 

@@ -144,9 +144,10 @@ def clip_scale(
 
     A unit whose weight norm is not finite (a NaN or Inf in ``W_i``) gets a NaN scale and a NaN
     ratio, so its output is NaN and an ``optax.apply_if_finite`` after AGC skips the step;
-    otherwise such a unit would pass unclipped, unnoticed. Until weight norms are computed overflow-safely, this
-    includes a finite unit whose powered norm overflows (``||W_i|| > ~1.8e19`` in float32 for
-    L2). Finite norms give bit for bit the same results as without this check.
+    otherwise such a unit would pass unclipped, unnoticed. Until weight norms are computed
+    overflow-safely, this includes a finite unit whose powered norm overflows
+    (``||W_i|| > ~1.8e19`` in float32 for L2). Finite norms give bit for bit the same results as
+    without this check.
     """
     power = norm_power(norm)
     w_floor_pow = jnp.maximum(w_pow, eps**power)

@@ -286,7 +286,7 @@ def adaptive_grad_clip(
       >>> round(float(jnp.linalg.norm(updates["dense"]["kernel"][:, 0])), 6)
       0.002
     """
-    check_hyperparameter("clipping", clipping)
+    check_hyperparameter("clipping", clipping, allow_inf=True)
     check_hyperparameter("eps", eps)
     check_static_flag("stats", stats)
     norm = check_norm(norm)

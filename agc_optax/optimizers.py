@@ -136,11 +136,8 @@ def _sgd_agc_parts(
     check_hyperparameter(
         "momentum", momentum, below=1, why="; the buffers would grow without bound (NFNets use 0.9)"
     )
-    for name, value in (
-        ("weight_decay", weight_decay),
-        ("clipping", clipping),
-        ("eps", eps),
-    ):
+    check_hyperparameter("clipping", clipping, allow_inf=True)
+    for name, value in (("weight_decay", weight_decay), ("eps", eps)):
         check_hyperparameter(name, value)
     kernels.check_implementation(implementation)
     has_momentum = not is_static_zero(momentum)
@@ -384,11 +381,11 @@ def adamw_agc(
     _check_learning_rate(learning_rate)
     for name, value in (("b1", b1), ("b2", b2)):
         check_hyperparameter(name, value, below=1, why=f": 1 - {name}**t would divide by zero")
+    check_hyperparameter("clipping", clipping, allow_inf=True)
     for name, value in (
         ("eps", eps),
         ("eps_root", eps_root),
         ("weight_decay", weight_decay),
-        ("clipping", clipping),
         ("agc_eps", agc_eps),
     ):
         check_hyperparameter(name, value)

@@ -15,8 +15,8 @@ import agc_optax
 @pytest.mark.parametrize(
     "make, match",
     [
-        (lambda: agc_optax.adaptive_grad_clip(jnp.array(-1.0)), r"`clipping` must be a finite"),
-        (lambda: agc_optax.adaptive_grad_clip(jnp.array(np.nan)), r"`clipping` must be a finite"),
+        (lambda: agc_optax.adaptive_grad_clip(jnp.array(-1.0)), r"`clipping` must be a number"),
+        (lambda: agc_optax.adaptive_grad_clip(jnp.array(np.nan)), r"`clipping` must be a number"),
         (lambda: agc_optax.adaptive_grad_clip(0.1, np.float32(np.inf)), r"`eps` must be a finite"),
         (lambda: agc_optax.adamw_agc(1e-3, b1=jnp.array(1.0)), r"`b1` must be in \[0, 1\)"),
         (lambda: agc_optax.adamw_agc(1e-3, b2=jnp.array(-0.5)), r"`b2` must be a finite"),

@@ -309,8 +309,22 @@ def test_out_of_range_rule_is_a_clear_error_at_init():
 
 @pytest.mark.parametrize("name, kw", [("clipping", {"clipping": -1.0}), ("eps", {"eps": np.nan})])
 def test_bad_hyperparameters(name, kw):
-    with pytest.raises(ValueError, match=f"`{name}` must be a finite number"):
+    with pytest.raises(ValueError, match=f"`{name}` must be a (finite )?number >= 0"):
         agc_optax.adaptive_grad_clip(**kw)
+
+
+@pytest.mark.parametrize("clipping", [float("inf"), jnp.array(jnp.inf)])
+def test_infinite_clipping_never_clips(clipping):
+    """+inf is the documented "off" threshold (the large-batch sweep injects it)."""
+    params = {"k": jnp.ones((4, 3))}
+    grads = {"k": jnp.full((4, 3), 1e6)}
+    for tx in (
+        agc_optax.adaptive_grad_clip(clipping, stats=True),
+        optax.chain(agc_optax.sgd_agc(1.0, momentum=0, weight_decay=0, clipping=clipping)),
+    ):
+        out, state = tx.update(grads, tx.init(params), params)
+        np.testing.assert_array_equal(np.abs(out["k"]), grads["k"])
+        assert float(optax.tree.get(state, "clip_fraction", 0.0)) == 0.0
 
 
 # ----------------------------------------------------------------------------- options
