@@ -122,6 +122,15 @@ def default_blocks(
     return rows, rows, cols
 
 
+def _blocks(
+    shape: tuple[int, int], phase: int, block_rows: int | None, block_cols: int | None
+) -> tuple[str, int, int]:
+    """``(platform, rows, cols)`` of a phase's blocks: the caller's sizes, else the defaults."""
+    platform = _platform()
+    rows1, rows2, cols = default_blocks(*shape, platform)
+    return platform, block_rows or (rows1 if phase == 1 else rows2), block_cols or cols
+
+
 def _compiler_params(platform: str) -> Any:
     if platform == "tpu":
         from jax.experimental.pallas import tpu as pltpu
@@ -174,9 +183,7 @@ def column_sums_of_squares(
       block_cols: columns per program; ``None`` picks :func:`default_blocks`.
     """
     num_rows, num_cols = g.shape
-    platform = _platform()
-    rows1, _, cols = default_blocks(num_rows, num_cols, platform)
-    block_rows, block_cols = block_rows or rows1, block_cols or cols
+    platform, block_rows, block_cols = _blocks(g.shape, 1, block_rows, block_cols)
     grid = (pl.cdiv(num_rows, block_rows), pl.cdiv(num_cols, block_cols))
     tile = pl.BlockSpec((block_rows, block_cols), lambda i, j: (i, j))
     # One partial sum per (row block, column); the leading dimension is squeezed in the kernel
@@ -257,9 +264,7 @@ def fused_update(
       block_cols: columns per program; ``None`` picks :func:`default_blocks`.
     """
     num_rows, num_cols = g.shape
-    platform = _platform()
-    _, rows2, cols = default_blocks(num_rows, num_cols, platform)
-    block_rows, block_cols = block_rows or rows2, block_cols or cols
+    platform, block_rows, block_cols = _blocks(g.shape, 2, block_rows, block_cols)
     read_w = decay or apply
     if read_w and w is None:
         raise ValueError("fused_update needs `w` with weight decay or apply=True.")
