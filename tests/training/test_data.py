@@ -45,7 +45,7 @@ def test_cifar10_loader_reads_official_format(tmp_path):
     np.testing.assert_array_equal(ds.train.labels[6:12], y)
     # Row layout: 1024 red, then green, then blue values, each row-major over 32x32 pixels.
     pixel = x[0].reshape(3, 32, 32)[:, 5, 7].astype(np.float32) / 255.0
-    expected = (pixel - data._CIFAR_MEAN) / data._CIFAR_STD
+    expected = (pixel - data.in_memory._CIFAR_MEAN) / data.in_memory._CIFAR_STD
     np.testing.assert_allclose(ds.train.images[6, 5, 7], expected, rtol=1e-6)
 
 

@@ -1,4 +1,4 @@
-"""Datasets for training: an offline default, CIFAR-10 from a directory, TFDS from a directory.
+"""In-memory datasets: an offline default, CIFAR-10 from a directory, TFDS from a directory.
 
 Every dataset is loaded into host memory as NHWC ``float32`` images (already normalised) and
 ``int32`` labels. Batches are cut from a per-epoch permutation that depends only on
