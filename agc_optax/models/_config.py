@@ -6,6 +6,9 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import jax.numpy as jnp
+import numpy as np
+
 
 def check_stages(config: Any, per_stage: Sequence[str]) -> None:
     """Validates a family config: ``per_stage`` fields have one entry per stage, like ``widths``.
@@ -58,3 +61,55 @@ def resolve_config(
         if v is not None
     }
     return dataclasses.replace(config, **changes) if changes else config
+
+
+def check_num_classes(num_classes: Any) -> int:
+    """Validates a classifier size shared by every family: an int >= 0.
+
+    ``0`` means no classifier (as in timm): the model has no ``head`` and returns its pooled
+    features, of width ``num_features``, in place of logits.
+
+    Raises:
+      TypeError: for a bool or a non-integer, naming ``num_classes``.
+      ValueError: for a negative value.
+    """
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int | np.integer):
+        raise TypeError(
+            f"`num_classes`: expected an int (0 for no classifier), got "
+            f"{type(num_classes).__name__} {num_classes!r}"
+        )
+    if num_classes < 0:
+        raise ValueError(
+            f"`num_classes`: expected >= 0 (0 for no classifier: the model returns its pooled "
+            f"features), got {num_classes}"
+        )
+    return int(num_classes)
+
+
+_FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
+
+
+def check_float_dtype(dtype: Any, argument: str, *, allow_none: bool = False) -> Any:
+    """Validates a model's ``dtype`` / ``param_dtype``: float16, bfloat16, float32 or float64.
+
+    Raises:
+      TypeError: naming ``argument`` when the value is not a dtype at all (``"float8"``).
+      ValueError: naming ``argument`` for a dtype that is not one of those floats (int32, the
+        float8 formats, complex).
+    """
+    if dtype is None:
+        if allow_none:
+            return None
+        raise TypeError(f"`{argument}`: expected a float dtype such as jnp.float32, got None")
+    try:
+        parsed = jnp.dtype(dtype)
+    except TypeError as error:
+        raise TypeError(
+            f"`{argument}`: {dtype!r} is not a dtype; expected one of {', '.join(_FLOAT_DTYPES)}"
+        ) from error
+    if parsed.name not in _FLOAT_DTYPES:
+        raise ValueError(
+            f"`{argument}`: {parsed.name} is not supported; expected one of "
+            f"{', '.join(_FLOAT_DTYPES)}"
+        )
+    return dtype

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from agc_optax.models import layers
-from agc_optax.models._config import check_stages, resolve_config
+from agc_optax.models._config import check_num_classes, check_stages, resolve_config
 from agc_optax.models.weights import HaikuNames
 
 Initializer = Callable[..., jax.Array]
@@ -192,7 +192,8 @@ class NFRegNet(nnx.Module):
     default ``'swish'`` is accepted as an alias of ``'silu'``, which its experiments use.
 
     Args:
-      num_classes: classifier outputs.
+      num_classes: classifier outputs; 0 builds no classifier (the model returns its pooled
+        features).
       variant: a key of :data:`NF_REGNET_VARIANTS` (``'B0'`` ... ``'B8'``) or an
         `NFRegNetConfig`.
       width: multiplier of the variant's stage widths (each rounded down with ``int``).
@@ -286,7 +287,10 @@ class NFRegNet(nnx.Module):
         # EfficientNet-B0's head widens 320 -> 1280; DeepMind keeps that ratio relative to 440.
         self.final_conv = layers.WSConv(ch, 1280 * ch // 440, 1, **common)
         self.dropout = nnx.Dropout(self.drop_rate, rngs=rngs)
-        self.head = nnx.Linear(1280 * ch // 440, num_classes, kernel_init=fc_init, **common)
+        if check_num_classes(num_classes):
+            self.head = nnx.Linear(1280 * ch // 440, num_classes, kernel_init=fc_init, **common)
+        else:  # num_classes=0: no classifier, the model returns its pooled features.
+            self.head = None
 
     def forward_features(self, x: jax.Array, *, return_metrics: bool = False) -> dict[str, Any]:
         """Runs the network on NHWC images; returns DeepMind's output dict.
@@ -298,7 +302,7 @@ class NFRegNet(nnx.Module):
         out = self.activation(self.final_conv(out))
         pool = jnp.mean(out, axis=(1, 2))
         outputs["pool"] = pool
-        outputs["logits"] = self.head(self.dropout(pool))
+        outputs["logits"] = pool if self.head is None else self.head(self.dropout(pool))
         return outputs
 
     def __call__(self, x: jax.Array) -> jax.Array:

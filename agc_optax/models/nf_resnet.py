@@ -31,7 +31,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from agc_optax.models import layers
-from agc_optax.models._config import check_stages, resolve_config
+from agc_optax.models._config import check_num_classes, check_stages, resolve_config
 from agc_optax.models.weights import HaikuNames
 
 Initializer = Callable[..., jax.Array]
@@ -242,7 +242,8 @@ class NFResNet(nnx.Module):
     ``beta = alpha = 1``, ``skip_gain`` initialized to one and activations without gamma.
 
     Args:
-      num_classes: classifier outputs.
+      num_classes: classifier outputs; 0 builds no classifier (the model returns its pooled
+        features).
       variant: a key of :data:`NF_RESNET_VARIANTS` (``'ResNet26'``, ``'ResNet50'`` ...) or an
         `NFResNetConfig`.
       width: width multiplier: stages have ``widths * width`` channels (``(64, 128, 256, 512)``
@@ -344,12 +345,15 @@ class NFResNet(nnx.Module):
                 ch = block_width
         self.blocks = nnx.List(blocks)
         self.dropout = nnx.Dropout(self.drop_rate, rngs=rngs)
-        self.head = nnx.Linear(
-            ch,
-            num_classes,
-            kernel_init=nnx.initializers.normal(0.01) if fc_init is None else fc_init,
-            **common,
-        )
+        if check_num_classes(num_classes):
+            self.head = nnx.Linear(
+                ch,
+                num_classes,
+                kernel_init=nnx.initializers.normal(0.01) if fc_init is None else fc_init,
+                **common,
+            )
+        else:  # num_classes=0: no classifier, the model returns its pooled features.
+            self.head = None
 
     def forward_features(self, x: jax.Array, *, return_metrics: bool = False) -> dict[str, Any]:
         """Runs the network on NHWC images; returns DeepMind's output dict.
@@ -360,7 +364,7 @@ class NFResNet(nnx.Module):
         out, outputs = layers.run_residual_blocks(self.stem(x), self.blocks, return_metrics)
         pool = jnp.mean(self.activation(out), axis=(1, 2))
         outputs["pool"] = pool
-        outputs["logits"] = self.head(self.dropout(pool))
+        outputs["logits"] = pool if self.head is None else self.head(self.dropout(pool))
         return outputs
 
     def __call__(self, x: jax.Array) -> jax.Array:

@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from agc_optax.models._config import check_stages, resolve_config
+from agc_optax.models._config import check_num_classes, check_stages, resolve_config
 from agc_optax.models.layers import (
     LINEAR_PARAMS,
     NF_BLOCK_LAYERS,
@@ -329,7 +329,8 @@ class NFNet(nnx.Module):
     """Normalizer-Free Network with DeepMind's constructor and numerics.
 
     Args:
-      num_classes: classifier outputs.
+      num_classes: classifier outputs; 0 builds no classifier (the model returns its pooled
+        features).
       variant: ``"F0"`` ... ``"F7"``, ``"F0+"`` ... ``"F7+"``, or an `NFNetConfig`.
       width: multiplier of the stage widths.
       se_ratio: squeeze-excite hidden ratio.
@@ -470,14 +471,17 @@ class NFNet(nnx.Module):
         final_ch = final_conv_ch if final_conv_mult is None else int(final_conv_mult * ch)
         self.final_conv = WSConv(ch, final_ch, 1, **kw)
         self.dropout = nnx.Dropout(self.drop_rate, rngs=rngs)
-        self.head = nnx.Linear(
-            final_ch,
-            num_classes,
-            kernel_init=fc_init or nnx.initializers.normal(0.01),
-            dtype=dtype,
-            param_dtype=param_dtype,
-            rngs=rngs,
-        )
+        if check_num_classes(num_classes):
+            self.head = nnx.Linear(
+                final_ch,
+                num_classes,
+                kernel_init=fc_init or nnx.initializers.normal(0.01),
+                dtype=dtype,
+                param_dtype=param_dtype,
+                rngs=rngs,
+            )
+        else:  # num_classes=0: no classifier, the model returns its pooled features.
+            self.head = None
 
     def block_locations(self) -> list[tuple[int, int | None]]:
         """Maps DeepMind's global block index to ``(position in blocks, layer)``.
@@ -537,7 +541,7 @@ class NFNet(nnx.Module):
         out = self.activation(self.final_conv(out))
         pool = jnp.mean(out, axis=(1, 2))
         outputs["pool"] = pool
-        outputs["logits"] = self.head(self.dropout(pool))
+        outputs["logits"] = pool if self.head is None else self.head(self.dropout(pool))
         return outputs
 
     def __call__(self, x: Array) -> Array:

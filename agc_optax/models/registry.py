@@ -13,6 +13,7 @@ from typing import Any
 import jax.numpy as jnp
 from flax import nnx
 
+from agc_optax.models._config import check_float_dtype, check_num_classes
 from agc_optax.models.nf_regnet import NF_REGNET_VARIANTS, NFRegNet, NFRegNetConfig
 from agc_optax.models.nf_resnet import NF_RESNET_VARIANTS, NFResNet, NFResNetConfig
 from agc_optax.models.nfnet import NFNET_VARIANTS, NFNet, NFNetConfig
@@ -52,8 +53,14 @@ def get_config(name: str) -> Any:
     """Returns the frozen config dataclass registered under ``name``.
 
     Raises:
+      TypeError: when ``name`` is not a string.
       ValueError: for an unknown name, listing the valid ones (close matches first).
     """
+    if not isinstance(name, str):
+        raise TypeError(
+            f"`name`: expected a model name (str) from list_models(), got "
+            f"{type(name).__name__} {name!r}"
+        )
     if name not in _CONFIGS:
         valid = list_models()
         close = difflib.get_close_matches(name, valid, n=3, cutoff=0.5)
@@ -75,9 +82,12 @@ def create_model(
 
     Args:
       name: a name from `list_models`, e.g. ``"nfnet_f0"``.
-      num_classes: size of the classifier (``head``).
-      dtype: computation dtype (parameters stay in ``param_dtype``).
-      param_dtype: parameter dtype.
+      num_classes: size of the classifier (``head``). ``0`` builds the model without a
+        classifier, as timm does: it has no ``head`` and returns its pooled features
+        ``(batch, num_features)`` in place of logits (a backbone for feature extraction).
+      dtype: computation dtype (parameters stay in ``param_dtype``): float16, bfloat16,
+        float32 or float64, or ``None`` to follow the inputs and parameters.
+      param_dtype: parameter dtype: float16, bfloat16, float32 or float64.
       rngs: an ``nnx.Rngs`` with ``params`` (and ``dropout`` for training) streams.
       **overrides: constructor keywords of the family class (for example
         ``stochdepth_rate=0.25``, ``depths=(1, 1, 1, 1)`` or ``scan_blocks=True``).
@@ -86,7 +96,10 @@ def create_model(
       The model, in training mode (call ``model.eval()`` for inference).
 
     Raises:
-      ValueError: for an unknown name, listing the valid ones.
+      TypeError: for a ``name`` that is not a string, a ``num_classes`` that is not an int, or a
+        ``dtype`` / ``param_dtype`` that is not a dtype (each message names the argument).
+      ValueError: for an unknown name (listing the valid ones), a negative ``num_classes``, or a
+        non-float dtype (int32, the float8 formats).
 
     Example:
       >>> from flax import nnx
@@ -96,6 +109,9 @@ def create_model(
       (3072, 1000)
     """
     config = get_config(name)
+    num_classes = check_num_classes(num_classes)
+    check_float_dtype(dtype, "dtype", allow_none=True)
+    check_float_dtype(param_dtype, "param_dtype")
     model_class = _FAMILIES[type(config)]
     return model_class(
         num_classes, config, dtype=dtype, param_dtype=param_dtype, rngs=rngs, **overrides

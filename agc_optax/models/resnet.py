@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from agc_optax.models import layers
-from agc_optax.models._config import check_stages, resolve_config
+from agc_optax.models._config import check_num_classes, check_stages, resolve_config
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,7 +174,8 @@ class ResNet(nnx.Module):
     """BatchNorm bottleneck ResNet; the defaults give torchvision's ResNet-50.
 
     Args:
-      num_classes: classifier outputs.
+      num_classes: classifier outputs; 0 builds no classifier (the model returns its pooled
+        features).
       variant: a key of :data:`RESNET_VARIANTS` (``'ResNet50'``) or a `ResNetConfig`.
       widths: output channels per stage (four times the bottleneck width), replacing the
         variant's.
@@ -230,15 +231,18 @@ class ResNet(nnx.Module):
         self.blocks = nnx.List(blocks)
         # torchvision's nn.Linear init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for kernel and bias.
         bound_init = nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
-        self.head = nnx.Linear(
-            ch,
-            num_classes,
-            kernel_init=bound_init,
-            bias_init=_uniform_bias(ch),
-            dtype=dtype,
-            param_dtype=param_dtype,
-            rngs=rngs,
-        )
+        if check_num_classes(num_classes):
+            self.head = nnx.Linear(
+                ch,
+                num_classes,
+                kernel_init=bound_init,
+                bias_init=_uniform_bias(ch),
+                dtype=dtype,
+                param_dtype=param_dtype,
+                rngs=rngs,
+            )
+        else:  # num_classes=0: no classifier, the model returns its pooled features.
+            self.head = None
 
     def forward_features(self, x: jax.Array, *, return_metrics: bool = False) -> dict[str, Any]:
         """Runs the network on NHWC images; returns ``{'pool', 'logits'}`` like the NF families.
@@ -250,7 +254,7 @@ class ResNet(nnx.Module):
         out, outputs = layers.run_residual_blocks(self.stem(x), self.blocks, return_metrics)
         pool = jnp.mean(out, axis=(1, 2))
         outputs["pool"] = pool
-        outputs["logits"] = self.head(pool)
+        outputs["logits"] = pool if self.head is None else self.head(pool)
         return outputs
 
     def __call__(self, x: jax.Array) -> jax.Array:

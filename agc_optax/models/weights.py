@@ -19,6 +19,8 @@ import hashlib
 import os
 import re
 import urllib.request
+import zipfile
+import zlib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -114,8 +116,7 @@ def _read_source(params: Any, allow_pickle: bool) -> dict[str, np.ndarray]:
         with open(path, "rb") as f:
             magic = f.read(4)
         if magic.startswith(b"PK"):  # A real npz (zip) archive.
-            with np.load(path, allow_pickle=False) as npz:
-                return {k: np.asarray(npz[k]) for k in npz.files}
+            return read_npz(path, "params")
         if not allow_pickle:
             raise ValueError(
                 f"`params`: {str(path)!r} is not an npz archive; DeepMind's released "
@@ -128,8 +129,15 @@ def _read_source(params: Any, allow_pickle: bool) -> dict[str, np.ndarray]:
             raise ImportError(
                 "Reading DeepMind's pickled checkpoints needs `dill`: pip install dill"
             ) from e
-        with open(path, "rb") as f:
-            params = dill.load(f)
+        try:
+            with open(path, "rb") as f:
+                params = dill.load(f)
+        except Exception as error:  # Unpickling fails in many ways; all mean the same here.
+            raise HaikuWeightsError(
+                f"`params`: {str(path)!r} is neither an npz archive nor a readable pickle "
+                f"({type(error).__name__}: {error}); the file is corrupt, truncated or not a "
+                "checkpoint"
+            ) from error
     if isinstance(params, np.lib.npyio.NpzFile):
         return {k: np.asarray(params[k]) for k in params.files}
     if not isinstance(params, Mapping):
@@ -145,6 +153,67 @@ def _read_source(params: Any, allow_pickle: bool) -> dict[str, np.ndarray]:
         else:
             flat[str(module)] = np.asarray(value)
     return flat
+
+
+def read_npz(path: str | os.PathLike, argument: str) -> dict[str, np.ndarray]:
+    """Reads every array of an ``.npz`` file; a damaged archive raises naming the file.
+
+    Raises:
+      HaikuWeightsError: when the archive cannot be read (a truncated download, a corrupt zip,
+        pickled object arrays), naming ``argument``, the file and numpy's reason.
+    """
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            return {k: np.asarray(npz[k]) for k in npz.files}
+    except (zipfile.BadZipFile, zlib.error, ValueError, OSError, EOFError, KeyError) as error:
+        raise HaikuWeightsError(
+            f"`{argument}`: {str(path)!r} cannot be read as an npz archive "
+            f"({type(error).__name__}: {error}); the file is corrupt or truncated (download it "
+            "again) or holds pickled objects rather than arrays"
+        ) from error
+
+
+def check_values(
+    arrays: Mapping[str, np.ndarray], *, allow_dtype_cast: bool, allow_nonfinite: bool
+) -> list[str]:
+    """Lists the arrays a loader refuses by default, one line per key.
+
+    Refused: a dtype that is not float32 or float64 (integers, booleans, float16, bfloat16, the
+    float8 formats: loading them casts silently to the model's dtype, which usually means the
+    wrong file) unless ``allow_dtype_cast``; NaN or Inf entries unless ``allow_nonfinite``.
+    """
+    problems = []
+    for key in sorted(arrays):
+        array = arrays[key]
+        dtype = np.dtype(array.dtype)
+        if dtype not in (np.float32, np.float64) and not allow_dtype_cast:
+            problems.append(
+                f"{key}: dtype {dtype.name}, expected float32 or float64 "
+                "(pass allow_dtype_cast=True to cast it to the model's dtype)"
+            )
+        elif not allow_nonfinite and dtype.kind not in "biu":  # Integers are always finite.
+            # bfloat16 and the float8 formats (ml_dtypes, kind "V") are checked as float32.
+            values = array if dtype.kind in "fc" else array.astype(np.float32)
+            bad = int(array.size - np.count_nonzero(np.isfinite(values)))
+            if bad:
+                problems.append(
+                    f"{key}: {bad} of {array.size} values are NaN or Inf "
+                    "(pass allow_nonfinite=True to load them anyway)"
+                )
+    return problems
+
+
+def format_report(headline: str, sections: list[tuple[str, list[str]]], limit: int = 20) -> str:
+    """One error message: a headline, then each non-empty section's first ``limit`` items."""
+    lines = [headline]
+    for title, items in sections:
+        if not items:
+            continue
+        lines.append(f"{title}:")
+        lines.extend(f"  {item}" for item in items[:limit])
+        if len(items) > limit:
+            lines.append(f"  ... and {len(items) - limit} more")
+    return "\n".join(lines)
 
 
 def _path_str(path: tuple[Any, ...]) -> str:
@@ -202,14 +271,22 @@ def materialize_abstract_state(model: nnx.Module, seed: int = 0) -> nnx.Module:
 
 
 def load_haiku_params(
-    model: nnx.Module, params: Any, *, allow_pickle: bool = False, seed: int = 0
+    model: nnx.Module,
+    params: Any,
+    *,
+    allow_pickle: bool = False,
+    allow_dtype_cast: bool = False,
+    allow_nonfinite: bool = False,
+    seed: int = 0,
 ) -> nnx.Module:
     """Fills an NNX model with DeepMind's Haiku parameters, in place.
 
     Every source key must map to a model leaf and every ``nnx.Param`` leaf must be
     filled, with equal shapes; otherwise one `HaikuWeightsError` lists every
-    missing, unexpected and mismatched key with both names and shapes. The model
-    may come from ``nnx.eval_shape`` (nothing is allocated twice).
+    missing, unexpected and mismatched key with both names and shapes (the first 20
+    of each kind, then a count). Arrays that are not float32/float64 or hold NaN/Inf
+    are refused the same way unless you opt in. The model may come from
+    ``nnx.eval_shape`` (nothing is allocated twice).
 
     Args:
       model: a model whose class has `HaikuNames` (``haiku_names``): an `NFNet`,
@@ -218,6 +295,11 @@ def load_haiku_params(
         ``{"module/param": array}`` dict, an npz path or ``np.load`` result, or the
         path of one of DeepMind's dill-pickled ``*_haiku.npz`` files.
       allow_pickle: allow reading a pickled file (needs the ``dill`` package).
+      allow_dtype_cast: load integer, boolean, float16 or bfloat16 arrays, cast to the
+        model's parameter dtype (refused by default: a checkpoint of trained weights is
+        float32, so another dtype usually means the wrong file).
+      allow_nonfinite: load arrays holding NaN or Inf (refused by default: such weights
+        make every output NaN).
       seed: seeds the RNG streams (dropout, stochastic depth) of a model built with
         ``nnx.eval_shape``, which are otherwise abstract; see
         `materialize_abstract_state`. Concrete streams are left alone.
@@ -226,7 +308,8 @@ def load_haiku_params(
       ``model``, for chaining.
 
     Raises:
-      HaikuWeightsError: listing all problems at once.
+      HaikuWeightsError: listing all problems at once, or naming a file that cannot be
+        read (a corrupt or truncated npz) and why.
       TypeError: for an unsupported ``params`` type, or a model without Haiku names.
 
     Example:
@@ -283,21 +366,22 @@ def load_haiku_params(
             missing.append(f"{target} {shape} (stacked layers {absent} absent)")
         else:
             missing.append(f"{target} {shape}")
-    if missing or unexpected or mismatched:
-        lines = [
+    refused = check_values(
+        source, allow_dtype_cast=allow_dtype_cast, allow_nonfinite=allow_nonfinite
+    )
+    if missing or unexpected or mismatched or refused:
+        headline = (
             "load_haiku_params: the checkpoint does not match the model "
             f"({len(missing)} missing, {len(unexpected)} unexpected, "
-            f"{len(mismatched)} shape mismatches)"
-        ]
-        for title, items in (
+            f"{len(mismatched)} shape mismatches, {len(refused)} refused values)"
+        )
+        sections = [
             ("missing model leaves", missing),
             ("unexpected checkpoint keys", unexpected),
             ("shape mismatches (checkpoint vs model)", mismatched),
-        ):
-            if items:
-                lines.append(f"{title}:")
-                lines.extend(f"  {item}" for item in items)
-        raise HaikuWeightsError("\n".join(lines))
+            ("refused values", refused),
+        ]
+        raise HaikuWeightsError(format_report(headline, sections))
 
     for target, layers in filled.items():
         var = targets[target]

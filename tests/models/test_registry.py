@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 from flax import nnx
 
@@ -75,3 +78,62 @@ def test_haiku_loading_needs_a_family_with_haiku_names():
     model = nnx.eval_shape(lambda: ResNet(10, depths=(1,), widths=(64,), rngs=nnx.Rngs(0)))
     with pytest.raises(TypeError, match=r"`model`: ResNet has no Haiku weight names"):
         load_haiku_params(model, {})
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, pattern",
+    [
+        (dict(num_classes=-1), ValueError, r"`num_classes`: expected >= 0"),
+        (dict(num_classes=2.5), TypeError, r"`num_classes`: expected an int"),
+        (dict(num_classes=True), TypeError, r"`num_classes`: expected an int"),
+        (dict(dtype="float8"), TypeError, r"`dtype`: 'float8' is not a dtype"),
+        (dict(dtype="int32"), ValueError, r"`dtype`: int32 is not supported"),
+        (dict(param_dtype="float8_e4m3fn"), ValueError, r"`param_dtype`: float8_e4m3fn"),
+        (dict(param_dtype=None), TypeError, r"`param_dtype`: expected a float dtype"),
+    ],
+    ids=["negative", "float", "bool", "float8", "int32", "param float8", "param None"],
+)
+def test_create_model_rejects_bad_arguments_at_construction(kwargs, error, pattern):
+    with pytest.raises(error, match=pattern):
+        create_model("nfnet_f0", **{"num_classes": 10, **kwargs}, rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("name", [None, 3, ("nfnet_f0",)])
+def test_create_model_name_must_be_a_string(name):
+    with pytest.raises(TypeError, match=r"`name`: expected a model name \(str\)"):
+        create_model(name, 10, rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("dtype", [None, "bfloat16", jnp.float16])
+def test_create_model_accepts_float_dtypes(dtype):
+    model = nnx.eval_shape(
+        lambda: create_model("nf_regnet_b0", 10, dtype=dtype, depths=(1,) * 4, rngs=nnx.Rngs(0))
+    )
+    assert model.head.kernel.shape[-1] == 10
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_num_classes_zero_builds_no_head(name):
+    """timm's convention: no classifier, the output is the pooled feature vector."""
+    model = nnx.eval_shape(lambda: create_model(name, 0, rngs=nnx.Rngs(0)))
+    assert model.head is None
+    assert not any("head" in "/".join(map(str, p)) for p, _ in nnx.to_flat_state(nnx.state(model)))
+    with_head = nnx.eval_shape(lambda: create_model(name, 7, rngs=nnx.Rngs(0)))
+    out = nnx.eval_shape(lambda m, x: m(x), model, jax.ShapeDtypeStruct((2, 32, 32, 3), "float32"))
+    assert out.shape == (2, with_head.head.kernel.shape[0])
+
+
+def test_num_classes_zero_returns_the_features_the_head_reads():
+    kwargs = dict(widths=(256,) * 4, depths=(1,) * 4)
+    headless = create_model("nfnet_f0", 0, **kwargs, rngs=nnx.Rngs(0))
+    with_head = create_model("nfnet_f0", 5, **kwargs, rngs=nnx.Rngs(0))  # The same weights.
+    x = jax.random.normal(jax.random.key(1), (2, 16, 16, 3))
+    run = nnx.jit(lambda m, x: (m(x), m.forward_features(x)))
+    headless.eval()
+    with_head.eval()
+    features, _ = run(headless, x)
+    logits, outputs = run(with_head, x)
+    np.testing.assert_allclose(features, outputs["pool"], rtol=1e-6, atol=1e-6)
+    kernel = np.asarray(with_head.head.kernel[...], np.float64)
+    want = np.asarray(features, np.float64) @ kernel + np.asarray(with_head.head.bias[...])
+    np.testing.assert_allclose(logits, want, atol=1e-5)

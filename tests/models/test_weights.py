@@ -210,3 +210,67 @@ def test_download_cache_and_checksum(tmp_path):
     assert not (tmp_path / "cache2" / "f").exists()
     with pytest.raises(ValueError, match="variant"):
         download_nfnet_weights("F7", tmp_path)
+
+
+def test_garbage_npz_names_the_file_and_why(tmp_path):
+    zip_like = tmp_path / "zip_like.npz"
+    zip_like.write_bytes(b"PK\x03\x04" + b"\x00garbage" * 50)
+    with pytest.raises(HaikuWeightsError, match=r"zip_like\.npz' cannot be read as an npz"):
+        load_haiku_params(_abstract_small(), zip_like)
+    truncated = tmp_path / "truncated.npz"
+    np.savez(tmp_path / "whole.npz", w=np.ones((64, 64), np.float32))
+    truncated.write_bytes((tmp_path / "whole.npz").read_bytes()[:200])
+    with pytest.raises(HaikuWeightsError, match=r"truncated\.npz' .*corrupt or truncated"):
+        load_haiku_params(_abstract_small(), truncated)
+    if importlib.util.find_spec("dill") is not None:
+        noise = tmp_path / "noise.npz"
+        noise.write_bytes(b"\x80\x05 not a pickle at all")
+        with pytest.raises(HaikuWeightsError, match=r"noise\.npz' is neither an npz"):
+            load_haiku_params(_abstract_small(), noise, allow_pickle=True)
+
+
+@pytest.mark.parametrize(
+    "dtype, key",
+    [
+        (np.int32, "NFNet/~/stem_conv1/bias"),
+        (np.float16, "NFNet/~/nf_block_2/~/conv1/w"),
+        (np.bool_, "NFNet/~/linear/b"),
+    ],
+)
+def test_non_float32_arrays_are_refused_unless_cast_is_allowed(dtype, key):
+    params = _reference_params()
+    params[key] = params[key].astype(dtype)
+    name = np.dtype(dtype).name
+    with pytest.raises(HaikuWeightsError, match=rf"{key}: dtype {name}.*allow_dtype_cast=True"):
+        load_haiku_params(_abstract_small(), params)
+    model = load_haiku_params(_abstract_small(), params, allow_dtype_cast=True)
+    path = NFNet.haiku_names.nnx_path(key)
+    got = _flat(model)[path]
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got, params[key].astype(np.float32))
+
+
+def test_nonfinite_weights_are_refused_unless_allowed():
+    params = _reference_params()
+    params["NFNet/~/final_conv/w"] = params["NFNet/~/final_conv/w"].copy()
+    params["NFNet/~/final_conv/w"][0, 0, :3, 0] = [np.nan, np.inf, -np.inf]
+    params["NFNet/~/nf_block/skip_gain"] = np.asarray(np.nan, np.float32)
+    with pytest.raises(HaikuWeightsError) as info:
+        load_haiku_params(_abstract_small(), params)
+    message = str(info.value)
+    assert "2 refused values" in message
+    assert "NFNet/~/final_conv/w: 3 of 524288 values are NaN or Inf" in message
+    assert "NFNet/~/nf_block/skip_gain: 1 of 1 values" in message
+    assert "allow_nonfinite=True" in message
+    model = load_haiku_params(_abstract_small(), params, allow_nonfinite=True)
+    assert np.isnan(_flat(model)["blocks/0/skip_gain"])
+
+
+def test_long_reports_are_summarised_after_twenty_items():
+    params = {f"NFNet/~/mystery_{i}/w": np.zeros((1,), np.float32) for i in range(25)}
+    with pytest.raises(HaikuWeightsError) as info:
+        load_haiku_params(_abstract_small(), params)
+    message = str(info.value)
+    assert "114 missing, 25 unexpected" in message
+    assert message.count("(no NNX name for this key)") == 20
+    assert "  ... and 5 more" in message and "  ... and 94 more" in message
