@@ -339,7 +339,10 @@ class WSConv(nnx.Module):
     with ``mean`` and the biased ``var`` over all axes but the output axis and
     ``fan_in = prod(kernel.shape[:-1])`` (per group),
     ``scale = rsqrt(max(var * fan_in, 1e-4)) * gain`` and
-    ``w_hat = kernel * scale - mean * scale``. Standardization runs in float32
+    ``w_hat = kernel * scale - mean * scale``. With ``epsilon`` set it follows timm's
+    ``ScaledStdConv2d`` instead: ``w_hat = (kernel - mean) * rsqrt(var + epsilon) * gain *
+    gamma / sqrt(fan_in)`` (timm ``layers/std_conv.py``; the two differ by ~3e-3 in the
+    logits of an untrained model). Standardization runs in float32
     even when ``dtype`` is bfloat16; only ``w_hat`` is cast. Padding ``"SAME"``
     follows XLA/TF (the odd pad goes at the end).
 
@@ -356,6 +359,10 @@ class WSConv(nnx.Module):
       padding: ``"SAME"``, ``"VALID"`` or explicit ``(low, high)`` pairs.
       use_bias: kept for API symmetry with ``nnx.Conv``; DeepMind always adds a
         bias, and ``False`` is rejected so that checkpoints stay loadable.
+      epsilon: ``None`` for DeepMind's ``max(var * fan_in, 1e-4)``; a float for timm's
+        ``var + epsilon`` with the ``1 / sqrt(fan_in)`` scale (timm's NFNets use 1e-5).
+      gamma: an extra constant factor of ``w_hat``: timm's NFNets without gamma in the
+        activations fold the activation's gamma into every conv this way.
       dtype: computation dtype (``None``: inferred from input and params).
       param_dtype: parameter dtype.
       precision: passed to ``lax.conv_general_dilated``.
@@ -379,6 +386,8 @@ class WSConv(nnx.Module):
         feature_group_count: int = 1,
         padding: str | Sequence[tuple[int, int]] = "SAME",
         use_bias: bool = True,
+        epsilon: float | None = None,
+        gamma: float = 1.0,
         dtype: Dtype | None = None,
         param_dtype: Dtype = jnp.float32,
         precision: jax.lax.Precision | None = None,
@@ -404,6 +413,8 @@ class WSConv(nnx.Module):
         self.strides = _as_tuple(strides, rank, "strides")
         self.feature_group_count = feature_group_count
         self.padding = padding
+        self.epsilon = epsilon
+        self.gamma = float(gamma)
         self.dtype = dtype
         self.param_dtype = param_dtype
         self.precision = precision
@@ -421,7 +432,13 @@ class WSConv(nnx.Module):
         mean = jnp.mean(w, axis=axes, keepdims=True)
         var = jnp.var(w, axis=axes, keepdims=True)
         fan_in = math.prod(w.shape[:-1])
-        scale = jax.lax.rsqrt(jnp.maximum(var * fan_in, 1e-4)) * self.gain[...].astype(jnp.float32)
+        gain = self.gain[...].astype(jnp.float32)
+        if self.epsilon is not None:  # timm: eps added to the variance, then 1/sqrt(fan_in).
+            scale = jax.lax.rsqrt(var + self.epsilon) * (gain * (self.gamma / math.sqrt(fan_in)))
+            return (w - mean) * scale
+        scale = jax.lax.rsqrt(jnp.maximum(var * fan_in, 1e-4)) * gain
+        if self.gamma != 1.0:
+            scale = scale * self.gamma
         return w * scale - mean * scale
 
     def __call__(self, x: Array) -> Array:
@@ -500,6 +517,66 @@ class SqueezeExcite(nnx.Module):
         return gate.reshape((x.shape[0],) + (1,) * (x.ndim - 2) + (gate.shape[-1],))
 
 
+class EfficientChannelAttention(nnx.Module):
+    """ECA's channel gate (Wang et al. 2020, arXiv:1910.03151), as timm's ``EcaModule``.
+
+    The spatial mean of each channel goes through a 1-D cross-correlation along the channel
+    axis (``kernel_size`` taps, zero padding ``(kernel_size - 1) // 2`` on each side, no bias),
+    then a sigmoid. Like `SqueezeExcite`, it returns the gate ``(N, 1, ..., 1, C)``, not the
+    gated input.
+
+    Args:
+      features: channels of the input (sets the default kernel size).
+      kernel_size: taps of the channel convolution; ``None`` takes ECA's adaptive size
+        ``t = int(|log2(features) + 1| / 2)``, made odd (``t + 1`` if even), at least 3
+        (timm ``layers/eca.py``): 5 for 256 to 2047 channels.
+      param_dtype: parameter dtype.
+      rngs: an ``nnx.Rngs`` with a ``params`` stream.
+
+    Parameters: ``kernel`` of shape ``(kernel_size,)`` (torch's ``Conv1d`` init,
+    ``U(-1/sqrt(k), 1/sqrt(k))``).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from flax import nnx
+      >>> eca = EfficientChannelAttention(512, rngs=nnx.Rngs(0))
+      >>> eca.kernel.shape, eca(jnp.ones((2, 4, 4, 512))).shape
+      ((5,), (2, 1, 1, 512))
+    """
+
+    def __init__(
+        self,
+        features: int,
+        kernel_size: int | None = None,
+        *,
+        param_dtype: Dtype = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        if kernel_size is None:
+            t = int(abs(math.log2(features) + 1) / 2)
+            kernel_size = max(t if t % 2 else t + 1, 3)
+        if kernel_size < 1:
+            raise ValueError(f"`kernel_size`: expected a positive int, got {kernel_size}")
+        self.features = features
+        self.kernel_size = kernel_size
+        bound = 1.0 / math.sqrt(kernel_size)
+        self.kernel = nnx.Param(
+            jax.random.uniform(rngs.params(), (kernel_size,), param_dtype, -bound, bound)
+        )
+
+    def __call__(self, x: Array) -> Array:
+        """Computes the gate for channels-last ``x``."""
+        y = jnp.mean(x, axis=tuple(range(1, x.ndim - 1)))  # (N, C)
+        k, channels = self.kernel_size, y.shape[-1]
+        low = (k - 1) // 2
+        padded = jnp.pad(y, ((0, 0), (low, k - 1 - low)))
+        kernel = self.kernel[...].astype(y.dtype)
+        # Cross-correlation: out[c] = sum_j kernel[j] * y[c + j - low].
+        out = sum(kernel[j] * padded[:, j : j + channels] for j in range(k))
+        gate = jax.nn.sigmoid(out)
+        return gate.reshape((x.shape[0],) + (1,) * (x.ndim - 2) + (channels,))
+
+
 class StochasticDepth(nnx.Module):
     """Batchwise drop-path with DeepMind's semantics.
 
@@ -514,6 +591,7 @@ class StochasticDepth(nnx.Module):
       rate: probability of dropping an example's branch.
       deterministic: start in evaluation mode if true.
       rng_collection: the ``nnx.Rngs`` stream to draw from.
+      scale_by_keep: divide kept branches by ``1 - rate``, as timm's DropPath does.
       rngs: an ``nnx.Rngs`` (or ``None`` when a key is passed at call time).
     """
 
@@ -523,6 +601,7 @@ class StochasticDepth(nnx.Module):
         *,
         deterministic: bool = False,
         rng_collection: str = "dropout",
+        scale_by_keep: bool = False,
         rngs: nnx.Rngs | nnx.RngStream | None = None,
     ):
         if not 0.0 <= rate < 1.0:
@@ -530,6 +609,7 @@ class StochasticDepth(nnx.Module):
         self.rate = rate
         self.deterministic = deterministic
         self.rng_collection = rng_collection
+        self.scale_by_keep = scale_by_keep
         if isinstance(rngs, nnx.Rngs):
             self.rngs = rngs[rng_collection].fork()
         elif isinstance(rngs, nnx.RngStream):
@@ -573,7 +653,10 @@ class StochasticDepth(nnx.Module):
                 )
             key = self.rngs()
         u = jax.random.uniform(key, (x.shape[0],) + (1,) * (x.ndim - 1), x.dtype)
-        return x * jnp.floor((1.0 - rate) + u).astype(x.dtype)
+        mask = jnp.floor((1.0 - rate) + u).astype(x.dtype)
+        if self.scale_by_keep:
+            mask = mask / (1.0 - rate)
+        return x * mask
 
 
 # ----------------------------------------------------------------------------- NF block pieces
@@ -609,8 +692,8 @@ def nf_residual(
 
     Args:
       block: the NF block, with attributes ``alpha`` (the residual-branch scale),
-        ``skip_gain`` (its scalar SkipInit gain) and ``stoch_depth`` (a `StochasticDepth` or
-        None).
+        ``skip_gain`` (its scalar SkipInit gain, or None for none) and ``stoch_depth`` (a
+        `StochasticDepth` or None).
       branch: the residual branch's output.
       shortcut: the skip path (cast to the branch's dtype).
       stochdepth_rate: overrides the stochastic-depth rate (traced per layer by the scanned
@@ -623,7 +706,8 @@ def nf_residual(
     res_avg_var = avg_channel_var(branch)
     if block.stoch_depth is not None:
         branch = block.stoch_depth(branch, rate=stochdepth_rate)
-    branch = branch * block.skip_gain[...].astype(branch.dtype)
+    if block.skip_gain is not None:
+        branch = branch * block.skip_gain[...].astype(branch.dtype)
     return branch * block.alpha + shortcut.astype(branch.dtype), res_avg_var
 
 

@@ -18,6 +18,7 @@ from agc_optax.models.nf_regnet import NF_REGNET_VARIANTS, NFRegNet, NFRegNetCon
 from agc_optax.models.nf_resnet import NF_RESNET_VARIANTS, NFResNet, NFResNetConfig
 from agc_optax.models.nfnet import NFNET_VARIANTS, NFNet, NFNetConfig
 from agc_optax.models.resnet import RESNET_VARIANTS, ResNet, ResNetConfig
+from agc_optax.models.timm_nfnet import TIMM_NFNET_VARIANTS, TimmNFNet, TimmNFNetConfig
 
 # Config type -> the model class it configures.
 _FAMILIES: dict[type, type[nnx.Module]] = {
@@ -25,6 +26,7 @@ _FAMILIES: dict[type, type[nnx.Module]] = {
     NFResNetConfig: NFResNet,
     NFRegNetConfig: NFRegNet,
     ResNetConfig: ResNet,
+    TimmNFNetConfig: TimmNFNet,
 }
 
 _CONFIGS: dict[str, Any] = {
@@ -41,6 +43,8 @@ _CONFIGS: dict[str, Any] = {
     # nf_regnet_b0 ... nf_regnet_b8
     **{f"nf_regnet_{name.lower()}": config for name, config in NF_REGNET_VARIANTS.items()},
     "resnet50": RESNET_VARIANTS["ResNet50"],
+    # timm's names: dm_nfnet_f0 ... dm_nfnet_f6, nfnet_l0, eca_nfnet_l0 ... eca_nfnet_l2
+    **TIMM_NFNET_VARIANTS,
 }
 
 
@@ -90,7 +94,9 @@ def create_model(
       param_dtype: parameter dtype: float16, bfloat16, float32 or float64.
       rngs: an ``nnx.Rngs`` with ``params`` (and ``dropout`` for training) streams.
       **overrides: constructor keywords of the family class (for example
-        ``stochdepth_rate=0.25``, ``depths=(1, 1, 1, 1)`` or ``scan_blocks=True``).
+        ``stochdepth_rate=0.25``, ``depths=(1, 1, 1, 1)`` or ``scan_blocks=True``). Every
+        family takes ``depths=`` and ``widths=``; timm's names also ``num_features=`` (the
+        final conv's width, which timm does not derive from ``widths``).
 
     Returns:
       The model, in training mode (call ``model.eval()`` for inference).

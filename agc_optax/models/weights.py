@@ -33,8 +33,16 @@ from flax import nnx
 LayerTable = Mapping[str, tuple[str, Mapping[str, str]]]
 
 
-class HaikuWeightsError(ValueError):
-    """Raised when a checkpoint and a model disagree (lists every problem at once)."""
+class WeightsError(ValueError):
+    """Raised when a checkpoint cannot be read or does not fit a model (lists every problem)."""
+
+
+class HaikuWeightsError(WeightsError):
+    """Raised when a Haiku checkpoint and a model disagree (lists every problem at once)."""
+
+
+class TimmWeightsError(WeightsError):
+    """Raised when a timm state dict and a model disagree (lists every problem at once)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,22 +163,24 @@ def _read_source(params: Any, allow_pickle: bool) -> dict[str, np.ndarray]:
     return flat
 
 
-def read_npz(path: str | os.PathLike, argument: str) -> dict[str, np.ndarray]:
+def read_npz(
+    path: str | os.PathLike, argument: str, error: type[WeightsError] = HaikuWeightsError
+) -> dict[str, np.ndarray]:
     """Reads every array of an ``.npz`` file; a damaged archive raises naming the file.
 
     Raises:
-      HaikuWeightsError: when the archive cannot be read (a truncated download, a corrupt zip,
-        pickled object arrays), naming ``argument``, the file and numpy's reason.
+      WeightsError: (``error``) when the archive cannot be read (a truncated download, a
+        corrupt zip, pickled object arrays), naming ``argument``, the file and numpy's reason.
     """
     try:
         with np.load(path, allow_pickle=False) as npz:
             return {k: np.asarray(npz[k]) for k in npz.files}
-    except (zipfile.BadZipFile, zlib.error, ValueError, OSError, EOFError, KeyError) as error:
-        raise HaikuWeightsError(
+    except (zipfile.BadZipFile, zlib.error, ValueError, OSError, EOFError, KeyError) as e:
+        raise error(
             f"`{argument}`: {str(path)!r} cannot be read as an npz archive "
-            f"({type(error).__name__}: {error}); the file is corrupt or truncated (download it "
+            f"({type(e).__name__}: {e}); the file is corrupt or truncated (download it "
             "again) or holds pickled objects rather than arrays"
-        ) from error
+        ) from e
 
 
 def check_values(
@@ -391,6 +401,226 @@ def load_haiku_params(
         else:
             value = np.stack([layers[i] for i in range(len(layers))])
         var.set_value(jax.numpy.asarray(value, dtype=dtype))
+    nnx.update(model, state)
+    return materialize_abstract_state(model, seed)
+
+
+# ----------------------------------------------------------------------------- timm
+
+# How a torch tensor becomes an NNX leaf: layout -> (convert the torch array, the torch shape
+# a given NNX shape needs).
+_TORCH_LAYOUTS: dict[Any, tuple[Any, Any]] = {
+    None: (lambda a: a, lambda s: s),
+    # Conv weight (out, in/groups, kh, kw) -> HWIO, same group order as lax.
+    "oihw": (lambda a: a.transpose(2, 3, 1, 0), lambda s: (s[3], s[2], s[0], s[1])),
+    # timm's ScaledStdConv2d gain (out, 1, 1, 1) -> (out,).
+    "gain": (lambda a: a.reshape(-1), lambda s: (s[0], 1, 1, 1)),
+    # A 1x1 Conv2d used as a dense layer (SE's fc1/fc2): (out, in, 1, 1) -> (in, out).
+    "conv_as_linear": (lambda a: a[:, :, 0, 0].T, lambda s: (s[1], s[0], 1, 1)),
+    # nn.Linear (out, in) -> (in, out).
+    "linear": (lambda a: a.T, lambda s: (s[1], s[0])),
+    # ECA's Conv1d(1, 1, k) weight (1, 1, k) -> (k,).
+    "eca": (lambda a: a.reshape(-1), lambda s: (1, 1, s[0])),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class TimmNames:
+    """How timm's ``state_dict()`` keys and torch layouts map to a family's NNX leaves.
+
+    Attributes:
+      layers: timm module path (a regex, full match, dots escaped) -> (NNX path template,
+        ``{timm parameter: (NNX parameter, layout)}``). Layouts: ``"oihw"`` (conv weights ->
+        HWIO), ``"gain"`` ((O, 1, 1, 1) -> (O,)), ``"conv_as_linear"`` ((out, in, 1, 1) ->
+        (in, out)), ``"linear"`` ((out, in) -> (in, out)), ``"eca"`` ((1, 1, k) -> (k,)) and
+        ``None`` (as is).
+    """
+
+    layers: Mapping[str, tuple[str, Mapping[str, tuple[str, str | None]]]]
+
+    def __post_init__(self) -> None:
+        for _, names in self.layers.values():
+            for _, layout in names.values():
+                if layout not in _TORCH_LAYOUTS:
+                    raise ValueError(f"TimmNames: unknown layout {layout!r}")
+
+    def lookup(self, key: str) -> tuple[str, str | None] | None:
+        """``(NNX path, layout)`` of a timm key such as ``"stages.1.0.conv2.weight"``, or None.
+
+        Example:
+          >>> from agc_optax.models.timm_nfnet import TIMM_NAMES
+          >>> TIMM_NAMES.lookup("stages.1.0.attn_last.fc1.weight")
+          ('stages/1/0/attn_last/fc0/kernel', 'conv_as_linear')
+        """
+        module, _, param = key.rpartition(".")
+        for pattern, (target, names) in self.layers.items():
+            match = re.fullmatch(pattern, module)
+            if match and param in names:
+                name, layout = names[param]
+                return f"{match.expand(target)}/{name}", layout
+        return None
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Reads a timm checkpoint file into ``{key: ndarray}`` (torch layouts, timm's keys).
+
+    ``.safetensors`` (the format of timm's hub files) needs the ``safetensors`` package
+    (``pip install 'agc_optax[weights]'``), not torch; ``.npz`` needs nothing; ``.pth`` /
+    ``.pt`` / ``.bin`` need torch (read with ``weights_only=True``; a ``{"state_dict": ...}``
+    or ``{"model": ...}`` wrapper is unwrapped).
+
+    Raises:
+      TimmWeightsError: naming the file when it cannot be read, or has another suffix.
+      ImportError: naming the package to install.
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if not path.is_file():
+        raise FileNotFoundError(f"`state_dict`: no such file {str(path)!r}")
+    if suffix == ".npz":
+        return read_npz(path, "state_dict", TimmWeightsError)
+    if suffix == ".safetensors":
+        try:
+            from safetensors.numpy import load_file
+        except ImportError as e:
+            raise ImportError(
+                "Reading .safetensors needs `safetensors`: pip install 'agc_optax[weights]'"
+            ) from e
+        try:
+            return dict(load_file(path))
+        except Exception as e:  # safetensors raises its own SafetensorError and others.
+            raise TimmWeightsError(
+                f"`state_dict`: {str(path)!r} cannot be read as safetensors "
+                f"({type(e).__name__}: {e}); the file is corrupt or truncated"
+            ) from e
+    if suffix in (".pth", ".pt", ".bin"):
+        try:
+            import torch
+        except ImportError as e:
+            raise ImportError(
+                f"Reading {suffix} checkpoints needs torch; or convert the file to .safetensors "
+                "or .npz where torch is installed"
+            ) from e
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+        for wrapper in ("state_dict", "model"):
+            if isinstance(loaded, Mapping) and isinstance(loaded.get(wrapper), Mapping):
+                loaded = loaded[wrapper]
+        # bfloat16 has no NumPy dtype: read it as float32 (the dtype check reports the cast).
+        return {
+            k: (v.float().numpy() if v.dtype == torch.bfloat16 else v.numpy())
+            for k, v in loaded.items()
+        }
+    raise TimmWeightsError(
+        f"`state_dict`: {str(path)!r} has an unknown suffix {suffix!r}; expected .safetensors, "
+        ".npz or (with torch) .pth"
+    )
+
+
+def load_timm_state_dict(
+    model: nnx.Module,
+    state_dict: Mapping[str, Any] | str | os.PathLike,
+    *,
+    allow_dtype_cast: bool = False,
+    allow_nonfinite: bool = False,
+    seed: int = 0,
+) -> nnx.Module:
+    """Fills an NNX model with a timm checkpoint, in place, converting torch layouts.
+
+    Every key must map to a model leaf and every ``nnx.Param`` leaf must be filled, with
+    matching shapes; otherwise one `TimmWeightsError` lists every missing, unexpected and
+    mis-shaped key with both names and shapes (the first 20 of each kind, then a count).
+    Arrays that are not float32/float64 or hold NaN/Inf are refused the same way unless you
+    opt in. The model may come from ``nnx.eval_shape``.
+
+    Args:
+      model: a model whose class has `TimmNames` (``timm_names``), e.g. `TimmNFNet`.
+      state_dict: ``{key: array}`` with timm's ``state_dict()`` keys and torch layouts (NumPy
+        arrays, or anything ``np.asarray`` takes), or the path of a ``.safetensors``,
+        ``.npz`` or (with torch) ``.pth`` file; see `read_state_dict`.
+      allow_dtype_cast: load integer, float16 or bfloat16 arrays, cast to the model's dtype.
+      allow_nonfinite: load arrays holding NaN or Inf.
+      seed: seeds the RNG streams of a model built with ``nnx.eval_shape``; see
+        `materialize_abstract_state`.
+
+    Returns:
+      ``model``, for chaining.
+
+    Raises:
+      TimmWeightsError: listing all problems at once, or naming an unreadable file.
+      TypeError: for a model without timm names or an unsupported ``state_dict``.
+
+    Example:
+      >>> import numpy as np
+      >>> from flax import nnx
+      >>> from agc_optax.models import TimmNFNet, load_timm_state_dict
+      >>> model = nnx.eval_shape(lambda: TimmNFNet(10, widths=[256] * 4, depths=[1] * 4,
+      ...                                          rngs=nnx.Rngs(0)))
+      >>> load_timm_state_dict(model, {"head.fc.weight": np.zeros((10, 7), np.float32)})
+      Traceback (most recent call last):
+      ...
+      agc_optax.models.weights.TimmWeightsError: load_timm_state_dict: ... 1 shape mismatches...
+    """
+    names = getattr(model, "timm_names", None)
+    if not isinstance(names, TimmNames):
+        raise TypeError(
+            f"`model`: {type(model).__name__} has no timm weight names (`timm_names`); "
+            "timm's NFNet checkpoints fit TimmNFNet"
+        )
+    if isinstance(state_dict, str | os.PathLike):
+        source = read_state_dict(state_dict)
+    elif isinstance(state_dict, Mapping):
+        source = {str(k): np.asarray(v) for k, v in state_dict.items()}
+    else:
+        raise TypeError(
+            "`state_dict`: expected a {key: array} mapping or a .safetensors/.npz/.pth path, "
+            f"got {type(state_dict).__name__}"
+        )
+    state = nnx.state(model, nnx.Param)
+    targets = {_path_str(path): var for path, var in nnx.to_flat_state(state)}
+    filled: dict[str, np.ndarray | None] = {}  # None: reported as mis-shaped.
+    unexpected: list[str] = []
+    mismatched: list[str] = []
+    for key in sorted(source):
+        array = source[key]
+        found = names.lookup(key)
+        if found is None:
+            unexpected.append(f"{key} {array.shape} (no NNX name for this key)")
+            continue
+        target, layout = found
+        if target not in targets:
+            unexpected.append(f"{key} {array.shape} -> {target} (not in the model)")
+            continue
+        convert, torch_shape = _TORCH_LAYOUTS[layout]
+        shape = _leaf_shape(targets[target])
+        want = tuple(torch_shape(shape))
+        if tuple(array.shape) != want:
+            mismatched.append(
+                f"{key} {tuple(array.shape)} vs {target} {shape} (expects {want} in timm)"
+            )
+            filled[target] = None
+            continue
+        filled[target] = convert(array)
+    missing = [f"{t} {_leaf_shape(v)}" for t, v in targets.items() if t not in filled]
+    refused = check_values(
+        source, allow_dtype_cast=allow_dtype_cast, allow_nonfinite=allow_nonfinite
+    )
+    if missing or unexpected or mismatched or refused:
+        where = f" {str(state_dict)!r}" if isinstance(state_dict, str | os.PathLike) else ""
+        headline = (
+            f"load_timm_state_dict: the state dict{where} does not match the model "
+            f"{type(model).__name__} ({len(missing)} missing, {len(unexpected)} unexpected, "
+            f"{len(mismatched)} shape mismatches, {len(refused)} refused values)"
+        )
+        sections = [
+            ("missing model leaves", missing),
+            ("unexpected state-dict keys", unexpected),
+            ("shape mismatches (timm vs model)", mismatched),
+            ("refused values", refused),
+        ]
+        raise TimmWeightsError(format_report(headline, sections))
+    for target, value in filled.items():
+        var = targets[target]
+        var.set_value(jax.numpy.asarray(value, dtype=var.get_value().dtype))
     nnx.update(model, state)
     return materialize_abstract_state(model, seed)
 

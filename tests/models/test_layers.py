@@ -14,6 +14,7 @@ from flax import nnx
 
 from agc_optax.models.layers import (
     GAMMAS,
+    EfficientChannelAttention,
     SqueezeExcite,
     StochasticDepth,
     WSConv,
@@ -342,3 +343,54 @@ def test_stochastic_depth_errors():
         StochasticDepth(1.0)
     with pytest.raises(ValueError, match="rngs"):
         StochasticDepth(0.5)(jnp.ones((2, 2)))
+
+
+# ----------------------------------------------------------------------------- timm's numerics
+
+
+@pytest.mark.parametrize("gamma", [1.0, GAMMAS["silu"]])
+def test_wsconv_timm_epsilon_matches_float64_formula(gamma):
+    """timm's ScaledStdConv2d: (w - mean) / sqrt(var + eps) * gain * gamma / sqrt(fan_in)."""
+    conv = WSConv(4, 6, 3, strides=2, feature_group_count=2, epsilon=1e-5, gamma=gamma,
+                  rngs=nnx.Rngs(0))  # fmt: skip
+    _randomize(conv, 5)
+    w = np.asarray(conv.kernel[...], np.float64) * 0.01  # Small: eps matters (var ~ 1e-4).
+    conv.kernel[...] = jnp.asarray(w, jnp.float32)
+    w = np.asarray(conv.kernel[...], np.float64)
+    mean, var = w.mean(axis=(0, 1, 2), keepdims=True), w.var(axis=(0, 1, 2), keepdims=True)
+    fan_in = 3 * 3 * 2
+    gain = np.asarray(conv.gain[...], np.float64)
+    want = (w - mean) / np.sqrt(var + 1e-5) * gain * gamma / math.sqrt(fan_in)
+    np.testing.assert_allclose(np.asarray(conv.standardized_kernel()), want, rtol=2e-6, atol=1e-7)
+    # And not DeepMind's floor, which differs clearly at this weight scale.
+    deepmind = np_standardize(w, gain) * gamma
+    assert np.abs(want - deepmind).max() > 1e-2 * np.abs(want).max()
+    x = np.random.default_rng(6).standard_normal((2, 7, 7, 4)).astype(np.float32)
+    expect = np_conv(x, want, np.asarray(conv.bias[...], np.float64), (2, 2), 2)
+    np.testing.assert_allclose(np.asarray(conv(jnp.asarray(x))), expect, rtol=1e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("channels, kernel_size", [(256, 5), (512, 5), (1536, 5), (16, 3), (8, 3)])
+def test_eca_matches_numpy_cross_correlation(channels, kernel_size):
+    eca = EfficientChannelAttention(channels, rngs=nnx.Rngs(0))
+    assert eca.kernel.shape == (kernel_size,)  # ECA's adaptive size, as timm computes it.
+    rng = np.random.default_rng(7)
+    eca.kernel[...] = jnp.asarray(rng.standard_normal(kernel_size), jnp.float32)
+    x = rng.standard_normal((2, 3, 5, channels)).astype(np.float32)
+    y = x.astype(np.float64).mean(axis=(1, 2))
+    k, pad = np.asarray(eca.kernel[...], np.float64), (kernel_size - 1) // 2
+    padded = np.pad(y, ((0, 0), (pad, pad)))
+    conv = np.stack(
+        [sum(k[j] * padded[:, c + j] for j in range(kernel_size)) for c in range(channels)], -1
+    )
+    want = 1 / (1 + np.exp(-conv))
+    got = np.asarray(eca(jnp.asarray(x)))
+    assert got.shape == (2, 1, 1, channels)
+    np.testing.assert_allclose(got[:, 0, 0], want, rtol=1e-5, atol=1e-6)
+
+
+def test_stochastic_depth_scale_by_keep_rescales_kept_examples():
+    sd = StochasticDepth(0.25, scale_by_keep=True, rngs=nnx.Rngs(dropout=0))
+    per_example = np.asarray(sd(jnp.ones((4000, 3)))).reshape(4000, -1)
+    assert set(np.unique(per_example)) == {0.0, np.float32(1 / 0.75)}
+    assert abs(per_example.mean() - 1.0) < 0.05  # Unbiased, unlike DeepMind's.

@@ -19,6 +19,8 @@ from agc_optax.models import (
     NFResNetConfig,
     ResNet,
     ResNetConfig,
+    TimmNFNet,
+    TimmNFNetConfig,
     create_model,
     get_config,
     list_models,
@@ -30,12 +32,13 @@ FAMILIES = {
     "nf_resnet26": (NFResNet, NFResNetConfig),
     "nf_regnet_b0": (NFRegNet, NFRegNetConfig),
     "resnet50": (ResNet, ResNetConfig),
+    "eca_nfnet_l0": (TimmNFNet, TimmNFNetConfig),
 }
 
 
 def test_every_name_is_a_frozen_config_of_a_family():
     config_types = {config_type for _, config_type in FAMILIES.values()}
-    assert len(list_models()) == 31
+    assert len(list_models()) == 42
     for name in list_models():
         config = get_config(name)
         assert type(config) in config_types, name
