@@ -6,6 +6,7 @@
   random-access sources of encoded images (``agc-prepare`` writes the shards).
 - :mod:`~agc_optax.training.data.pipeline`: the grain pipeline (shuffle, shard by process,
   decode and augment in workers, batch, prefetch), resumable from its state.
+- :mod:`~agc_optax.training.data.streaming`: the pipeline behind the trainer's dataset interface.
 - :mod:`~agc_optax.training.data.augment`: per-image crops, flip, resize and RandAugment (host).
 - :mod:`~agc_optax.training.data.mixing`: normalisation, MixUp and CutMix (device, in the step).
 
@@ -42,6 +43,13 @@ from agc_optax.training.data.sources import (
     open_source,
     write_array_records,
 )
+from agc_optax.training.data.streaming import (
+    STREAMING_DATASETS,
+    StreamingBatches,
+    StreamingDataset,
+    default_workers,
+    is_streaming,
+)
 
 __all__ = [
     "DATASETS",
@@ -54,12 +62,17 @@ __all__ = [
     "EncodedImage",
     "ImageFolderSource",
     "NFNET_AUGMENT",
+    "STREAMING_DATASETS",
     "Split",
+    "StreamingBatches",
+    "StreamingDataset",
     "TrainBatches",
     "decode_image",
+    "default_workers",
     "epoch_order",
     "eval_batches",
     "eval_iterator",
+    "is_streaming",
     "load_cifar10",
     "load_dataset",
     "load_digits",

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import pickle
+import time
 from collections.abc import Iterator
 
 import numpy as np
@@ -56,6 +57,22 @@ class Dataset:
     @property
     def image_shape(self) -> tuple[int, int, int]:
         return tuple(self.train.images.shape[1:])
+
+    def eval_batches(
+        self, global_batch_size: int, *, process_index: int = 0, process_count: int = 1
+    ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """:func:`eval_batches` of the test split."""
+        return eval_batches(
+            self.test, global_batch_size, process_index=process_index, process_count=process_count
+        )
+
+    def device_preprocess(self) -> None:
+        """None: in-memory images are normalised on the host already (see the streaming
+        datasets' counterpart)."""
+        return None
+
+    def device_eval_preprocess(self) -> None:
+        return None
 
 
 def load_dataset(name: str, data_dir: str | None = None, *, image_size: int = 16) -> Dataset:
@@ -267,6 +284,7 @@ class TrainBatches:
         self.process_index = process_index
         self.augment = augment
         self.steps_per_epoch = len(split) // global_batch_size
+        self._wait = 0.0
 
     def position(self, step: int) -> DataPosition:
         """The data position before training step ``step`` (0-based)."""
@@ -281,6 +299,19 @@ class TrainBatches:
 
     def batch(self, step: int) -> tuple[np.ndarray, np.ndarray]:
         """This process's slice of the global batch for ``step``: ``(images, labels)``."""
+        start = time.perf_counter()
+        try:
+            return self._batch(step)
+        finally:
+            self._wait += time.perf_counter() - start
+
+    def take_input_stats(self, elapsed: float) -> dict[str, float]:
+        """The share of ``elapsed`` seconds spent making batches since the last call."""
+        stats = {"input_wait_fraction": self._wait / max(elapsed, 1e-9)}
+        self._wait = 0.0
+        return stats
+
+    def _batch(self, step: int) -> tuple[np.ndarray, np.ndarray]:
         pos = self.position(step)
         perm = self._permutation(pos.epoch)
         start = pos.index * self.global_batch_size + self.process_index * self.local_batch_size

@@ -223,6 +223,7 @@ def train_iterator(
     threads: int = 2,
     prefetch: int = 2,
     draft: bool = True,
+    start_batch: int = 0,
 ):
     """An endless, resumable iterator of this process's training batches.
 
@@ -238,6 +239,8 @@ def train_iterator(
       threads: reader threads per process.
       prefetch: batches buffered ahead (per worker when ``workers > 0``).
       draft: allow reduced-scale JPEG decoding when the crop is large enough.
+      start_batch: the first batch to produce. Batch ``b`` is the same however it is reached, so
+        starting at ``b`` resumes exactly (as ``set_state`` does, and with any worker count).
 
     Returns:
       A grain ``DatasetIterator`` of dicts ``{"image": (B, S, S, 3) uint8, "label": (B,) int32,
@@ -257,6 +260,8 @@ def train_iterator(
     load = _LoadExample(source, image_size, seed, shard_index, True, policy.randaugment, draft)
     ds = grain.MapDataset.source(indices).seed(seed).shuffle().repeat()
     ds = ds.map_with_index(load).batch(batch_size, drop_remainder=True, batch_fn=_batch)
+    if start_batch:
+        ds = ds[start_batch:]
     return _to_iterator(ds, workers, threads, prefetch)
 
 
