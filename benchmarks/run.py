@@ -10,7 +10,15 @@ from __future__ import annotations
 import argparse
 import datetime
 
-from benchmarks import agc_transform, common, compile_time, fused_step, pallas_step, train_step
+from benchmarks import (
+    agc_transform,
+    common,
+    compile_time,
+    fused_step,
+    input_pipeline,
+    pallas_step,
+    train_step,
+)
 
 BENCHMARKS = {
     "agc_transform": agc_transform.run,
@@ -19,6 +27,7 @@ BENCHMARKS = {
     "agc_share": train_step.run_agc_share,
     "nf_vs_bn": train_step.run_nf_vs_bn,
     "compile_time": compile_time.run,
+    "input_pipeline": input_pipeline.run,
 }
 
 

@@ -11,6 +11,7 @@ TITLES = {
     "agc_share": "AGC's share",
     "nf_vs_bn": "BatchNorm ResNet-50",
     "compile_time": "compile time",
+    "input_pipeline": "Input pipeline",
 }
 
 

@@ -20,6 +20,7 @@ PUBLIC_MODULES = (
     "agc_optax",
     "agc_optax.models",
     "agc_optax.training",
+    "agc_optax.training.data",
     "agc_optax.kernels",
     "agc_optax.experiments",
 )
