@@ -25,7 +25,6 @@ the GIL while decoding and resizing); ``workers=N`` starts N processes.
 from __future__ import annotations
 
 import dataclasses
-import logging
 import re
 import warnings
 
@@ -133,8 +132,8 @@ class _LoadExample:
         if record.name not in self._warned:
             self._warned.add(record.name)
             message = f"skipping `{record.name}`: not a decodable image ({type(error).__name__})"
+            # Once per file and process (a worker process prints it on its own stderr).
             warnings.warn(message, CorruptImageWarning, stacklevel=2)
-            logging.getLogger("agc_optax").warning(message)
 
     def load(self, position: int, index: int):
         """``(image, label, skipped)``: in training a bad record is replaced by the next one."""
