@@ -80,6 +80,12 @@ def _parser() -> argparse.ArgumentParser:
     add("--checkpoint-dir", help="checkpoints (default <run-dir>/checkpoints)")
     add("--checkpoint-every", type=int, help="steps between checkpoints (default: each epoch)")
     add("--resume", action="store_true", help="continue from the newest readable checkpoint")
+    add(
+        "--max-bad-steps",
+        type=int,
+        help="steps with a non-finite loss or gradient norm are skipped; stop (exit code 3) "
+        f"after this many in a row (default {d.max_bad_steps})",
+    )
     add("--eval-every", type=int, help="steps between evaluations (default: each epoch)")
     add("--log-every", type=int, help=f"steps between metric records (default {d.log_every})")
     add("--seed", type=int, help="seeds init, data order, augmentation and dropout (default 0)")
@@ -122,6 +128,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         "run_dir",
         "checkpoint_dir",
         "checkpoint_every",
+        "max_bad_steps",
         "eval_every",
         "log_every",
         "seed",
@@ -160,14 +167,22 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``agc-train``; returns the exit status."""
+    """Entry point of ``agc-train``; returns the exit status.
+
+    0: trained; 2: usage error (before training); 3: diverged (``--max-bad-steps``);
+    128 + the signal's number (143 SIGTERM, 130 SIGINT): preempted, with a checkpoint to
+    ``--resume`` from; 1: the run could not write its files (full disk).
+    """
     args = _parser().parse_args(argv)
     # Library chatter (orbax, absl) is not for the user of a CLI; warnings we raise still show.
-    logging.getLogger("absl").setLevel(logging.ERROR)
+    # Orbax also logs a failed background write at ERROR, with tracebacks, before re-raising it
+    # in the main thread, where it becomes the one line below.
+    logging.getLogger("absl").setLevel(logging.CRITICAL)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.showwarning = _show_warning
+    from agc_optax.training.checkpoint import CheckpointWriteError
     from agc_optax.training.data import DataError
-    from agc_optax.training.trainer import train
+    from agc_optax.training.trainer import Preempted, TrainingDiverged, train
 
     try:
         config = config_from_args(args)
@@ -175,6 +190,19 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError) as e:
         print(f"agc-train: error: {e}", file=sys.stderr)
         return 2
+    except TrainingDiverged as e:
+        print(f"agc-train: error: {e}", file=sys.stderr)
+        return 3
+    except Preempted as e:
+        print(f"agc-train: {e}", file=sys.stderr)
+        return 128 + e.signal_number
+    except CheckpointWriteError as e:
+        print(f"agc-train: error: {e}; free space and rerun with --resume", file=sys.stderr)
+        return 1
+    except OSError as e:  # metrics, plots, summary: the same full disk, outside orbax
+        where = f" `{e.filename}`" if e.filename else ""
+        print(f"agc-train: error: cannot write{where}: {e.strerror or e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("agc-train: interrupted", file=sys.stderr)
         return 130

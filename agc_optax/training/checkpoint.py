@@ -7,18 +7,24 @@ the run's one step counter; the data position follows from it. Orbax finalises a
 after every file is written, so a run killed mid-save leaves an unfinished temporary directory that
 is never listed; a finished but damaged step (a truncated or deleted file) fails to restore, and
 :meth:`Checkpointer.restore_latest` then warns and falls back to the previous step.
+
+Nothing good is lost: a state holding a NaN or Inf is never written, and old checkpoints are
+deleted only once a newer one is known to be committed, so a failed write (a full disk) leaves
+every earlier checkpoint in place and is reported as a :class:`CheckpointWriteError`.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 import warnings
 from collections.abc import Mapping
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -31,19 +37,41 @@ class CheckpointMismatchError(ValueError):
     """A readable checkpoint that does not fit the run (other model, optimizer or batch size)."""
 
 
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (full disk, lost permission); earlier ones are intact.
+
+    Attributes:
+      step: the checkpoint that failed.
+      directory: the checkpoint directory.
+      reason: the cause in words, e.g. ``No space left on device``.
+    """
+
+    def __init__(self, step: int, directory: str, reason: str, kept: list[int]):
+        self.step, self.directory, self.reason = step, directory, reason
+        intact = (
+            f"the earlier checkpoints (steps {', '.join(map(str, kept))}) are intact"
+            if kept
+            else "no earlier checkpoint exists"
+        )
+        super().__init__(f"cannot write checkpoint {step} to `{directory}`: {reason}; {intact}")
+
+
 class Checkpointer:
     """Saves and restores the train state under one directory.
 
     Args:
       directory: where step directories go; created if missing.
       max_to_keep: how many recent checkpoints survive (at least 2, so a fallback exists).
+        Older ones are deleted here, only after a newer save is committed (orbax would delete
+        them when the new save starts, before knowing whether it will succeed).
       async_save: write in a background thread while training continues.
     """
 
     def __init__(self, directory: str, *, max_to_keep: int = 3, async_save: bool = True):
         self.directory = os.path.abspath(directory)
+        self.max_to_keep = max(2, max_to_keep)
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=max(2, max_to_keep),
+            max_to_keep=None,
             create=True,
             enable_async_checkpointing=async_save,
             cleanup_tmp_directories=True,
@@ -51,26 +79,77 @@ class Checkpointer:
         self._manager = ocp.CheckpointManager(
             self.directory, options=options, item_names=("state", "meta")
         )
+        self._pending: int | None = None  # a save started but not yet known to be committed
+        self._failed = False
+        # A failed background write leaves orbax's event-loop callbacks and write coroutines
+        # behind; the CheckpointWriteError says what happened, they add only tracebacks.
+        _silence_closed_loop_callbacks()
 
     def steps(self) -> list[int]:
         """The finished checkpoints, oldest first."""
         return sorted(self._manager.all_steps())
 
-    def save(self, state: Any, config: dict[str, Any]) -> None:
+    def save(self, state: Any, config: dict[str, Any]) -> bool:
         """Writes a checkpoint of ``state`` at its ``step`` (asynchronously when enabled).
 
         All processes call it. ``state`` is a :class:`TrainState` of replicated global arrays;
         ``config`` the run's JSON config, checked on restore.
+
+        Returns:
+          ``True`` when the save started; ``False`` (with a :class:`CheckpointWarning` naming the
+          first bad leaf) when a leaf holds a NaN or Inf: such a state is never written.
+
+        Raises:
+          CheckpointWriteError: this save, or the previous asynchronous one, failed.
         """
         step = int(np.asarray(state.step.addressable_shards[0].data))
+        bad = nonfinite_leaves(state)
+        if bad:
+            newest = self.steps()
+            warnings.warn(
+                f"not writing checkpoint {step}: `{bad[0]}` holds NaN or Inf "
+                f"({len(bad)} leaves in all); the newest finite checkpoint is "
+                + (f"step {newest[-1]}" if newest else "none"),
+                CheckpointWarning,
+                stacklevel=2,
+            )
+            return False
+        self._commit_pending()
         meta = {"step": step, "signature": _signature(state), "config": config}
-        self._manager.save(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
-            ),
-            force=True,
-        )
+        try:
+            self._manager.save(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
+                ),
+                force=True,
+            )
+        except Exception as e:  # the synchronous part: directories, metadata, host copies
+            self._fail(step, e)
+        self._pending = step
+        return True
+
+    def _commit_pending(self) -> None:
+        """Waits for the pending save; then deletes what falls out of ``max_to_keep``."""
+        step, self._pending = self._pending, None
+        if step is None:
+            return
+        try:
+            self._manager.wait_until_finished()
+        except Exception as e:
+            self._fail(step, e)
+        self._manager.reload()
+        committed = self.steps()
+        if step not in committed:
+            self._fail(step, RuntimeError("the write did not complete"))
+        for old in committed[: -self.max_to_keep]:
+            self._manager.delete(old)
+
+    def _fail(self, step: int, error: BaseException) -> None:
+        self._failed = True
+        self._manager.reload()
+        kept = [s for s in self.steps() if s != step]
+        raise CheckpointWriteError(step, self.directory, _reason(error), kept) from error
 
     def restore_latest(self, target: Any, *, require: Mapping[str, Any] | None = None) -> Any:
         """Restores the newest checkpoint that reads back whole.
@@ -141,13 +220,28 @@ class Checkpointer:
         self._manager.reload()
 
     def wait(self) -> None:
-        """Blocks until pending asynchronous saves are on disk."""
-        self._manager.wait_until_finished()
+        """Blocks until pending asynchronous saves are committed.
+
+        Raises:
+          CheckpointWriteError: the pending save failed.
+        """
+        self._commit_pending()
 
     def close(self) -> None:
-        """Waits for pending saves and releases the manager."""
-        self._manager.wait_until_finished()
-        self._manager.close()
+        """Waits for pending saves and releases the manager.
+
+        Raises:
+          CheckpointWriteError: the pending save failed (the manager is released anyway).
+        """
+        try:
+            if not self._failed:
+                self._commit_pending()
+        finally:
+            try:
+                self._manager.close()
+            except Exception:
+                if not self._failed:  # after a reported failure orbax repeats the same error
+                    raise
 
 
 def _silence_closed_loop_callbacks() -> None:
@@ -155,7 +249,8 @@ def _silence_closed_loop_callbacks() -> None:
 
     When one array of a damaged checkpoint fails to read, orbax closes its event loop while
     tensorstore still completes reads of the other arrays: each completion reports
-    ``RuntimeError('Event loop is closed')`` through ``sys.unraisablehook``, and the read tasks
+    ``RuntimeError('Event loop is closed')`` through ``sys.unraisablehook`` (as does a failed
+    write, whose pending write coroutines are reported again at exit), and the read tasks
     that failed are logged by asyncio ("Task exception was never retrieved") whenever the garbage
     collector meets them, one traceback per array. They carry no information beyond the warning
     already given, so only they are dropped.
@@ -168,6 +263,10 @@ def _silence_closed_loop_callbacks() -> None:
         exc = unraisable.exc_value
         if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
             return
+        # Write coroutines of a failed save, collected when the interpreter shuts down.
+        code = getattr(unraisable.object, "cr_code", None)
+        if code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename:
+            return
         previous(unraisable)
 
     hook._agc_optax_filter = True  # type: ignore[attr-defined]
@@ -176,8 +275,8 @@ def _silence_closed_loop_callbacks() -> None:
 
 
 def _drop_orphaned_orbax_reads(record: logging.LogRecord) -> bool:
-    """False for asyncio's report of an orbax read task whose failure nobody awaited."""
-    if not str(record.msg).startswith("Task exception was never retrieved"):
+    """False for asyncio's report of an orbax read or write task whose failure nobody awaited."""
+    if "exception was never retrieved" not in str(record.msg).partition("\n")[0]:
         return True
     tb = record.exc_info[2] if record.exc_info else None
     while tb is not None:
@@ -200,18 +299,31 @@ def read_checkpoint(directory: str, step: int | None = None) -> tuple[dict[str, 
     For inspection and tests; training resumes through :meth:`Checkpointer.restore_latest`.
 
     Args:
-      directory: the checkpoint directory.
+      directory: the checkpoint directory (relative or absolute).
       step: which step; the newest when ``None``.
 
     Returns:
-      ``(state, step)`` where ``state`` is a nested dict with keys ``step``, ``params``,
-      ``batch_stats``, ``opt_state`` and ``ema_params``.
+      ``(state, step)``, on the host whatever topology wrote it, where ``state`` is a nested
+      dict with keys ``step``, ``params``, ``batch_stats``, ``opt_state`` and ``ema_params``.
     """
+    directory = os.path.abspath(directory)  # orbax reads absolute paths only
     steps = sorted(int(n) for n in os.listdir(directory) if n.isdigit())
     if not steps:
         raise FileNotFoundError(f"no checkpoints in `{directory}`")
     step = steps[-1] if step is None else step
-    state = ocp.StandardCheckpointer().restore(os.path.join(directory, str(step), "state"))
+    path = os.path.join(directory, str(step), "state")
+    checkpointer = ocp.StandardCheckpointer()
+    absl_logger = logging.getLogger("absl")
+    level = absl_logger.level
+    absl_logger.setLevel(logging.ERROR)  # "Metadata file does not exist" of the item: expected
+    try:
+        saved = checkpointer.metadata(path).item_metadata
+    finally:
+        absl_logger.setLevel(level)
+    # Onto one local device, whatever the topology that wrote it (several processes, pmap).
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), saved)
+    state = jax.tree.map(np.asarray, checkpointer.restore(path, target))
     return state, step
 
 
@@ -250,6 +362,63 @@ def _abstract(x: Any) -> Any:
     return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
 
 
-def _first_line(e: Exception) -> str:
-    text = str(e).strip().splitlines()
-    return text[0][:200] if text else ""
+def nonfinite_leaves(tree: Any) -> list[str]:
+    """Paths (``jax.tree_util.keystr``) of the floating-point leaves holding a NaN or Inf.
+
+    One jitted reduction per leaf, one small transfer to the host; every process of a
+    multi-process run computes the same answer from the replicated state.
+
+    >>> nonfinite_leaves({"w": np.array([1.0, np.nan]), "b": np.zeros(2), "n": np.arange(2)})
+    ["['w']"]
+    """
+    leaves = [
+        (path, leaf)
+        for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+        if jnp.issubdtype(leaf.dtype, jnp.inexact)
+    ]
+    if not leaves:
+        return []
+    finite = _leaves_finite([leaf for _, leaf in leaves])
+    finite = np.asarray(finite.addressable_shards[0].data)
+    return [
+        jax.tree_util.keystr(path) for (path, _), ok in zip(leaves, finite, strict=True) if not ok
+    ]
+
+
+@jax.jit
+def _leaves_finite(leaves: list[Any]) -> jax.Array:
+    return jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in leaves])
+
+
+def _reason(error: BaseException) -> str:
+    """A failed write's cause in words: the OS error where there is one (``No space left``)."""
+    chain = []
+    while error is not None and len(chain) < 8:
+        chain.append(error)
+        error = error.__cause__ or error.__context__
+    for e in chain:
+        if isinstance(e, OSError) and e.errno:
+            return f"{os.strerror(e.errno)} (errno {e.errno})"
+        # tensorstore reports the OS error inside its message: [os_error_code='28']
+        found = re.search(r"os_error_code='(\d+)'", str(e))
+        if found:
+            code = int(found.group(1))
+            return f"{os.strerror(code)} (errno {code})"
+    return f"{type(chain[0]).__name__}: {_first_line(chain[0])}"
+
+
+def _first_line(e: BaseException) -> str:
+    """The first meaningful line of ``e`` and of its cause.
+
+    Tensorstore's read errors end in a repr of a bound method (``See full TensorStore details:
+    <bound method pybind11_...``) and keep the actual reason (``OUT_OF_RANGE: ... size 64``) in
+    the exception's cause; that tail is cut and the cause's first line appended.
+    """
+    parts: list[str] = []
+    while e is not None and len(parts) < 2:
+        text = re.split(r"See full TensorStore details|<bound method", str(e))[0]
+        lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+        if lines and lines[0] not in parts:
+            parts.append(lines[0])
+        e = e.__cause__
+    return "; ".join(parts)[:300]

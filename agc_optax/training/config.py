@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -44,6 +45,9 @@ class Config:
       checkpoint_dir: checkpoints, default ``<run_dir>/checkpoints``.
       checkpoint_every: steps between checkpoints, default once per epoch.
       resume: continue from the newest readable checkpoint.
+      max_bad_steps: the run stops (:class:`~agc_optax.training.trainer.TrainingDiverged`) after
+        this many consecutive steps whose update was skipped for a non-finite loss, gradient or
+        update norm.
       seed: seeds parameters, data order, augmentation and dropout.
       eval_every: steps between evaluations, default once per epoch.
       log_every: steps between metric records.
@@ -76,6 +80,7 @@ class Config:
     checkpoint_dir: str | None = None
     checkpoint_every: int | None = None
     resume: bool = False
+    max_bad_steps: int = 5
     seed: int = 0
     eval_every: int | None = None
     log_every: int = 10
@@ -177,12 +182,20 @@ def validate(config: Config, valid_models: list[str]) -> None:
         if value is None or not value > 0:
             raise ConfigError(f"`--{name.replace('_', '-')}` must be > 0, got {value}")
 
+    def finite(name: str, value: Any) -> None:
+        if value is not None and not math.isfinite(value):
+            raise ConfigError(f"`--{name.replace('_', '-')}` must be a finite number, got {value}")
+
     positive("batch_size", config.batch_size)
     positive("lr", config.lr)
-    positive("clipping", config.clipping)
+    finite("lr", config.lr)
+    positive("clipping", config.clipping)  # inf is AGC's documented "never clip"
     positive("global_clip", config.global_clip, allow_none=True)
     positive("steps", config.steps, allow_none=True)
     positive("epochs", config.epochs)
+    finite("epochs", config.epochs)  # a length in steps follows from it
+    finite("warmup_epochs", config.warmup_epochs)
+    positive("max_bad_steps", config.max_bad_steps)
     positive("log_every", config.log_every)
     positive("eval_every", config.eval_every, allow_none=True)
     positive("checkpoint_every", config.checkpoint_every, allow_none=True)

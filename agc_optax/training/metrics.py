@@ -16,11 +16,16 @@ class MetricsWriter:
     Args:
       path: the ``.jsonl`` file.
       enabled: write at all (``jax.process_index() == 0``).
+      keep_until_step: a run resumed at this step first drops the records of later steps
+        (written after the checkpoint it resumes from, and about to be written again), so
+        every step appears once. ``None`` keeps everything.
     """
 
-    def __init__(self, path: str, *, enabled: bool = True):
+    def __init__(self, path: str, *, enabled: bool = True, keep_until_step: int | None = None):
         self.path = path
         self.enabled = enabled
+        if enabled and keep_until_step is not None and os.path.exists(path):
+            _drop_records_after(path, keep_until_step)
         self._file = open(path, "a", encoding="utf-8") if enabled else None  # noqa: SIM115
 
     def write(self, record: dict[str, Any]) -> None:
@@ -42,6 +47,26 @@ def _plain(v: Any) -> Any:
         return v
     f = float(v)
     return f if math.isfinite(f) else None
+
+
+def _drop_records_after(path: str, step: int) -> None:
+    """Rewrites ``path`` without the records of steps after ``step`` (atomically)."""
+    with open(path, encoding="utf-8") as f:
+        lines = f.readlines()
+    kept = []
+    for line in lines:
+        try:
+            record_step = json.loads(line).get("step", 0)
+        except ValueError:  # a line cut short when the run was killed mid-write
+            continue
+        if record_step <= step:
+            kept.append(line if line.endswith("\n") else line + "\n")
+    if len(kept) == len(lines):
+        return
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(kept)
+    os.replace(tmp, path)
 
 
 def read_metrics(path: str) -> list[dict[str, Any]]:

@@ -130,6 +130,7 @@ def make_train_step(
     ema: float | None = None,
     dtype: Any = jnp.float32,
     pmap: bool = False,
+    skip_nonfinite: bool = False,
 ) -> Callable[[TrainState, tuple[jax.Array, jax.Array]], tuple[TrainState, dict[str, jax.Array]]]:
     """Builds the (not yet jitted) train step ``(state, (images, labels)) -> (state, metrics)``.
 
@@ -142,11 +143,18 @@ def make_train_step(
       dtype: compute dtype of the inputs (the model's own ``dtype`` sets its activations).
       pmap: the step runs under ``jax.pmap`` over axis ``data``: average gradients, loss and batch
         statistics with ``lax.pmean`` (once); under ``jit`` XLA inserts that reduction itself.
+      skip_nonfinite: the divergence guard. When the loss, the gradient norm, the update norm or
+        the new parameters' norm is not finite, the step keeps the parameters, batch statistics,
+        optimizer state and EMA as they were (as ``optax.apply_if_finite`` does) and only
+        ``step`` advances, so the next step draws the next batch. The decision is made on the
+        averaged values, so every device and process takes the same branch. Off by default:
+        the large-batch sweep (:mod:`agc_optax.experiments`) studies divergence as it happens.
 
     Returns:
       The step function. Metrics: ``loss``, ``accuracy``, ``grad_norm`` (of the averaged
-      gradients, before clipping), ``param_norm``, ``update_norm``, and ``clip_fraction`` when
-      the optimizer keeps AGC statistics.
+      gradients, before clipping), ``param_norm`` (of the parameters the update produced),
+      ``update_norm``, ``clip_fraction`` when the optimizer keeps AGC statistics, and with
+      ``skip_nonfinite`` ``skipped`` (1.0 when this step's update was dropped, else 0.0).
     """
     root = jax.random.key(seed)
 
@@ -190,7 +198,16 @@ def make_train_step(
         clip_fraction = optax.tree.get(opt_state, "clip_fraction", None)
         if clip_fraction is not None:
             metrics["clip_fraction"] = clip_fraction
-        new_state = TrainState(state.step + 1, params, batch_stats, opt_state, ema_params)
+        changed = (params, batch_stats, opt_state, ema_params)
+        if skip_nonfinite:
+            # The norms are already computed for the metrics: a NaN or Inf anywhere in the
+            # gradients, the update or the new weights shows up in them, at no extra pass.
+            checked = ("loss", "grad_norm", "update_norm", "param_norm")
+            finite = jnp.all(jnp.array([jnp.isfinite(metrics[k]) for k in checked]))
+            kept = (state.params, state.batch_stats, state.opt_state, state.ema_params)
+            changed = jax.tree.map(lambda new, old: jnp.where(finite, new, old), changed, kept)
+            metrics["skipped"] = 1.0 - finite.astype(jnp.float32)
+        new_state = TrainState(state.step + 1, *changed)
         return new_state, metrics
 
     return step_fn
@@ -234,3 +251,27 @@ def evaluate(
             totals[k] += float(v)
     n = totals["count"]
     return {"accuracy": totals["correct"] / n, "loss": totals["loss"] / n}
+
+
+def with_stop_vote(
+    step_fn: Callable[..., tuple[TrainState, dict[str, jax.Array]]], *, pmap: bool = False
+) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
+    """``step_fn`` with a third argument: each device's stop vote, agreed on inside the step.
+
+    ``votes`` is an int32 array with one entry per device (under ``pmap`` one per device
+    call), laid out like the batch; the wrapped step adds ``metrics["stop"]``, the largest vote
+    over all devices and processes. The trainer votes the number of a signal that asked this
+    process to stop (0 for none): because the vote travels with a step that every process runs
+    anyway, all of them read the same decision for the same step and none waits on another
+    (a signal reaching one host cannot deadlock the rest), at the cost of one scalar reduction
+    per step.
+    """
+
+    def voting_step(state: TrainState, batch: Any, votes: jax.Array):
+        state, metrics = step_fn(state, batch)
+        stop = jnp.max(votes)
+        if pmap:
+            stop = jax.lax.pmax(stop, DATA_AXIS)
+        return state, {**metrics, "stop": stop}
+
+    return voting_step

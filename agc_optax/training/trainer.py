@@ -10,12 +10,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import signal
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from agc_optax import models
 from agc_optax.training import checkpoint as ckpt_lib
@@ -50,23 +53,70 @@ class RunResult:
     files: dict[str, str]
 
 
-def prepare_run_dir(config: Config, is_main: bool) -> str:
-    """Creates (on process 0) and checks the run directory; one-line error if unwritable."""
+class TrainingDiverged(RuntimeError):
+    """Too many consecutive steps had a non-finite loss or gradient norm (``--max-bad-steps``).
+
+    Attributes:
+      step: the last skipped step (steps completed, counting from 1).
+    """
+
+    def __init__(self, message: str, step: int):
+        super().__init__(message)
+        self.step = step
+
+
+class Preempted(Exception):  # noqa: N818 (an outcome, not a fault)
+    """SIGTERM or SIGINT stopped the run; a checkpoint of the step reached is committed.
+
+    Attributes:
+      step: the checkpoint's step, where ``--resume`` continues.
+      checkpoint_dir: where it is.
+      signal_number: the signal (of any process), e.g. ``signal.SIGTERM``.
+    """
+
+    def __init__(self, step: int, checkpoint_dir: str, signal_number: int):
+        super().__init__(
+            f"preempted at step {step}; checkpoint saved to {checkpoint_dir}; "
+            "rerun with --resume to continue"
+        )
+        self.step, self.checkpoint_dir, self.signal_number = step, checkpoint_dir, signal_number
+
+
+def run_dir_of(config: Config) -> str:
+    """The absolute run directory: ``--run-dir``, or a new one under ``runs/``."""
     run_dir = config.run_dir or os.path.join(
         "runs",
         f"{config.model}-{config.dataset.replace(':', '_')}-{time.strftime('%Y%m%d-%H%M%S')}",
     )
-    run_dir = os.path.abspath(run_dir)
-    if is_main:
-        try:
-            os.makedirs(run_dir, exist_ok=True)
-            probe = os.path.join(run_dir, ".write_test")
-            with open(probe, "w") as f:
-                f.write("ok")
-            os.remove(probe)
-        except OSError as e:
-            raise ConfigError(f"run directory `{run_dir}` is not writable ({e.strerror})") from None
-    return run_dir
+    return os.path.abspath(run_dir)
+
+
+def _check_writable_dir(path: str, what: str, flag: str) -> None:
+    """Creates ``path`` and writes a probe file in it; a ConfigError naming ``flag`` otherwise."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ConfigError(f"{what} `{path}` is a file, not a directory; pass a directory to {flag}")
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, ".write_test")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise ConfigError(
+            f"{what} `{path}` is not writable ({e.strerror}); pass a writable {flag}"
+        ) from None
+
+
+def _agree_on_setup(problem: str | None, process_count: int) -> None:
+    """Raises on every process when process 0 found ``problem``, so none waits for the others."""
+    if process_count > 1:
+        from jax.experimental import multihost_utils
+
+        failed = multihost_utils.broadcast_one_to_all(np.int32(problem is not None))
+        if failed and problem is None:
+            raise ConfigError("process 0 could not prepare its directories (see its error)")
+    if problem is not None:
+        raise ConfigError(problem)
 
 
 def train(
@@ -85,6 +135,11 @@ def train(
 
     Raises:
       ConfigError, data.DataError: bad flags or data, before any training step.
+      TrainingDiverged: ``config.max_bad_steps`` consecutive steps were skipped for a
+        non-finite loss or gradient norm (their updates are dropped inside the step).
+      Preempted: SIGTERM or SIGINT (on any process) stopped the run after the current step,
+        with its checkpoint committed. A second signal acts at once.
+      checkpoint.CheckpointWriteError: a checkpoint could not be written (earlier ones intact).
     """
     start_time = time.time()
 
@@ -98,7 +153,16 @@ def train(
     process_index, process_count = jax.process_index(), jax.process_count()
     is_main = process_index == 0
     say = log if is_main else (lambda _: None)
-    run_dir = prepare_run_dir(config, is_main)
+    run_dir = run_dir_of(config)
+    checkpoint_dir = os.path.abspath(config.checkpoint_dir or os.path.join(run_dir, "checkpoints"))
+    problem = None
+    if is_main:  # before any compilation: an unusable directory fails in a second, not after
+        try:
+            _check_writable_dir(run_dir, "run directory", "--run-dir")
+            _check_writable_dir(checkpoint_dir, "checkpoint directory", "--checkpoint-dir")
+        except ConfigError as e:
+            problem = str(e)
+    _agree_on_setup(problem, process_count)
 
     # --- Mesh -----------------------------------------------------------------------------------
     placement = parallel.make_placement(config.parallel)
@@ -134,7 +198,6 @@ def train(
     # --- State and checkpoint ----------------------------------------------------------------
     # The state is restored into, or else created in, its place on the devices; its `step` is
     # the run's one step counter, from which the data position follows.
-    checkpoint_dir = os.path.abspath(config.checkpoint_dir or os.path.join(run_dir, "checkpoints"))
     checkpointer = ckpt_lib.Checkpointer(checkpoint_dir)
     state = None
     if config.resume:
@@ -158,13 +221,17 @@ def train(
     # --- Steps -----------------------------------------------------------------------------------
     dtype = jnp.dtype(config.dtype)
     train_step = placement.compile(
-        step_lib.make_train_step(
-            split,
-            tx,
-            seed=config.seed,
-            label_smoothing=config.label_smoothing,
-            ema=config.ema,
-            dtype=dtype,
+        step_lib.with_stop_vote(
+            step_lib.make_train_step(
+                split,
+                tx,
+                seed=config.seed,
+                label_smoothing=config.label_smoothing,
+                ema=config.ema,
+                dtype=dtype,
+                pmap=placement.pmap,
+                skip_nonfinite=True,
+            ),
             pmap=placement.pmap,
         ),
         donate_argnums=0,
@@ -194,7 +261,9 @@ def train(
         return out
 
     # --- Loop ------------------------------------------------------------------------------------
-    writer = metrics_lib.MetricsWriter(os.path.join(run_dir, "metrics.jsonl"), enabled=is_main)
+    writer = metrics_lib.MetricsWriter(
+        os.path.join(run_dir, "metrics.jsonl"), enabled=is_main, keep_until_step=start_step
+    )
     if is_main:
         with open(os.path.join(run_dir, "config.json"), "w") as f:
             json.dump(config.to_json(), f, indent=2)
@@ -207,38 +276,81 @@ def train(
     bar = _progress(total_steps, start_step, enabled=is_main and config.progress)
     eval_record: dict[str, dict[str, float]] = {}
     tick, tick_step = time.time(), start_step
-    for step in range(start_step, total_steps):
-        state, step_metrics = train_step(state, placement.shard(batches.batch(step)))
-        done = step + 1
-        last = done == total_steps
-        if done % config.log_every == 0 or last:
-            m = {k: float(v) for k, v in placement.to_host(step_metrics).items()}
-            now = time.time()
-            m["images_per_s"] = (done - tick_step) * config.batch_size / max(now - tick, 1e-9)
-            m["learning_rate"] = float(schedule(step))
-            tick, tick_step = now, done
-            writer.write({"split": "train", "step": done, **m})
-            bar.set_postfix(
-                loss=f"{m['loss']:.3f}",
-                acc=f"{m['accuracy']:.3f}",
-                clip=f"{m['clip_fraction']:.3f}" if "clip_fraction" in m else "-",
-                img_s=f"{m['images_per_s']:.0f}",
-            )
-        if done % eval_every == 0 or last:
-            eval_record = evaluate_both(state)
-            for split_name, rec in eval_record.items():
-                writer.write({"split": split_name, "step": done, **rec})
-            bar.write(
-                f"step {done}: "
-                + ", ".join(f"{k} accuracy {v['accuracy']:.4f}" for k, v in eval_record.items())
-            )
-        if done % checkpoint_every == 0 or last:
-            checkpointer.save(placement.replicate(state), config.to_json())
-        bar.update(1)
-    bar.close()
+    votes_per_process = len(jax.local_devices())
+    # Each step reports whether it was skipped (non-finite) and the processes' stop vote. They
+    # are read one step late, once the next step is queued, so the device never waits on the
+    # host; every process reads the same values at the same step and decides alike.
+    guard = _Guard(config.max_bad_steps)
+    unread: tuple[int, Any] | None = None
+    saved_step = start_step
+    try:
+        with _StopSignals() as signals:
+            for step in range(start_step, total_steps):
+                votes = np.full(votes_per_process, signals.received, np.int32)
+                state, step_metrics = train_step(
+                    state, placement.shard(batches.batch(step)), placement.shard(votes)
+                )
+                done = step + 1
+                last = done == total_steps
+                if unread is not None:
+                    guard.observe(*unread, placement.to_host)
+                    unread = None
+                flags = {k: step_metrics[k] for k in ("skipped", "stop")}
+                if done % config.log_every == 0 or last:
+                    m = {k: float(v) for k, v in placement.to_host(step_metrics).items()}
+                    guard.observe(done, flags, placement.to_host)
+                    now = time.time()
+                    m["images_per_s"] = (
+                        (done - tick_step) * config.batch_size / max(now - tick, 1e-9)
+                    )
+                    m["learning_rate"] = float(schedule(step))
+                    m["skipped_steps"] = guard.take_skipped_count()
+                    del m["skipped"], m["stop"]
+                    tick, tick_step = now, done
+                    writer.write({"split": "train", "step": done, **m})
+                    bar.set_postfix(
+                        loss=f"{m['loss']:.3f}",
+                        acc=f"{m['accuracy']:.3f}",
+                        clip=f"{m['clip_fraction']:.3f}" if "clip_fraction" in m else "-",
+                        img_s=f"{m['images_per_s']:.0f}",
+                    )
+                else:
+                    unread = (done, flags)
+                if guard.bad_run >= config.max_bad_steps:
+                    checkpointer.wait()
+                    raise _diverged(guard, checkpointer, config.max_bad_steps)
+                stopping = guard.stop_signal and not last
+                if (done % eval_every == 0 or last) and not stopping:
+                    eval_record = evaluate_both(state)
+                    for split_name, rec in eval_record.items():
+                        writer.write({"split": split_name, "step": done, **rec})
+                    bar.write(
+                        f"step {done}: "
+                        + ", ".join(
+                            f"{k} accuracy {v['accuracy']:.4f}" for k, v in eval_record.items()
+                        )
+                    )
+                if done % checkpoint_every == 0 or last or stopping:
+                    if checkpointer.save(placement.replicate(state), config.to_json()):
+                        saved_step = done
+                bar.update(1)
+                if stopping:
+                    checkpointer.wait()  # committed before the process may be killed
+                    raise Preempted(saved_step, checkpoint_dir, guard.stop_signal)
+            if unread is not None:  # the last step's flags, when it was not a logged one
+                guard.observe(*unread, placement.to_host)
+                if guard.bad_run >= config.max_bad_steps:
+                    checkpointer.wait()
+                    raise _diverged(guard, checkpointer, config.max_bad_steps)
+            bar.close()
 
-    # --- Wrap-up ---------------------------------------------------------------------------------
-    checkpointer.close()
+            # --- Wrap-up -------------------------------------------------------------------------
+            checkpointer.close()  # the last save committed, still under the signal handlers
+    except BaseException:
+        bar.close()
+        _close_after_failure(checkpointer)  # earlier saves still complete
+        writer.close()
+        raise
     writer.close()
     final = placement.to_host(state)
     if not eval_record:  # resumed at the very end: evaluate what was restored
@@ -279,6 +391,91 @@ def train(
     for name, path in files.items():
         say(f"{name + ':':13s}{path}")
     return result
+
+
+class _Guard:
+    """The host side of the divergence guard and of the stop vote (see the loop)."""
+
+    def __init__(self, max_bad_steps: int):
+        self.max_bad_steps = max_bad_steps
+        self.bad_run = 0  # consecutive skipped steps
+        self.last_bad_step = 0
+        self.stop_signal = 0
+        self._skipped = 0  # since the last train record
+
+    def observe(self, done: int, flags: dict[str, Any], to_host: Callable[[Any], Any]) -> None:
+        host = to_host(flags)
+        if float(host["skipped"]):
+            self.bad_run += 1
+            self._skipped += 1
+            self.last_bad_step = done
+        else:
+            self.bad_run = 0
+        self.stop_signal = max(self.stop_signal, int(host["stop"]))
+
+    def take_skipped_count(self) -> int:
+        count, self._skipped = self._skipped, 0
+        return count
+
+
+def _diverged(
+    guard: _Guard, checkpointer: ckpt_lib.Checkpointer, max_bad_steps: int
+) -> TrainingDiverged:
+    steps = checkpointer.steps()
+    newest = (
+        f"the newest checkpoint, step {steps[-1]} in `{checkpointer.directory}`, is finite"
+        if steps
+        else "no checkpoint was written"
+    )
+    return TrainingDiverged(
+        f"training diverged at step {guard.last_bad_step}: {max_bad_steps} consecutive steps "
+        "had a non-finite loss, gradient or update and were skipped (`--max-bad-steps`); "
+        f"{newest}; lower `--lr`, or clip (AGC, `--global-clip`)",
+        guard.last_bad_step,
+    )
+
+
+def _close_after_failure(checkpointer: ckpt_lib.Checkpointer) -> None:
+    """Lets pending saves finish; a failure here was already reported or will be by the caller."""
+    try:
+        checkpointer.close()
+    except Exception:
+        pass
+
+
+class _StopSignals:
+    """While active, SIGTERM and SIGINT ask the loop to stop after the current step.
+
+    ``received`` is the first signal's number (0 for none). A second signal acts at once:
+    SIGINT raises ``KeyboardInterrupt``, SIGTERM terminates. Outside the main thread signals
+    cannot be caught, and nothing changes.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.received = 0
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, _frame: Any) -> None:
+        if not self.received:
+            self.received = signum
+            return
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+
+    def __exit__(self, *_: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
 
 
 class _NoBar:

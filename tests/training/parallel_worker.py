@@ -1,8 +1,9 @@
 """Runs a short training in a fresh process with a chosen device count; saves the final params.
 
-Usage: python parallel_worker.py OUT.npz RUN_DIR --devices N [--parallel pmap]
+Usage: python parallel_worker.py OUT.npz RUN_DIR --devices N [--parallel pmap] [--steps S]
        [--coordinator HOST:PORT --num-processes P --process-id I]
 The device count must be fixed before JAX starts, hence a separate process per configuration.
+A run stopped by a signal prints the CLI's line and exits as the CLI does (128 + signal).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import numpy as np  # noqa: E402
 from tiny_model import tiny_model  # noqa: E402
 
 from agc_optax.training import PRESETS, train  # noqa: E402
+from agc_optax.training.trainer import Preempted  # noqa: E402
 
 config = PRESETS["smoke"].replace(
     run_dir=args.run_dir,
@@ -45,7 +47,11 @@ config = PRESETS["smoke"].replace(
     num_processes=args.num_processes,
     process_id=args.process_id,
 )
-result = train(config, model_fn=tiny_model, log=lambda _: None)
+try:
+    result = train(config, model_fn=tiny_model, log=lambda _: None)
+except Preempted as e:
+    print(f"agc-train: {e}", file=sys.stderr)
+    sys.exit(128 + e.signal_number)
 if jax.process_index() == 0:
     flat = {
         jax.tree_util.keystr(k): np.asarray(v)

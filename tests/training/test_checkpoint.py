@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from agc_optax.training import Checkpointer, TrainState
+from agc_optax.training import Checkpointer, CheckpointWarning, TrainState
 from agc_optax.training.checkpoint import CheckpointMismatchError
 
 
@@ -53,3 +53,38 @@ def test_orphaned_orbax_read_reports_are_dropped_others_kept():
     assert not _drop_orphaned_orbax_reads(record(orphan, raised_in(orbax_file)))
     assert _drop_orphaned_orbax_reads(record(orphan, raised_in("my_code.py")))
     assert _drop_orphaned_orbax_reads(record("Unclosed client session", None))
+
+
+def test_a_nonfinite_state_is_never_written_and_old_ones_go_only_after_a_commit(tmp_path):
+    checkpointer = Checkpointer(str(tmp_path), max_to_keep=2)  # asynchronous, as in training
+    assert checkpointer.save(_state(1), {})
+    bad = _state(2)
+    bad.params["head"]["kernel"] = bad.params["head"]["kernel"].at[1, 2].set(jnp.nan)
+    with pytest.warns(CheckpointWarning, match=r"not writing checkpoint 2: `\.params\['head'\]"):
+        assert not checkpointer.save(bad, {})
+    for step in (3, 4):
+        assert checkpointer.save(_state(step), {})
+    checkpointer.wait()
+    assert checkpointer.steps() == [3, 4]  # 1 deleted once 4 was committed, 2 never written
+    checkpointer.close()
+
+
+def test_unreadable_checkpoint_reason_is_the_first_meaningful_line():
+    """Tensorstore's read error (orbax 0.12) ends in a bound method's repr; its cause says why."""
+    from agc_optax.training.checkpoint import _first_line
+
+    cause = ValueError(
+        'OUT_OF_RANGE: Error reading "params.head.kernel/0.0" in OCDBT database at local file '
+        '"/ckpt/7/state/": Requested byte range [0, 4395) is not valid for value of size 64'
+    )
+    error = Exception(
+        "Encountered error while reading array index: (slice(0, 7, 1),). See full TensorStore "
+        "details: <bound method pybind11_detail_function_record_v1_system_libstdcpp_gxx_abi_1"
+        ".spec of TensorStore({\n  'base': {\n    'driver': 'zarr',\n  },\n})>"
+    )
+    error.__cause__ = cause
+    line = _first_line(error)
+    assert "bound method" not in line and "pybind11" not in line and "\n" not in line
+    assert line.startswith("Encountered error while reading array index: (slice(0, 7, 1),).")
+    assert line.endswith("is not valid for value of size 64")  # the cause, with the leaf's name
+    assert "params.head.kernel" in line

@@ -21,6 +21,10 @@ from cli_util import cli_env, run_cli
         (["--resume"], None, "`--resume` needs the `--run-dir`"),
         (["--lr", "-1"], None, "`--lr` must be > 0"),
         (["--model-arg", "widths"], None, "expected KEY=VALUE"),
+        (["--epochs", "inf"], None, "`--epochs` must be a finite number, got inf"),
+        (["--lr", "inf"], None, "`--lr` must be a finite number, got inf"),
+        (["--max-bad-steps", "0"], None, "`--max-bad-steps` must be > 0, got 0"),
+        (["--checkpoint-dir", "{tmp}/file"], None, "is a file, not a directory"),
     ],
 )
 def test_bad_input_is_one_clear_line(tmp_path, args, devices, message):
@@ -61,6 +65,7 @@ def test_help_explains_every_flag():
         "--parallel",
         "--checkpoint-dir",
         "--resume",
+        "--max-bad-steps",
         "--seed",
         "--coordinator",
         "--num-processes",

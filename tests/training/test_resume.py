@@ -1,9 +1,13 @@
-"""Nothing lost: a SIGKILLed run resumed with --resume ends bit for bit where an uninterrupted run
-ends, and an unreadable latest checkpoint falls back to the previous one with a warning."""
+"""Nothing lost: a SIGKILLed or SIGTERMed run resumed with --resume ends bit for bit where an
+uninterrupted run ends, and an unreadable latest checkpoint falls back to the previous one with a
+warning."""
 
 from __future__ import annotations
 
+import collections
+import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -16,11 +20,21 @@ from cli_util import cli_command, cli_env, run_cli
 from agc_optax.training.checkpoint import read_checkpoint
 
 ARGS = ("--preset", "smoke", "--checkpoint-every", "10", "--eval-every", "1000", "--no-progress")
+STEPS = ("--steps", "80")
 
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     return cli_env(cache_dir=tmp_path_factory.mktemp("jax_cache"))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, env):
+    """The checkpoint directory of an 80-step run that nothing interrupted."""
+    run_dir = tmp_path_factory.mktemp("full")
+    full = run_cli(*ARGS, *STEPS, "--run-dir", str(run_dir), env=env)
+    assert full.returncode == 0, full.stderr[-3000:]
+    return run_dir / "checkpoints"
 
 
 def _finished_steps(ckpt_dir) -> list[int]:
@@ -29,11 +43,28 @@ def _finished_steps(ckpt_dir) -> list[int]:
     return sorted(int(n) for n in os.listdir(ckpt_dir) if n.isdigit())
 
 
-def test_sigkill_then_resume_equals_uninterrupted_bit_for_bit(tmp_path, env):
-    steps = ("--steps", "80")
-    full = run_cli(*ARGS, *steps, "--run-dir", str(tmp_path / "full"), env=env)
-    assert full.returncode == 0, full.stderr[-3000:]
+def _assert_bit_identical(ckpt_a, ckpt_b) -> None:
+    a, step_a = read_checkpoint(str(ckpt_a))
+    b, step_b = read_checkpoint(str(ckpt_b))
+    assert step_a == step_b == 80
+    leaves_a = jax.tree_util.tree_flatten_with_path(a)[0]
+    leaves_b = jax.tree_util.tree_flatten_with_path(b)[0]
+    assert [k for k, _ in leaves_a] == [k for k, _ in leaves_b]
+    for (path, x), (_, y) in zip(leaves_a, leaves_b, strict=True):
+        # Params, optimizer state (momentum, AGC stats, step count), EMA: identical bits.
+        assert np.array_equal(np.asarray(x), np.asarray(y)), jax.tree_util.keystr(path)
 
+
+def _assert_each_step_logged_once(metrics_path) -> None:
+    """Steps run again after a resume (logged before the kill, past the checkpoint) appear once."""
+    records = [json.loads(line) for line in metrics_path.read_text().splitlines()]
+    counts = collections.Counter((r["split"], r["step"]) for r in records)
+    assert max(counts.values()) == 1, [k for k, n in counts.items() if n > 1]
+    assert [r["step"] for r in records if r["split"] == "train"] == list(range(5, 81, 5))
+
+
+def test_sigkill_then_resume_equals_uninterrupted_bit_for_bit(tmp_path, env, uninterrupted):
+    steps = STEPS
     run_dir = tmp_path / "killed"
     proc = subprocess.Popen(
         cli_command(*ARGS, *steps, "--run-dir", str(run_dir)),
@@ -60,16 +91,50 @@ def test_sigkill_then_resume_equals_uninterrupted_bit_for_bit(tmp_path, env):
     resumed = run_cli(*ARGS, *steps, "--run-dir", str(run_dir), "--resume", env=env)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from step" in resumed.stdout
+    _assert_bit_identical(uninterrupted, run_dir / "checkpoints")
+    _assert_each_step_logged_once(run_dir / "metrics.jsonl")
 
-    a, step_a = read_checkpoint(str(tmp_path / "full" / "checkpoints"))
-    b, step_b = read_checkpoint(str(run_dir / "checkpoints"))
-    assert step_a == step_b == 80
-    leaves_a = jax.tree_util.tree_flatten_with_path(a)[0]
-    leaves_b = jax.tree_util.tree_flatten_with_path(b)[0]
-    assert [k for k, _ in leaves_a] == [k for k, _ in leaves_b]
-    for (path, x), (_, y) in zip(leaves_a, leaves_b, strict=True):
-        # Params, optimizer state (momentum, AGC stats, step count), EMA: identical bits.
-        assert np.array_equal(np.asarray(x), np.asarray(y)), jax.tree_util.keystr(path)
+
+def test_sigterm_saves_the_step_reached_then_resume_is_bit_identical(tmp_path, env, uninterrupted):
+    """What a scheduler or a TPU VM sends before preemption: one line, a checkpoint, exit 143."""
+    run_dir = tmp_path / "preempted"
+    proc = subprocess.Popen(
+        cli_command(*ARGS, *STEPS, "--run-dir", str(run_dir)),
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.time() + 300
+    try:
+        while not (metrics.is_file() and metrics.stat().st_size) and proc.poll() is None:
+            assert time.time() < deadline, "no step was logged"
+            time.sleep(0.01)
+        assert proc.poll() is None, "the run finished before the signal"
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM == 143, err[-3000:]
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err[-3000:]
+    found = re.fullmatch(
+        r"agc-train: preempted at step (\d+); checkpoint saved to (.+); "
+        r"rerun with --resume to continue",
+        lines[0],
+    )
+    assert found and found.group(2) == str(run_dir / "checkpoints"), lines[0]
+    stopped_at = int(found.group(1))
+    assert 5 <= stopped_at < 80
+    assert _finished_steps(run_dir / "checkpoints")[-1] == stopped_at  # committed, not in flight
+
+    resumed = run_cli(*ARGS, *STEPS, "--run-dir", str(run_dir), "--resume", env=env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from step {stopped_at}" in resumed.stdout
+    _assert_bit_identical(uninterrupted, run_dir / "checkpoints")
+    _assert_each_step_logged_once(metrics)
 
 
 def test_unreadable_latest_checkpoint_falls_back_with_warning(tmp_path, env):
