@@ -4,7 +4,7 @@ The CLI is ``python -m agc_optax.train`` (``agc-train``); this package is its li
 ``__all__`` is its API; the modules behind it (``step``, ``recipe``, ``parallel``, ...) are not.
 """
 
-from agc_optax.training.checkpoint import Checkpointer, CheckpointWarning
+from agc_optax.training.checkpoint import Checkpointer, CheckpointWarning, CheckpointWriteError
 from agc_optax.training.config import PRESETS, Config, ConfigError, validate
 from agc_optax.training.data import (
     DataError,
@@ -28,11 +28,12 @@ from agc_optax.training.step import (
     make_train_step,
     split_model,
 )
-from agc_optax.training.trainer import RunResult, train
+from agc_optax.training.trainer import Preempted, RunResult, TrainingDiverged, train
 
 __all__ = [
     "PRESETS",
     "CheckpointWarning",
+    "CheckpointWriteError",
     "Checkpointer",
     "Config",
     "ConfigError",
@@ -40,11 +41,13 @@ __all__ = [
     "DataPosition",
     "Dataset",
     "MetricsWriter",
+    "Preempted",
     "RunResult",
     "Split",
     "SplitModel",
     "TrainBatches",
     "TrainState",
+    "TrainingDiverged",
     "build_optimizer",
     "ema_decay",
     "eval_batches",
