@@ -26,6 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from agc_optax.models._config import check_num_classes
+
 Array = jax.Array
 Dtype = Any
 
@@ -726,3 +728,58 @@ NF_BLOCK_LAYERS = {
     "squeeze_excite/linear": ("se/fc0", LINEAR_PARAMS),
     "squeeze_excite/linear_1": ("se/fc1", LINEAR_PARAMS),
 }
+
+
+# ----------------------------------------------------------------------------- model-zoo API
+
+
+class ClassifierHead:
+    """The model-zoo API every family shares, with timm's names.
+
+    A family (an ``nnx.Module`` listing this class first among its bases) defines
+    ``forward_features(x)``, the final feature map ``(N, H, W, num_features)``, and
+    ``_new_head(num_classes, rngs)``, its classifier (``None`` for 0 classes); it sets
+    ``num_features``, ``num_classes``, ``head`` and, if it has one, ``dropout``. This class
+    adds pooling and the classifier (``forward_head``), replacing the classifier
+    (``reset_classifier``) and ``__call__``.
+    """
+
+    num_features: int
+    num_classes: int
+    head: Any
+
+    def forward_features(self, x: Array) -> Array:  # pragma: no cover - defined by families
+        raise NotImplementedError
+
+    def _new_head(self, num_classes: int, rngs: nnx.Rngs) -> Any:  # pragma: no cover
+        raise NotImplementedError
+
+    def forward_head(self, features: Array, *, pre_logits: bool = False) -> Array:
+        """Mean-pools ``forward_features``'s output, then dropout and the classifier.
+
+        Args:
+          features: ``(N, H, W, num_features)``.
+          pre_logits: return the pooled features ``(N, num_features)`` (no dropout, no
+            classifier), as a model without a classifier always does.
+        """
+        pool = jnp.mean(features, axis=tuple(range(1, features.ndim - 1)))
+        if pre_logits or self.head is None:
+            return pool
+        dropout = getattr(self, "dropout", None)
+        return self.head(pool if dropout is None else dropout(pool))
+
+    def reset_classifier(self, num_classes: int, *, rngs: nnx.Rngs | None = None) -> None:
+        """Replaces ``head`` by a freshly initialized classifier, as timm's method does.
+
+        Args:
+          num_classes: outputs of the new classifier; 0 removes it (the model then returns its
+            pooled features).
+          rngs: keys of its initialization (default ``nnx.Rngs(0)``).
+        """
+        self.num_classes = check_num_classes(num_classes)
+        self.head = self._new_head(self.num_classes, rngs or nnx.Rngs(0))
+
+    def __call__(self, x: Array) -> Array:
+        """Returns the logits (no softmax) for NHWC images, or the pooled features without a
+        classifier."""
+        return self.forward_head(self.forward_features(x))

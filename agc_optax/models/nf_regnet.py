@@ -185,7 +185,7 @@ class Stem(nnx.Module):
         return self.conv(x)
 
 
-class NFRegNet(nnx.Module):
+class NFRegNet(layers.ClassifierHead, nnx.Module):
     """Normalizer-Free RegNet (DeepMind's ``NF_RegNet``).
 
     Keyword names and defaults follow DeepMind's constructor, except ``activation``: DeepMind's
@@ -285,26 +285,42 @@ class NFRegNet(nnx.Module):
                 index += 1
         self.blocks = nnx.List(blocks)
         # EfficientNet-B0's head widens 320 -> 1280; DeepMind keeps that ratio relative to 440.
-        self.final_conv = layers.WSConv(ch, 1280 * ch // 440, 1, **common)
+        self.num_features = 1280 * ch // 440
+        self.final_conv = layers.WSConv(ch, self.num_features, 1, **common)
         self.dropout = nnx.Dropout(self.drop_rate, rngs=rngs)
-        if check_num_classes(num_classes):
-            self.head = nnx.Linear(1280 * ch // 440, num_classes, kernel_init=fc_init, **common)
-        else:  # num_classes=0: no classifier, the model returns its pooled features.
-            self.head = None
+        self.dtype, self.param_dtype = dtype, param_dtype
+        self.fc_init = fc_init
+        self.num_classes = check_num_classes(num_classes)
+        self.head = self._new_head(self.num_classes, rngs)
 
-    def forward_features(self, x: jax.Array, *, return_metrics: bool = False) -> dict[str, Any]:
+    def _new_head(self, num_classes: int, rngs: nnx.Rngs) -> nnx.Linear | None:
+        if not num_classes:  # No classifier: the model returns its pooled features.
+            return None
+        return nnx.Linear(
+            self.num_features,
+            num_classes,
+            kernel_init=self.fc_init,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            rngs=rngs,
+        )
+
+    def _trunk(self, x: jax.Array, return_metrics: bool) -> tuple[jax.Array, dict[str, Any]]:
+        out, outputs = layers.run_residual_blocks(self.stem(x), self.blocks, return_metrics)
+        return self.activation(self.final_conv(out)), outputs
+
+    def forward_features(self, x: jax.Array) -> jax.Array:
+        """The final feature map ``(N, H/32, W/32, num_features)``: ``final_conv`` and its
+        activation, before pooling (timm's ``forward_features``)."""
+        return self._trunk(x, False)[0]
+
+    def forward_outputs(self, x: jax.Array, *, return_metrics: bool = False) -> dict[str, Any]:
         """Runs the network on NHWC images; returns DeepMind's output dict.
 
         ``{'pool', 'logits'}``, plus with ``return_metrics`` the signal metrics of every block
         (keys as in `layers.run_residual_blocks`; the residual branch before the skip gain).
         """
-        out, outputs = layers.run_residual_blocks(self.stem(x), self.blocks, return_metrics)
-        out = self.activation(self.final_conv(out))
-        pool = jnp.mean(out, axis=(1, 2))
-        outputs["pool"] = pool
-        outputs["logits"] = pool if self.head is None else self.head(self.dropout(pool))
+        features, outputs = self._trunk(x, return_metrics)
+        outputs["pool"] = self.forward_head(features, pre_logits=True)
+        outputs["logits"] = self.forward_head(features)
         return outputs
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """Returns the logits (no softmax) for NHWC images."""
-        return self.forward_features(x)["logits"]

@@ -43,6 +43,7 @@ from agc_optax.models.layers import (
     LINEAR_PARAMS,
     NF_BLOCK_LAYERS,
     WS_CONV_PARAMS,
+    ClassifierHead,
     SqueezeExcite,
     WSConv,
     nf_residual,
@@ -325,7 +326,7 @@ class NFBlockStack(nnx.Module):
         return x, jnp.stack([sq_mean, var], axis=-1), res_var
 
 
-class NFNet(nnx.Module):
+class NFNet(ClassifierHead, nnx.Module):
     """Normalizer-Free Network with DeepMind's constructor and numerics.
 
     Args:
@@ -365,13 +366,18 @@ class NFNet(nnx.Module):
       >>> model.eval()
       >>> model(jnp.ones((2, 32, 32, 3))).shape
       (2, 10)
-      >>> sorted(model.forward_features(jnp.ones((2, 32, 32, 3)), return_metrics=True))[:3]
+      >>> sorted(model.forward_outputs(jnp.ones((2, 32, 32, 3)), return_metrics=True))[:3]
       ['avg_sq_mean_0', 'avg_sq_mean_1', 'avg_sq_mean_2']
 
     Attributes:
       stem, blocks, final_conv, dropout, head: the submodules; ``blocks`` is an
         ``nnx.List``, so leaf paths read ``blocks/0/conv0/kernel``.
       config: the resolved `NFNetConfig`.
+      num_features: channels of the features the head reads (``final_conv``'s).
+
+    Model-zoo API (timm's names, shared by every family): ``forward_features(x)`` (the final
+    feature map), ``forward_head(features, pre_logits=False)``, ``reset_classifier(n)``;
+    ``forward_outputs(x, return_metrics=...)`` returns DeepMind's output dict.
     """
 
     haiku_names: ClassVar[HaikuNames] = HAIKU_NAMES
@@ -471,17 +477,23 @@ class NFNet(nnx.Module):
         final_ch = final_conv_ch if final_conv_mult is None else int(final_conv_mult * ch)
         self.final_conv = WSConv(ch, final_ch, 1, **kw)
         self.dropout = nnx.Dropout(self.drop_rate, rngs=rngs)
-        if check_num_classes(num_classes):
-            self.head = nnx.Linear(
-                final_ch,
-                num_classes,
-                kernel_init=fc_init or nnx.initializers.normal(0.01),
-                dtype=dtype,
-                param_dtype=param_dtype,
-                rngs=rngs,
-            )
-        else:  # num_classes=0: no classifier, the model returns its pooled features.
-            self.head = None
+        self.num_features = final_ch
+        self.dtype, self.param_dtype = dtype, param_dtype
+        self.fc_init = fc_init or nnx.initializers.normal(0.01)
+        self.num_classes = check_num_classes(num_classes)
+        self.head = self._new_head(self.num_classes, rngs)
+
+    def _new_head(self, num_classes: int, rngs: nnx.Rngs) -> nnx.Linear | None:
+        if not num_classes:  # No classifier: the model returns its pooled features.
+            return None
+        return nnx.Linear(
+            self.num_features,
+            num_classes,
+            kernel_init=self.fc_init,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            rngs=rngs,
+        )
 
     def block_locations(self) -> list[tuple[int, int | None]]:
         """Maps DeepMind's global block index to ``(position in blocks, layer)``.
@@ -506,18 +518,8 @@ class NFNet(nnx.Module):
         """
         return SCANNED_UNIT_AXES if self.scan_blocks else None
 
-    def forward_features(self, x: Array, *, return_metrics: bool = False) -> dict[str, Array]:
-        """Runs the network and returns DeepMind's output dict.
-
-        Args:
-          x: images of shape ``(N, H, W, 3)``.
-          return_metrics: also return ``avg_sq_mean_<i>``, ``avg_var_<i>`` (``i = 0``
-            is the stem output, ``i`` the output of block ``i - 1``) and
-            ``res_avg_var_<i>`` (the residual branch of block ``i``).
-
-        Returns:
-          A dict with ``pool`` (the pooled features), ``logits`` and the metrics.
-        """
+    def _trunk(self, x: Array, return_metrics: bool) -> tuple[Array, dict[str, Array]]:
+        """The final feature map, and DeepMind's signal metrics when asked for."""
         outputs: dict[str, Array] = {}
         out = self.stem(x)
         if return_metrics:
@@ -538,15 +540,29 @@ class NFNet(nnx.Module):
                     outputs.update(signal_metrics(out, index + 1))
                     outputs[f"res_avg_var_{index}"] = res_avg_var
                 index += 1
-        out = self.activation(self.final_conv(out))
-        pool = jnp.mean(out, axis=(1, 2))
-        outputs["pool"] = pool
-        outputs["logits"] = pool if self.head is None else self.head(self.dropout(pool))
-        return outputs
+        return self.activation(self.final_conv(out)), outputs
 
-    def __call__(self, x: Array) -> Array:
-        """Returns the logits (no softmax) for images of shape ``(N, H, W, 3)``."""
-        return self.forward_features(x)["logits"]
+    def forward_features(self, x: Array) -> Array:
+        """The final feature map ``(N, H/32, W/32, num_features)``: ``final_conv`` and its
+        activation, before pooling (timm's ``forward_features``)."""
+        return self._trunk(x, False)[0]
+
+    def forward_outputs(self, x: Array, *, return_metrics: bool = False) -> dict[str, Array]:
+        """Runs the network and returns DeepMind's output dict.
+
+        Args:
+          x: images of shape ``(N, H, W, 3)``.
+          return_metrics: also return ``avg_sq_mean_<i>``, ``avg_var_<i>`` (``i = 0``
+            is the stem output, ``i`` the output of block ``i - 1``) and
+            ``res_avg_var_<i>`` (the residual branch of block ``i``).
+
+        Returns:
+          A dict with ``pool`` (the pooled features), ``logits`` and the metrics.
+        """
+        features, outputs = self._trunk(x, return_metrics)
+        outputs["pool"] = self.forward_head(features, pre_logits=True)
+        outputs["logits"] = self.forward_head(features)
+        return outputs
 
 
 _RELEASED_URL = "https://storage.googleapis.com/dm-nfnets/{variant}_haiku.npz"

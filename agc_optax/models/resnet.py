@@ -9,7 +9,7 @@ conv and BatchNorm on a shape change) and passed through relu; global average po
 Convolutions have no bias and use explicit symmetric padding as PyTorch does.
 
 It has the same call signature as the NF families: ``model(x)`` returns logits,
-``model.forward_features(x, return_metrics=True)`` adds the signal-propagation metrics, and
+``model.forward_outputs(x, return_metrics=True)`` adds the signal-propagation metrics, and
 ``model.train()`` / ``model.eval()`` switch BatchNorm between batch and running statistics.
 
 References:
@@ -170,7 +170,7 @@ class Stem(nnx.Module):
         return nnx.max_pool(out, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
 
 
-class ResNet(nnx.Module):
+class ResNet(layers.ClassifierHead, nnx.Module):
     """BatchNorm bottleneck ResNet; the defaults give torchvision's ResNet-50.
 
     Args:
@@ -229,37 +229,44 @@ class ResNet(nnx.Module):
                 blocks.append(ResNetBlock(ch, width, stride=stride, **common))
                 ch = width
         self.blocks = nnx.List(blocks)
-        # torchvision's nn.Linear init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for kernel and bias.
-        bound_init = nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
-        if check_num_classes(num_classes):
-            self.head = nnx.Linear(
-                ch,
-                num_classes,
-                kernel_init=bound_init,
-                bias_init=_uniform_bias(ch),
-                dtype=dtype,
-                param_dtype=param_dtype,
-                rngs=rngs,
-            )
-        else:  # num_classes=0: no classifier, the model returns its pooled features.
-            self.head = None
+        self.num_features = ch
+        self.dtype, self.param_dtype = dtype, param_dtype
+        self.num_classes = check_num_classes(num_classes)
+        self.head = self._new_head(self.num_classes, rngs)
 
-    def forward_features(self, x: jax.Array, *, return_metrics: bool = False) -> dict[str, Any]:
+    def _new_head(self, num_classes: int, rngs: nnx.Rngs) -> nnx.Linear | None:
+        if not num_classes:  # No classifier: the model returns its pooled features.
+            return None
+        # torchvision's nn.Linear init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for kernel and bias.
+        return nnx.Linear(
+            self.num_features,
+            num_classes,
+            kernel_init=nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform"),
+            bias_init=_uniform_bias(self.num_features),
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            rngs=rngs,
+        )
+
+    def _trunk(self, x: jax.Array, return_metrics: bool) -> tuple[jax.Array, dict[str, Any]]:
+        return layers.run_residual_blocks(self.stem(x), self.blocks, return_metrics)
+
+    def forward_features(self, x: jax.Array) -> jax.Array:
+        """The final feature map ``(N, H/32, W/32, num_features)``: the last block's output,
+        before pooling (timm's ``forward_features``)."""
+        return self._trunk(x, False)[0]
+
+    def forward_outputs(self, x: jax.Array, *, return_metrics: bool = False) -> dict[str, Any]:
         """Runs the network on NHWC images; returns ``{'pool', 'logits'}`` like the NF families.
 
         With ``return_metrics``, also the signal metrics of every block (keys as in
         `layers.run_residual_blocks`; the residual branch after its last BatchNorm, before the
         addition).
         """
-        out, outputs = layers.run_residual_blocks(self.stem(x), self.blocks, return_metrics)
-        pool = jnp.mean(out, axis=(1, 2))
-        outputs["pool"] = pool
-        outputs["logits"] = pool if self.head is None else self.head(pool)
+        features, outputs = self._trunk(x, return_metrics)
+        outputs["pool"] = self.forward_head(features, pre_logits=True)
+        outputs["logits"] = self.forward_head(features)
         return outputs
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """Returns the logits (no softmax) for NHWC images."""
-        return self.forward_features(x)["logits"]
 
 
 def _uniform_bias(fan_in: int):

@@ -11,7 +11,7 @@ blocks of a network, on one batch, usually at initialization:
 * the average channel variance of each residual branch's output, before it joins the skip path.
 
 Index 0 of the first two is the stem output. Every model of :mod:`agc_optax.models` computes them
-in ``forward_features(x, return_metrics=True)`` exactly as DeepMind's ``signal_metrics`` does;
+in ``forward_outputs(x, return_metrics=True)`` exactly as DeepMind's ``signal_metrics`` does;
 this module collects them into arrays and draws the figure.
 
 The paper's unnormalized comparison (a pre-activation ResNet without scaling: plain He-initialized
@@ -49,8 +49,8 @@ def signal_propagation(
     clone, so running averages are not updated.
 
     Args:
-      model: any model of :mod:`agc_optax.models` (a ``forward_features`` method accepting
-        ``return_metrics=True``).
+      model: any model of :mod:`agc_optax.models` with DeepMind's signal metrics (a
+        ``forward_outputs`` method accepting ``return_metrics=True``).
       x: a batch of NHWC images.
       jit: compile the forward pass with ``nnx.jit`` (one compilation per model structure and
         input shape); ``False`` runs it eagerly.
@@ -60,7 +60,7 @@ def signal_propagation(
       a network of ``L`` residual blocks; index 0 of the first two is the stem output.
 
     Raises:
-      TypeError: if ``model`` has no ``forward_features`` method.
+      TypeError: if ``model`` has no ``forward_outputs`` method.
       ValueError: if the model returns no signal metrics.
 
     Example:
@@ -72,10 +72,10 @@ def signal_propagation(
       >>> stats["avg_var"].shape, stats["res_avg_var"].shape
       ((9,), (8,))
     """
-    if not callable(getattr(model, "forward_features", None)):
+    if not callable(getattr(model, "forward_outputs", None)):
         raise TypeError(
-            f"`model`: {type(model).__name__} has no `forward_features` method; pass a model "
-            "from agc_optax.models"
+            f"`model`: {type(model).__name__} has no `forward_outputs` method; pass a model "
+            "from agc_optax.models with DeepMind's signal metrics (not TimmNFNet)"
         )
     clone = nnx.clone(model)
     forward = _forward_metrics_jit if jit else _forward_metrics
@@ -83,7 +83,7 @@ def signal_propagation(
     num_points = sum(1 for k in outputs if k.startswith("avg_var_"))
     if num_points == 0:
         raise ValueError(
-            f"`model`: {type(model).__name__}.forward_features(x, return_metrics=True) returned "
+            f"`model`: {type(model).__name__}.forward_outputs(x, return_metrics=True) returned "
             "no `avg_var_<i>` metrics"
         )
     stats = {}
@@ -95,7 +95,7 @@ def signal_propagation(
 
 
 def _forward_metrics(model: nnx.Module, x: jax.Array) -> dict[str, jax.Array]:
-    return model.forward_features(x, return_metrics=True)
+    return model.forward_outputs(x, return_metrics=True)
 
 
 _forward_metrics_jit = nnx.jit(_forward_metrics)

@@ -49,6 +49,7 @@ from flax import nnx
 from agc_optax.models._config import check_num_classes, check_stages, resolve_config
 from agc_optax.models.layers import (
     GAMMAS,
+    ClassifierHead,
     EfficientChannelAttention,
     SqueezeExcite,
     StochasticDepth,
@@ -352,7 +353,7 @@ class TimmNFBlock(nnx.Module):
         return nf_residual(self, out, shortcut)
 
 
-class TimmNFNet(nnx.Module):
+class TimmNFNet(ClassifierHead, nnx.Module):
     """timm's NFNets in Flax NNX: loads timm's checkpoints and reproduces their logits.
 
     Args:
@@ -478,16 +479,6 @@ class TimmNFNet(nnx.Module):
             rngs=rngs,
         )
 
-    def reset_classifier(self, num_classes: int, *, rngs: nnx.Rngs | None = None) -> None:
-        """Replaces ``head`` by a fresh classifier (0: none), as timm's ``reset_classifier``.
-
-        Args:
-          num_classes: outputs of the new head; 0 removes it.
-          rngs: keys of the new head's initialization (default ``nnx.Rngs(0)``).
-        """
-        self.num_classes = check_num_classes(num_classes)
-        self.head = self._new_head(self.num_classes, rngs or nnx.Rngs(0))
-
     def forward_intermediates(self, x: Array) -> dict[str, Array]:
         """Every stage's output, keyed like timm's modules, for backbones and parity checks.
 
@@ -514,20 +505,3 @@ class TimmNFNet(nnx.Module):
             for block in stage:
                 out, _ = block(out)
         return self.activation(self.final_conv(out))
-
-    def forward_head(self, features: Array, *, pre_logits: bool = False) -> Array:
-        """Pools ``forward_features``'s output and applies dropout and the classifier.
-
-        Args:
-          features: ``(N, H, W, num_features)``.
-          pre_logits: return the pooled features ``(N, num_features)`` without dropout and
-            classifier.
-        """
-        pool = jnp.mean(features, axis=(1, 2))
-        if pre_logits or self.head is None:
-            return pool
-        return self.head(self.dropout(pool))
-
-    def __call__(self, x: Array) -> Array:
-        """Returns the logits (no softmax) for NHWC images (pooled features without a head)."""
-        return self.forward_head(self.forward_features(x))

@@ -107,7 +107,7 @@ def test_parity_with_deepmind_haiku_nf_regnet():
     load_haiku_params(model, params)  # Every key used, every leaf filled.
     model.eval()
     x = jnp.asarray(np.load(REFERENCE / "input.npy")[:, :57, :57, :])
-    got = nnx.jit(lambda m, x: m.forward_features(x, return_metrics=True))(model, x)
+    got = nnx.jit(lambda m, x: m.forward_outputs(x, return_metrics=True))(model, x)
     assert set(got) == set(want)
     np.testing.assert_allclose(np.asarray(got["logits"]), want["logits"], rtol=0, atol=2e-5)
     for key in want:

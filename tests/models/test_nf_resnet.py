@@ -63,14 +63,14 @@ def activations() -> dict[str, np.ndarray]:
 def reference_run(small_config) -> tuple[dict, dict]:
     """Our model with DeepMind's perturbed weights, run once (jitted) on the reference input.
 
-    Returns the ``forward_features`` dict and every submodule method's output, keyed by path.
+    Returns the ``forward_outputs`` dict and every submodule method's output, keyed by path.
     """
     # eval_shape: nothing is initialized, the loader fills every parameter.
     model = nnx.eval_shape(lambda: _build_reference_model(small_config))
     load_haiku_params(model, REFERENCE / "nfresnet_small_params.npz")
     model.eval()
     forward = nnx.capture(
-        lambda m, x: m.forward_features(x, return_metrics=True),
+        lambda m, x: m.forward_outputs(x, return_metrics=True),
         nnx.Intermediate,
         method_outputs=nnx.Intermediate,
     )
@@ -185,7 +185,7 @@ def test_parity_with_squeeze_excite():
     load_haiku_params(model, _se_parity_params(spec))
     model.eval()
     x = jnp.asarray(np.load(REFERENCE / "input.npy"))
-    got = nnx.jit(lambda m, x: m.forward_features(x, return_metrics=True))(model, x)
+    got = nnx.jit(lambda m, x: m.forward_outputs(x, return_metrics=True))(model, x)
     assert set(got) == set(want)
     np.testing.assert_allclose(np.asarray(got["logits"]), want["logits"], rtol=0, atol=2e-5)
     for key, value in want.items():

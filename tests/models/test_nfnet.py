@@ -70,14 +70,14 @@ def test_parity_logits_jitted(parity):
 
 def test_parity_forward_features_and_metrics(parity):
     model, x, acts = parity
-    features = nnx.jit(lambda m, v: m.forward_features(v, return_metrics=True))
+    features = nnx.jit(lambda m, v: m.forward_outputs(v, return_metrics=True))
     out = features(model, jnp.asarray(x))
     ref = {k.split(":", 1)[1]: v for k, v in acts.items() if k.startswith("NFNet:")}
     assert set(out) == set(ref)  # pool, logits, avg_sq_mean_0..5, avg_var_0..5, res_avg_var_0..4
     for key, want in ref.items():
         _close(out[key], want, key)
         _close(out[key], acts[f"return_metrics_outputs:{key}"], key)
-    assert set(nnx.eval_shape(lambda m, v: m.forward_features(v), model, x)) == {"pool", "logits"}
+    assert set(nnx.eval_shape(lambda m, v: m.forward_outputs(v), model, x)) == {"pool", "logits"}
 
 
 def test_parity_stem_modules(parity):
@@ -379,7 +379,7 @@ def test_scan_blocks_same_numbers_as_unrolled():
     unrolled.eval()
     scanned.eval()
     x = _images()
-    features = nnx.jit(lambda m, v: m.forward_features(v, return_metrics=True))
+    features = nnx.jit(lambda m, v: m.forward_outputs(v, return_metrics=True))
     want = features(unrolled, x)
     got = features(scanned, x)
     assert set(got) == set(want)

@@ -26,6 +26,7 @@ from agc_optax.models import (
     list_models,
     load_haiku_params,
 )
+from agc_optax.models.weights import materialize_abstract_state
 
 FAMILIES = {
     "nfnet_f0": (NFNet, NFNetConfig),
@@ -126,17 +127,48 @@ def test_num_classes_zero_builds_no_head(name):
     assert out.shape == (2, with_head.head.kernel.shape[0])
 
 
-def test_num_classes_zero_returns_the_features_the_head_reads():
-    kwargs = dict(widths=(256,) * 4, depths=(1,) * 4)
-    headless = create_model("nfnet_f0", 0, **kwargs, rngs=nnx.Rngs(0))
-    with_head = create_model("nfnet_f0", 5, **kwargs, rngs=nnx.Rngs(0))  # The same weights.
+def test_model_zoo_api_on_nfnet():
+    """forward_features / forward_head / reset_classifier / num_features, as timm's models."""
+    # Random weights filled into an abstract model: much faster than initializing eagerly.
+    model = nnx.eval_shape(
+        lambda: create_model("nfnet_f0", 5, widths=(256,) * 4, depths=(1,) * 4, rngs=nnx.Rngs(0))
+    )
+    state, rng = nnx.state(model, nnx.Param), np.random.default_rng(0)
+    for _, var in nnx.to_flat_state(state):
+        var.set_value(jnp.asarray(0.1 * rng.standard_normal(var.shape), jnp.float32))
+    nnx.update(model, state)
+    materialize_abstract_state(model)
+    model.eval()
     x = jax.random.normal(jax.random.key(1), (2, 16, 16, 3))
-    run = nnx.jit(lambda m, x: (m(x), m.forward_features(x)))
-    headless.eval()
-    with_head.eval()
-    features, _ = run(headless, x)
-    logits, outputs = run(with_head, x)
-    np.testing.assert_allclose(features, outputs["pool"], rtol=1e-6, atol=1e-6)
-    kernel = np.asarray(with_head.head.kernel[...], np.float64)
-    want = np.asarray(features, np.float64) @ kernel + np.asarray(with_head.head.bias[...])
+    logits, outputs, features = nnx.jit(
+        lambda m, x: (m(x), m.forward_outputs(x), m.forward_features(x))
+    )(model, x)
+    assert features.shape == (2, 1, 1, model.num_features) and model.num_features == 512
+    pool = np.asarray(features, np.float64).mean(axis=(1, 2))
+    np.testing.assert_allclose(outputs["pool"], pool, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(model.forward_head(features, pre_logits=True), pool, atol=1e-6)
+    kernel = np.asarray(model.head.kernel[...], np.float64)
+    want = pool @ kernel + np.asarray(model.head.bias[...])
     np.testing.assert_allclose(logits, want, atol=1e-5)
+    np.testing.assert_allclose(outputs["logits"], want, atol=1e-5)
+    np.testing.assert_allclose(model.forward_head(features), want, atol=1e-5)
+    model.reset_classifier(0)
+    assert model.head is None and model.num_classes == 0
+    np.testing.assert_allclose(model.forward_head(features), pool, atol=1e-6)
+    model.reset_classifier(7, rngs=nnx.Rngs(4))
+    assert model.head.kernel.shape == (512, 7) and model.num_classes == 7
+    np.testing.assert_array_equal(np.asarray(model.head.bias[...]), 0.0)
+    with pytest.raises(ValueError, match="`num_classes`"):
+        model.reset_classifier(-2)
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_every_family_has_the_model_zoo_api(name):
+    model = nnx.eval_shape(lambda: create_model(name, 6, rngs=nnx.Rngs(0)))
+    x = jax.ShapeDtypeStruct((2, 64, 64, 3), "float32")
+    features = nnx.eval_shape(lambda m, x: m.forward_features(x), model, x)
+    assert features.shape == (2, 2, 2, model.num_features)
+    assert model.head.kernel.shape == (model.num_features, 6)
+    pre_logits = nnx.eval_shape(lambda m, f: m.forward_head(f, pre_logits=True), model, features)
+    assert pre_logits.shape == (2, model.num_features)
+    assert nnx.eval_shape(lambda m, f: m.forward_head(f), model, features).shape == (2, 6)

@@ -57,7 +57,7 @@ def test_eval_mode_uses_running_statistics(tiny):
     model = nnx.clone(tiny)
     x = jax.random.normal(jax.random.key(1), (4, 32, 32, 3))
     model.eval()
-    forward = nnx.jit(lambda m, x: m.forward_features(x, return_metrics=True))
+    forward = nnx.jit(lambda m, x: m.forward_outputs(x, return_metrics=True))
     a = forward(model, x)
     # Per-example outputs do not depend on the rest of the batch in eval mode.
     b = forward(model, x[:1])
