@@ -259,11 +259,16 @@ class Stem(nnx.Module):
         self.conv3 = conv(width // 4, width // 2, 3)
         self.conv4 = conv(width // 2, width, 3, stride=2)
 
-    def __call__(self, x: Array) -> Array:
+    def forward_with_tap(self, x: Array) -> tuple[Array, Array]:
+        """Returns ``(conv3's output, the stem's output)``; timm taps the first at stride 2."""
         x = self.activation(self.conv1(x))
         x = self.activation(self.conv2(x))
-        x = self.activation(self.conv3(x))
-        return self.conv4(x)  # No activation: each block starts with one.
+        tap = self.conv3(x)
+        # No activation after conv4: each block starts with one.
+        return tap, self.conv4(self.activation(tap))
+
+    def __call__(self, x: Array) -> Array:
+        return self.forward_with_tap(x)[1]
 
 
 class TimmNFBlock(nnx.Module):
@@ -479,14 +484,35 @@ class TimmNFNet(ClassifierHead, nnx.Module):
             rngs=rngs,
         )
 
+    @property
+    def feature_info(self) -> list[dict[str, Any]]:
+        """timm's ``feature_info``: one backbone feature per reduction, as
+        ``{"num_chs", "reduction", "module"}``; ``module`` keys `forward_intermediates`.
+
+        The stem's ``conv3`` (stride 2), every stage but the last, then ``final_conv`` (before
+        its activation) in place of the last stage, as in timm.
+        """
+        info = [dict(num_chs=self.stem.conv3.out_features, reduction=2, module="stem.conv3")]
+        reduction = 4
+        for i, stage in enumerate(self.stages[:-1]):
+            info.append(
+                dict(num_chs=stage[-1].out_features, reduction=reduction, module=f"stages.{i}")
+            )
+            reduction *= 2
+        info.append(dict(num_chs=self.num_features, reduction=reduction, module="final_conv"))
+        return info
+
     def forward_intermediates(self, x: Array) -> dict[str, Array]:
         """Every stage's output, keyed like timm's modules, for backbones and parity checks.
 
         Returns:
-          ``{"stem", "stages.0", ..., "final_conv" (before its activation), "final_act",
-          "pool"}``: NHWC feature maps and the pooled ``(N, num_features)`` features.
+          ``{"stem.conv3", "stem", "stages.0", ..., "final_conv" (before its activation),
+          "final_act", "pool"}``: NHWC feature maps and the pooled ``(N, num_features)``
+          features. The maps that `feature_info` lists serve as a detection or segmentation
+          backbone's features.
         """
-        outputs = {"stem": self.stem(x)}
+        outputs: dict[str, Array] = {}
+        outputs["stem.conv3"], outputs["stem"] = self.stem.forward_with_tap(x)
         out = outputs["stem"]
         for i, stage in enumerate(self.stages):
             for block in stage:

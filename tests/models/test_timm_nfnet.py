@@ -129,6 +129,11 @@ def test_model_zoo_api_on_the_reference_model(case):
     np.testing.assert_allclose(got["pre_logits"], got["pool"], rtol=0, atol=1e-6)
     model = load_timm_state_dict(_case_model(case), _state_dict(case))
     assert model.num_features == CASES[case]
+    facts = json.loads(reference_file(f"timm/{case}_config.json").read_text())
+    assert model.feature_info == facts["feature_info"]
+    for info in model.feature_info:  # Backbone features: 64x64 input, NHWC.
+        size = 64 // info["reduction"]
+        assert got[info["module"]].shape == (2, size, size, info["num_chs"]), info
     model.reset_classifier(5, rngs=nnx.Rngs(3))
     assert model.head.kernel.shape == (CASES[case], 5)
     assert float(np.std(np.asarray(model.head.kernel[...]))) == pytest.approx(0.01, rel=0.1)
@@ -369,3 +374,16 @@ def test_config_errors_name_the_field():
         TimmNFNet(10, drop_path_rate=1.0, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match=r"`variant`: unknown TimmNFNet variant 'nfnet_l9'"):
         TimmNFNet(10, "nfnet_l9", rngs=nnx.Rngs(0))
+
+
+def test_drop_path_follows_timm():
+    """Rates linspace(0, rate, num_blocks) over all blocks, kept branches rescaled by 1/keep."""
+    model = nnx.eval_shape(
+        lambda: TimmNFNet(
+            10, "eca_nfnet_l0", depths=(2, 1, 1, 1), drop_path_rate=0.3, rngs=nnx.Rngs(0)
+        )
+    )
+    blocks = [block for stage in model.stages for block in stage]
+    assert blocks[0].stoch_depth is None  # Rate 0: no module, as timm's Identity.
+    np.testing.assert_allclose([b.stoch_depth.rate for b in blocks[1:]], [0.075, 0.15, 0.225, 0.3])
+    assert all(b.stoch_depth.scale_by_keep for b in blocks[1:])
