@@ -47,10 +47,23 @@ def _parser() -> argparse.ArgumentParser:
     )
     add(
         "--dataset",
-        help="digits (offline, bundled with scikit-learn), cifar10, or tfds:<name> "
-        f"(default {d.dataset})",
+        help="digits (offline, bundled with scikit-learn), cifar10, tfds:<name>, or streamed: "
+        "imagefolder (DIR/train/<class>/*, DIR/val/<class>/*), arrayrecord (agc-prepare's "
+        f"shards) (default {d.dataset})",
     )
-    add("--data-dir", help="directory of the cifar10 python batches or of prepared TFDS data")
+    add(
+        "--data-dir",
+        help="directory of the cifar10 python batches, prepared TFDS data, the ImageFolder "
+        "tree or the ArrayRecord shards",
+    )
+    add("--image-size", type=int, help="train resolution of streamed data (digits: upsampling)")
+    add("--test-image-size", type=int, help="eval resolution of streamed data")
+    add(
+        "--augment",
+        help="streamed data's augmentation on top of crop+flip: none, or e.g. "
+        "cutmix_mixup_randaugment_405 (DeepMind's names; the nfnet presets set the paper's)",
+    )
+    add("--workers", type=int, help="decoding processes for streamed data (default CPUs - 1)")
     add("--batch-size", type=int, help=f"global batch size (default {d.batch_size})")
     add(
         "--lr",
@@ -117,6 +130,10 @@ def config_from_args(args: argparse.Namespace) -> Config:
         "model",
         "dataset",
         "data_dir",
+        "image_size",
+        "test_image_size",
+        "augment",
+        "workers",
         "batch_size",
         "lr",
         "clipping",

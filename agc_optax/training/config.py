@@ -24,9 +24,15 @@ class Config:
     Attributes:
       model: a name from ``agc_optax.models.list_models()``.
       model_overrides: constructor keywords for the model (``widths``, ``stochdepth_rate`` ...).
-      dataset: ``digits`` (offline), ``cifar10`` or ``tfds:<name>``.
-      data_dir: directory of the ``cifar10`` / ``tfds:`` files.
-      image_size: side length of the upsampled digits.
+      dataset: ``digits`` (offline), ``cifar10``, ``tfds:<name>`` (in memory), or
+        ``imagefolder`` / ``arrayrecord`` (streamed by the grain pipeline).
+      data_dir: directory of the ``cifar10`` / ``tfds:`` files, the ImageFolder tree
+        (``train/<class>/*``, ``val/<class>/*``) or ``agc-prepare``'s shards.
+      image_size: side length of the upsampled digits; the train resolution of streamed data.
+      test_image_size: eval resolution of streamed data (default ``image_size``).
+      augment: streamed data's augmentation on top of crop and flip: ``none`` or a DeepMind-style
+        name such as ``cutmix_mixup_randaugment_405``.
+      workers: decoding processes of the streaming pipeline (default: CPUs - 1, up to 32).
       batch_size: global batch size (all devices and processes together).
       lr: peak learning rate per 256 examples; the run uses ``lr * batch_size / 256``.
       warmup_epochs: linear warm-up length, then cosine decay to zero.
@@ -62,6 +68,9 @@ class Config:
     dataset: str = "digits"
     data_dir: str | None = None
     image_size: int = 16
+    test_image_size: int | None = None
+    augment: str = "none"
+    workers: int | None = None
     batch_size: int = 64
     lr: float = 0.4
     warmup_epochs: float = 1.0
@@ -147,19 +156,37 @@ PRESETS: dict[str, Config] = {
         warmup_epochs=5.0,
         ema=0.999,
     ),
-    # ImageNet-scale NFNet-F0 recipe (Brock et al. 2021): batch 4096, lr 0.1 per 256, lambda 0.01.
-    "nfnet_f0": Config(
-        model="nfnet_f0",
-        dataset="tfds:imagenet2012",
-        batch_size=4096,
-        lr=0.1,
-        clipping=0.01,
-        epochs=360.0,
-        warmup_epochs=5.0,
-        ema=0.99999,
-        dtype="bfloat16",
-    ),
 }
+
+
+def _nfnet_presets() -> dict[str, Config]:
+    """The paper's ImageNet recipe per variant (Brock et al. 2021): batch 4096, lr 0.1 per 256,
+    lambda 0.01, 360 epochs, the variant's train/test resolutions and augmentation (F0: 192/256,
+    cutmix_mixup_randaugment_405), streamed from an ImageFolder (``--data-dir``)."""
+    from agc_optax.models.nfnet import NFNET_VARIANTS
+    from agc_optax.training.data.pipeline import NFNET_AUGMENT
+
+    presets = {}
+    for name, augment in NFNET_AUGMENT.items():
+        variant = NFNET_VARIANTS[name.removeprefix("nfnet_").upper()]
+        presets[name] = Config(
+            model=name,
+            dataset="imagefolder",
+            image_size=variant.train_imsize,
+            test_image_size=variant.test_imsize,
+            augment=augment,
+            batch_size=4096,
+            lr=0.1,
+            clipping=0.01,
+            epochs=360.0,
+            warmup_epochs=5.0,
+            ema=0.99999,
+            dtype="bfloat16",
+        )
+    return presets
+
+
+PRESETS.update(_nfnet_presets())
 DEFAULT_PRESET = "digits"
 
 
@@ -171,10 +198,24 @@ def validate(config: Config, valid_models: list[str]) -> None:
     """
     if config.model not in valid_models:
         raise ConfigError(f"unknown model `{config.model}`; valid: {', '.join(valid_models)}")
-    if not (config.dataset in ("digits", "cifar10") or config.dataset.startswith("tfds:")):
+    streaming = config.dataset in ("imagefolder", "arrayrecord")
+    if not (
+        config.dataset in ("digits", "cifar10") or config.dataset.startswith("tfds:") or streaming
+    ):
         raise ConfigError(
-            f"unknown dataset `{config.dataset}`; valid: digits, cifar10, tfds:<name>"
+            f"unknown dataset `{config.dataset}`; valid: digits, cifar10, tfds:<name>, "
+            "imagefolder, arrayrecord"
         )
+    if streaming and not config.data_dir:
+        raise ConfigError(f"`--dataset {config.dataset}` needs `--data-dir`")
+    if config.workers is not None and config.workers < 0:
+        raise ConfigError(f"`--workers` must be >= 0, got {config.workers}")
+    from agc_optax.training.data import AugmentPolicy, DataError
+
+    try:
+        AugmentPolicy.parse(config.augment)
+    except DataError as e:
+        raise ConfigError(str(e)) from None
 
     def positive(name: str, value: Any, allow_none: bool = False) -> None:
         if value is None and allow_none:
@@ -187,6 +228,8 @@ def validate(config: Config, valid_models: list[str]) -> None:
             raise ConfigError(f"`--{name.replace('_', '-')}` must be a finite number, got {value}")
 
     positive("batch_size", config.batch_size)
+    positive("image_size", config.image_size)
+    positive("test_image_size", config.test_image_size, allow_none=True)
     positive("lr", config.lr)
     finite("lr", config.lr)
     positive("clipping", config.clipping)  # inf is AGC's documented "never clip"

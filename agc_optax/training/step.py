@@ -115,7 +115,11 @@ def state_initializer(
 
 
 def _cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float) -> jax.Array:
-    one_hot = jax.nn.one_hot(labels, logits.shape[-1], dtype=jnp.float32)
+    # Integer labels, or (MixUp / CutMix) rows of class probabilities.
+    if labels.ndim == logits.ndim:
+        one_hot = labels.astype(jnp.float32)
+    else:
+        one_hot = jax.nn.one_hot(labels, logits.shape[-1], dtype=jnp.float32)
     if label_smoothing:
         one_hot = optax.smooth_labels(one_hot, label_smoothing)
     return optax.softmax_cross_entropy(logits.astype(jnp.float32), one_hot)
@@ -131,6 +135,7 @@ def make_train_step(
     dtype: Any = jnp.float32,
     pmap: bool = False,
     skip_nonfinite: bool = False,
+    preprocess: Callable[..., tuple[jax.Array, jax.Array]] | None = None,
 ) -> Callable[[TrainState, tuple[jax.Array, jax.Array]], tuple[TrainState, dict[str, jax.Array]]]:
     """Builds the (not yet jitted) train step ``(state, (images, labels)) -> (state, metrics)``.
 
@@ -149,6 +154,9 @@ def make_train_step(
         ``step`` advances, so the next step draws the next batch. The decision is made on the
         averaged values, so every device and process takes the same branch. Off by default:
         the large-batch sweep (:mod:`agc_optax.experiments`) studies divergence as it happens.
+      preprocess: ``(key, images, labels) -> (images, targets)`` applied to the batch on the
+        device first (streaming data: normalisation of uint8 images, MixUp / CutMix); targets
+        may be integer labels or rows of class probabilities.
 
     Returns:
       The step function. Metrics: ``loss``, ``accuracy``, ``grad_norm`` (of the averaged
@@ -163,6 +171,8 @@ def make_train_step(
         key = jax.random.fold_in(root, state.step)
         if pmap:  # distinct masks per device, as the jit version draws distinct masks per row
             key = jax.random.fold_in(key, jax.lax.axis_index(DATA_AXIS))
+        if preprocess is not None:  # its own stream, apart from the dropout key
+            images, labels = preprocess(jax.random.fold_in(key, 1), images, labels)
 
         def loss_fn(params):
             module = model.merge(True, params, state.batch_stats)
@@ -176,7 +186,8 @@ def make_train_step(
         (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
             state.params
         )
-        accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
+        hard_labels = labels if labels.ndim == 1 else jnp.argmax(labels, -1)
+        accuracy = jnp.mean(jnp.argmax(logits, -1) == hard_labels)
         if pmap:
             grads, loss, accuracy, batch_stats = jax.lax.pmean(
                 (grads, loss, accuracy, batch_stats), DATA_AXIS
@@ -214,20 +225,31 @@ def make_train_step(
 
 
 def make_eval_step(
-    model: SplitModel, *, dtype: Any = jnp.float32, pmap: bool = False
+    model: SplitModel,
+    *,
+    dtype: Any = jnp.float32,
+    pmap: bool = False,
+    preprocess: Callable[[jax.Array], jax.Array] | None = None,
 ) -> Callable[..., dict[str, jax.Array]]:
     """Builds ``(params, batch_stats, images, labels, mask) -> sums`` in inference mode.
 
-    Returns sums (``correct``, ``loss``, ``count``) rather than means, so padded final batches
-    and many batches combine exactly.
+    Returns sums (``correct``, ``correct_top5``, ``loss``, ``count``) rather than means, so
+    padded final batches and many batches combine exactly. ``preprocess`` maps the images on
+    the device first (streaming data: normalisation of uint8 images).
     """
 
     def eval_fn(params, batch_stats, images, labels, mask):
+        if preprocess is not None:
+            images = preprocess(images)
         module = model.merge(False, params, batch_stats)
         logits = module(images.astype(dtype))
         loss = _cross_entropy(logits, labels, 0.0)
+        # The label is in the top 5 when fewer than 5 logits beat it (ties count for it).
+        label_logit = jnp.take_along_axis(logits, labels[:, None], -1)
+        in_top5 = jnp.sum(logits > label_logit, -1) < 5
         sums = {
             "correct": jnp.sum((jnp.argmax(logits, -1) == labels) * mask),
+            "correct_top5": jnp.sum(in_top5 * mask),
             "loss": jnp.sum(loss * mask),
             "count": jnp.sum(mask),
         }
@@ -241,16 +263,21 @@ def make_eval_step(
 def evaluate(
     sums_of: Callable[..., dict[str, Any]], batches: Iterable[tuple[Any, ...]]
 ) -> dict[str, float]:
-    """Accuracy and mean loss over ``batches`` of ``(images, labels, mask)``.
+    """Accuracy, top-5 accuracy (when the step reports it) and mean loss over ``batches`` of
+    ``(images, labels, mask)``; ``count`` is the exact number of examples (mask sum).
 
     ``sums_of(images, labels, mask)`` returns an eval step's sums (:func:`make_eval_step`).
     """
     totals = {"correct": 0.0, "loss": 0.0, "count": 0.0}
     for batch in batches:
         for k, v in sums_of(*batch).items():
-            totals[k] += float(v)
+            totals[k] = totals.get(k, 0.0) + float(v)
     n = totals["count"]
-    return {"accuracy": totals["correct"] / n, "loss": totals["loss"] / n}
+    out = {"accuracy": totals["correct"] / n, "loss": totals["loss"] / n}
+    if "correct_top5" in totals:
+        out["top5_accuracy"] = totals["correct_top5"] / n
+    out["count"] = n
+    return out
 
 
 def with_stop_vote(

@@ -172,15 +172,30 @@ def train(
         raise ConfigError(str(e)) from None
 
     # --- Data ------------------------------------------------------------------------------------
-    dataset = data_lib.load_dataset(config.dataset, config.data_dir, image_size=config.image_size)
-    batches = data_lib.TrainBatches(
-        dataset.train,
-        config.batch_size,
-        config.seed,
-        process_index=process_index,
-        process_count=process_count,
-        augment=dataset.augment,
-    )
+    if data_lib.is_streaming(config.dataset):  # grain: decoded and augmented as it streams
+        dataset = data_lib.StreamingDataset(
+            config.dataset,
+            config.data_dir,
+            image_size=config.image_size,
+            test_image_size=config.test_image_size,
+            augment=config.augment,
+            workers=config.workers,
+        )
+        batches = dataset.train_batches(
+            config.batch_size, config.seed, process_index=process_index, process_count=process_count
+        )
+    else:
+        dataset = data_lib.load_dataset(
+            config.dataset, config.data_dir, image_size=config.image_size
+        )
+        batches = data_lib.TrainBatches(
+            dataset.train,
+            config.batch_size,
+            config.seed,
+            process_index=process_index,
+            process_count=process_count,
+            augment=dataset.augment,
+        )
     total_steps = recipe.training_steps(config, batches.steps_per_epoch)
     eval_every = config.eval_every or batches.steps_per_epoch
     checkpoint_every = config.checkpoint_every or batches.steps_per_epoch
@@ -231,12 +246,17 @@ def train(
                 dtype=dtype,
                 pmap=placement.pmap,
                 skip_nonfinite=True,
+                preprocess=dataset.device_preprocess(),  # streamed data: normalise, mix
             ),
             pmap=placement.pmap,
         ),
         donate_argnums=0,
     )
-    eval_step = placement.compile(step_lib.make_eval_step(split, dtype=dtype, pmap=placement.pmap))
+    eval_step = placement.compile(
+        step_lib.make_eval_step(
+            split, dtype=dtype, pmap=placement.pmap, preprocess=dataset.device_eval_preprocess()
+        )
+    )
 
     # --- Evaluation ------------------------------------------------------------------------------
     def evaluate(params: Any, batch_stats: Any) -> dict[str, float]:
@@ -245,11 +265,8 @@ def train(
 
         return step_lib.evaluate(
             sums_of,
-            data_lib.eval_batches(
-                dataset.test,
-                config.batch_size,
-                process_index=process_index,
-                process_count=process_count,
+            dataset.eval_batches(
+                config.batch_size, process_index=process_index, process_count=process_count
             ),
         )
 
@@ -304,6 +321,7 @@ def train(
                         (done - tick_step) * config.batch_size / max(now - tick, 1e-9)
                     )
                     m["learning_rate"] = float(schedule(step))
+                    m.update(batches.take_input_stats(now - tick))  # input_wait_fraction, ...
                     m["skipped_steps"] = guard.take_skipped_count()
                     del m["skipped"], m["stop"]
                     tick, tick_step = now, done
@@ -350,8 +368,10 @@ def train(
         bar.close()
         _close_after_failure(checkpointer)  # earlier saves still complete
         writer.close()
+        getattr(batches, "close", lambda: None)()  # streamed data: stop the decoding workers
         raise
     writer.close()
+    getattr(batches, "close", lambda: None)()
     final = placement.to_host(state)
     if not eval_record:  # resumed at the very end: evaluate what was restored
         eval_record = evaluate_both(state)
