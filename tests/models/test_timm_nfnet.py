@@ -387,3 +387,17 @@ def test_drop_path_follows_timm():
     assert blocks[0].stoch_depth is None  # Rate 0: no module, as timm's Identity.
     np.testing.assert_allclose([b.stoch_depth.rate for b in blocks[1:]], [0.075, 0.15, 0.225, 0.3])
     assert all(b.stoch_depth.scale_by_keep for b in blocks[1:])
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_odd_input_sizes_give_timms_shapes(case):
+    """57x57: the strided convs' output sizes and the shortcut's ceil-mode average pool (a
+    floor-mode pool gives 7x7 instead of 8x8 after stage 1)."""
+    facts = json.loads(reference_file(f"timm/{case}_config.json").read_text())
+    model = _case_model(case)
+    x = jax.ShapeDtypeStruct((1, 57, 57, 3), "float32")
+    got = nnx.eval_shape(lambda m, x: m.forward_intermediates(x), model, x)
+    for name, nchw in facts["odd57_intermediates_shapes"].items():
+        shape = got["pool" if name == "head.global_pool" else name].shape
+        want = tuple(nchw) if len(nchw) == 2 else (nchw[0], nchw[2], nchw[3], nchw[1])
+        assert shape == want, name
