@@ -370,7 +370,7 @@ def test_wsconv_timm_epsilon_matches_float64_formula(gamma):
     np.testing.assert_allclose(np.asarray(conv(jnp.asarray(x))), expect, rtol=1e-5, atol=2e-5)
 
 
-@pytest.mark.parametrize("channels, kernel_size", [(256, 5), (512, 5), (1536, 5), (16, 3), (8, 3)])
+@pytest.mark.parametrize("channels, kernel_size", [(256, 5), (1536, 5), (16, 3)])
 def test_eca_matches_numpy_cross_correlation(channels, kernel_size):
     eca = EfficientChannelAttention(channels, rngs=nnx.Rngs(0))
     assert eca.kernel.shape == (kernel_size,)  # ECA's adaptive size, as timm computes it.

@@ -88,7 +88,9 @@ def _outputs(case: str) -> dict[str, np.ndarray]:
         outputs["pre_logits"] = model.forward_head(features, pre_logits=True)
         return outputs
 
-    return {k: np.asarray(v) for k, v in run(model, _input()).items()}
+    # Full float32 convolutions also on GPUs, whose default (TF32) would miss timm's values.
+    with jax.default_matmul_precision("float32"):
+        return {k: np.asarray(v) for k, v in run(model, _input()).items()}
 
 
 def _flat_params(model: nnx.Module) -> dict[str, np.ndarray]:
