@@ -737,22 +737,62 @@ class ClassifierHead:
     """The model-zoo API every family shares, with timm's names.
 
     A family (an ``nnx.Module`` listing this class first among its bases) defines
-    ``forward_features(x)``, the final feature map ``(N, H, W, num_features)``, and
+    ``forward_features(x)``, the final feature map ``(N, H, W, num_features)``,
+    ``_finish(out)``, what turns the last block's output into that map, and
     ``_new_head(num_classes, rngs)``, its classifier (``None`` for 0 classes); it sets
-    ``num_features``, ``num_classes``, ``head`` and, if it has one, ``dropout``. This class
-    adds pooling and the classifier (``forward_head``), replacing the classifier
-    (``reset_classifier``) and ``__call__``.
+    ``stem``, ``blocks`` (one flat list; a scanned stack counts ``num_layers`` blocks),
+    ``depths`` and ``widths`` (per stage, the first stage at stride 4 and each later one
+    halving the resolution), ``num_features``, ``num_classes``, ``head`` and, if it has one,
+    ``dropout``. This class adds pooling and the classifier (``forward_head``), replacing the
+    classifier (``reset_classifier``), per-stage features (``forward_intermediates``,
+    ``feature_info``) and ``__call__``.
     """
 
     num_features: int
     num_classes: int
     head: Any
+    stem: Any
+    blocks: Any
+    depths: tuple[int, ...]
+    widths: tuple[int, ...]
 
     def forward_features(self, x: Array) -> Array:  # pragma: no cover - defined by families
         raise NotImplementedError
 
+    def _finish(self, out: Array) -> Array:  # pragma: no cover - defined by families
+        raise NotImplementedError
+
     def _new_head(self, num_classes: int, rngs: nnx.Rngs) -> Any:  # pragma: no cover
         raise NotImplementedError
+
+    @property
+    def feature_info(self) -> list[dict[str, Any]]:
+        """Each stage's output as a backbone feature: ``{"num_chs", "reduction", "module"}``,
+        where ``module`` keys `forward_intermediates` (timm's ``feature_info``)."""
+        return [
+            dict(num_chs=int(w), reduction=4 * 2**i, module=f"stages.{i}")
+            for i, w in enumerate(self.widths)
+        ]
+
+    def forward_intermediates(self, x: Array) -> dict[str, Array]:
+        """Every stage's output, for detection or segmentation backbones.
+
+        Returns:
+          ``{"stem", "stages.0", ..., "features"}`` (NHWC maps; ``features`` is
+          ``forward_features``'s) and ``"pool"``, the pooled ``(N, num_features)``.
+        """
+        outputs = {"stem": self.stem(x)}
+        out, stage, done = outputs["stem"], 0, 0
+        ends = np.cumsum(self.depths)
+        for item in self.blocks:
+            out = item(out)[0]
+            done += getattr(item, "num_layers", 1)
+            while stage < len(ends) and done == ends[stage]:
+                outputs[f"stages.{stage}"] = out
+                stage += 1
+        outputs["features"] = self._finish(out)
+        outputs["pool"] = self.forward_head(outputs["features"], pre_logits=True)
+        return outputs
 
     def forward_head(self, features: Array, *, pre_logits: bool = False) -> Array:
         """Mean-pools ``forward_features``'s output, then dropout and the classifier.

@@ -307,7 +307,10 @@ class NFRegNet(layers.ClassifierHead, nnx.Module):
 
     def _trunk(self, x: jax.Array, return_metrics: bool) -> tuple[jax.Array, dict[str, Any]]:
         out, outputs = layers.run_residual_blocks(self.stem(x), self.blocks, return_metrics)
-        return self.activation(self.final_conv(out)), outputs
+        return self._finish(out), outputs
+
+    def _finish(self, out: jax.Array) -> jax.Array:
+        return self.activation(self.final_conv(out))
 
     def forward_features(self, x: jax.Array) -> jax.Array:
         """The final feature map ``(N, H/32, W/32, num_features)``: ``final_conv`` and its

@@ -376,7 +376,8 @@ class NFNet(ClassifierHead, nnx.Module):
       num_features: channels of the features the head reads (``final_conv``'s).
 
     Model-zoo API (timm's names, shared by every family): ``forward_features(x)`` (the final
-    feature map), ``forward_head(features, pre_logits=False)``, ``reset_classifier(n)``;
+    feature map), ``forward_head(features, pre_logits=False)``, ``reset_classifier(n)``,
+    ``forward_intermediates(x)`` and ``feature_info`` (per-stage backbone features);
     ``forward_outputs(x, return_metrics=...)`` returns DeepMind's output dict.
     """
 
@@ -473,6 +474,8 @@ class NFNet(ClassifierHead, nnx.Module):
                 )
         self.blocks = nnx.List(blocks)
         self.num_blocks = sum(config.depths)
+        self.depths = config.depths
+        self.widths = tuple(int(w * width) for w in config.widths)
 
         final_ch = final_conv_ch if final_conv_mult is None else int(final_conv_mult * ch)
         self.final_conv = WSConv(ch, final_ch, 1, **kw)
@@ -540,7 +543,10 @@ class NFNet(ClassifierHead, nnx.Module):
                     outputs.update(signal_metrics(out, index + 1))
                     outputs[f"res_avg_var_{index}"] = res_avg_var
                 index += 1
-        return self.activation(self.final_conv(out)), outputs
+        return self._finish(out), outputs
+
+    def _finish(self, out: Array) -> Array:
+        return self.activation(self.final_conv(out))
 
     def forward_features(self, x: Array) -> Array:
         """The final feature map ``(N, H/32, W/32, num_features)``: ``final_conv`` and its

@@ -249,7 +249,11 @@ class ResNet(layers.ClassifierHead, nnx.Module):
         )
 
     def _trunk(self, x: jax.Array, return_metrics: bool) -> tuple[jax.Array, dict[str, Any]]:
-        return layers.run_residual_blocks(self.stem(x), self.blocks, return_metrics)
+        out, outputs = layers.run_residual_blocks(self.stem(x), self.blocks, return_metrics)
+        return self._finish(out), outputs
+
+    def _finish(self, out: jax.Array) -> jax.Array:
+        return out  # The blocks end with their ReLU.
 
     def forward_features(self, x: jax.Array) -> jax.Array:
         """The final feature map ``(N, H/32, W/32, num_features)``: the last block's output,

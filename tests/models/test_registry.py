@@ -116,6 +116,22 @@ def test_create_model_accepts_float_dtypes(dtype):
     assert model.head.kernel.shape[-1] == 10
 
 
+def test_scanned_nfnet_has_the_same_stage_outputs():
+    x = jax.ShapeDtypeStruct((1, 64, 64, 3), "float32")
+    shapes = []
+    for scan in (False, True):
+        model = nnx.eval_shape(
+            lambda scan=scan: create_model(
+                "nfnet_f1", 10, widths=(256,) * 4, scan_blocks=scan, rngs=nnx.Rngs(0)
+            )
+        )
+        got = nnx.eval_shape(lambda m, x: m.forward_intermediates(x), model, x)
+        shapes.append({k: v.shape for k, v in got.items()})
+    assert shapes[0] == shapes[1]
+    assert sorted(shapes[0]) == ["features", "pool", "stages.0", "stages.1", "stages.2",
+                                 "stages.3", "stem"]  # fmt: skip
+
+
 def test_model_zoo_api_on_nfnet():
     """forward_features / forward_head / reset_classifier / num_features, as timm's models."""
     # Random weights filled into an abstract model: much faster than initializing eagerly.
@@ -129,9 +145,10 @@ def test_model_zoo_api_on_nfnet():
     materialize_abstract_state(model)
     model.eval()
     x = jax.random.normal(jax.random.key(1), (2, 16, 16, 3))
-    logits, outputs, features = nnx.jit(
-        lambda m, x: (m(x), m.forward_outputs(x), m.forward_features(x))
+    logits, outputs, features, intermediates = nnx.jit(
+        lambda m, x: (m(x), m.forward_outputs(x), m.forward_features(x), m.forward_intermediates(x))
     )(model, x)
+    np.testing.assert_allclose(intermediates["features"], features, rtol=0, atol=1e-6)
     assert features.shape == (2, 1, 1, model.num_features) and model.num_features == 512
     pool = np.asarray(features, np.float64).mean(axis=(1, 2))
     np.testing.assert_allclose(outputs["pool"], pool, rtol=1e-6, atol=1e-6)
@@ -157,6 +174,13 @@ def test_every_family_has_the_model_zoo_api(name):
     x = jax.ShapeDtypeStruct((2, 64, 64, 3), "float32")
     features = nnx.eval_shape(lambda m, x: m.forward_features(x), model, x)
     assert features.shape == (2, 2, 2, model.num_features)
+    # Backbone features: every feature_info entry keys forward_intermediates at its size.
+    intermediates = nnx.eval_shape(lambda m, x: m.forward_intermediates(x), model, x)
+    assert [info["reduction"] for info in model.feature_info][-3:] == [8, 16, 32]
+    for info in model.feature_info:
+        size = 64 // info["reduction"]
+        assert intermediates[info["module"]].shape == (2, size, size, info["num_chs"]), info
+    assert intermediates["pool"].shape == (2, model.num_features)
     assert model.head.kernel.shape == (model.num_features, 6)
     pre_logits = nnx.eval_shape(lambda m, f: m.forward_head(f, pre_logits=True), model, features)
     assert pre_logits.shape == (2, model.num_features)
