@@ -144,10 +144,9 @@ def clip_scale(
 
     A unit whose weight norm is not finite (a NaN or Inf in ``W_i``) gets a NaN scale and a NaN
     ratio, so its output is NaN and an ``optax.apply_if_finite`` after AGC skips the step;
-    otherwise such a unit would pass unclipped, unnoticed. Until weight norms are computed
-    overflow-safely, this includes a finite unit whose powered norm overflows
-    (``||W_i|| > ~1.8e19`` in float32 for L2). Finite norms give bit for bit the same results as
-    without this check.
+    otherwise such a unit would pass unclipped, unnoticed. Finite norms give bit for bit the same
+    results as without this check. A powered norm that overflowed (finite inputs whose squared
+    norm exceeds float32's range) is fixed afterwards by :func:`unit_clip_scale`.
     """
     power = norm_power(norm)
     w_floor_pow = jnp.maximum(w_pow, eps**power)
@@ -165,6 +164,94 @@ def clip_scale(
     ratio_pow = jnp.where(w_floor_pow > 0, g_pow / safe_den, jnp.where(g_pow > 0, jnp.inf, 0))
     ratio = jnp.sqrt(ratio_pow) if power == 2 else ratio_pow
     return scale, clip, jnp.where(w_finite, ratio, jnp.nan)
+
+
+def scaled_unit_norms(
+    x: jax.Array, unit_axes: tuple[int, ...], norm: NormOrder
+) -> tuple[jax.Array, jax.Array]:
+    """Each unit's L1 or L2 norm as ``(e, r)`` with ``norm = r * 2**e``, without overflow.
+
+    ``2**e`` is the power of two just above the unit's largest magnitude, so ``r`` (the norm of
+    ``x / 2**e``, a division that is exact) lies in ``[0.5, sqrt(n)]`` for L2 and ``[0.5, n]``
+    for L1: finite for every finite unit, while the norm itself may exceed float32's range. A
+    zero unit gives ``r = 0``; a unit holding an Inf or NaN gives a non-finite ``r``. Two passes
+    over ``x``, so only used where the one-pass powered norm overflowed.
+    """
+    axes = reduction_axes(unit_axes, x.ndim)
+    magnitude = jnp.abs(x)
+    magnitude = magnitude.astype(jnp.promote_types(magnitude.dtype, jnp.float32))
+    _, e = jnp.frexp(jax.lax.stop_gradient(jnp.max(magnitude, axis=axes, keepdims=True)))
+    e = jnp.where(jnp.isfinite(magnitude).all(axis=axes, keepdims=True), e, 0)
+    # Scale in two steps: 2**-e alone may be subnormal (XLA:CPU flushes those to zero) or, for
+    # e = 128, not representable.
+    half = e // 2
+    one = jnp.ones((), magnitude.dtype)
+    unit = magnitude * jnp.ldexp(one, -half) * jnp.ldexp(one, half - e)
+    if norm == 2:
+        r = jnp.sqrt(jnp.sum(jnp.square(unit), axis=axes, keepdims=True))
+    else:
+        r = jnp.sum(unit, axis=axes, keepdims=True)
+    return e, r
+
+
+def _rescaled_clip_scale(g, w, unit_axes, overflowed, fast, clipping, eps, norm):
+    # Scale and ratio are formed from the (e, r) parts, applying the power of two last, so no
+    # intermediate leaves float32's range; units whose inputs are not finite keep the fast
+    # path's answer (NaN for non-finite weights).
+    scale, clip, ratio = fast
+    g_e, g_r = scaled_unit_norms(g, unit_axes, norm)
+    w_e, w_r = scaled_unit_norms(w, unit_axes, norm)
+    use = overflowed & jnp.isfinite(g_r) & jnp.isfinite(w_r)
+    weight_wins = (jnp.ldexp(w_r, w_e) >= eps) & (w_r > 0)  # ldexp may round to +inf: fine
+    # max(||W||, eps) as (e, r) too.
+    floor_e = jnp.where(weight_wins, w_e, 0)
+    floor_r = jnp.where(weight_wins, w_r, eps)
+    has_grad = g_r > 0
+    safe_g_r = jnp.where(has_grad, g_r, 1)
+    # clipping * max(||W||, eps) / ||G||: the scale when it is below 1 (then the unit clips).
+    bound_over_g = jnp.ldexp(clipping * floor_r / safe_g_r, floor_e - g_e)
+    new_clip = has_grad & (bound_over_g < 1)
+    new_scale = jnp.where(new_clip, bound_over_g, 1)
+    # ||G|| / max(||W||, eps), for the statistics only (+inf when it exceeds float32).
+    new_ratio = jnp.where(
+        floor_r > 0, jnp.ldexp(g_r / jnp.where(floor_r > 0, floor_r, 1), g_e - floor_e), jnp.inf
+    )
+    new_ratio = jnp.where(has_grad, new_ratio, 0)
+    return (
+        jnp.where(use, new_scale.astype(scale.dtype), scale),
+        jnp.where(use, new_clip, clip),
+        jnp.where(use, new_ratio.astype(ratio.dtype), ratio),
+    )
+
+
+def unit_clip_scale(
+    g: jax.Array,
+    w: jax.Array,
+    unit_axes: tuple[int, ...],
+    g_pow: jax.Array,
+    w_pow: jax.Array,
+    clipping: Any,
+    eps: Any,
+    norm: NormOrder = 2,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """:func:`clip_scale` for one leaf, exact also where a powered unit norm overflowed.
+
+    ``g_pow`` and ``w_pow`` come from the one-pass reduction (XLA or Pallas). In float32 the
+    squared L2 norm overflows once ``||x|| > ~1.8e19``; such a unit would be clipped to zero (a
+    huge gradient) or get a NaN scale (huge weights). Only when some unit of the leaf overflowed
+    (a ``lax.cond`` on one flag per leaf, so the common case adds no pass over the leaf), the
+    norms are recomputed as ``(max, scaled norm)`` pairs and the ratio is formed from those.
+    Then every finite unit obeys ``||G_i|| <= clipping * max(||W_i||, eps)`` to float rounding.
+    """
+    fast = clip_scale(g_pow, w_pow, clipping, eps, norm)
+    if norm == math.inf or g.size == 0:  # a max never overflows; an empty unit has norm 0
+        return fast
+    overflowed = jnp.isposinf(g_pow) | jnp.isposinf(w_pow)
+    return jax.lax.cond(
+        jnp.any(overflowed),
+        lambda: _rescaled_clip_scale(g, w, unit_axes, overflowed, fast, clipping, eps, norm),
+        lambda: fast,
+    )
 
 
 def apply_scale(g: jax.Array, scale: jax.Array) -> jax.Array:

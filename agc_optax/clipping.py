@@ -17,7 +17,13 @@ import numpy as np
 import optax
 
 from agc_optax._checks import check_float_leaf, check_hyperparameter, check_static_flag
-from agc_optax._norms import NormOrder, apply_scale, check_norm, clip_scale, powered_unit_norms
+from agc_optax._norms import (
+    NormOrder,
+    apply_scale,
+    check_norm,
+    powered_unit_norms,
+    unit_clip_scale,
+)
 from agc_optax._plan import PlanCache, UnitInfo, UnitTable
 from agc_optax.unit_axes import ExcludeRule, UnitAxesRule
 
@@ -119,7 +125,9 @@ def clip_leaves(
         if row.clipped:
             check_float_leaf(row.path, g, "the gradient")
             g_pow, w_pow = unit_norms(row, g, w, *leaf_state)
-            scale, clip, ratio = clip_scale(g_pow, w_pow, clipping, eps, norm)
+            scale, clip, ratio = unit_clip_scale(
+                g, w, row.unit_axes, g_pow, w_pow, clipping, eps, norm
+            )
             if stats and row.num_units > 0:  # a zero-size leaf may have no units at all
                 clipped_counts.append(jnp.sum(clip, dtype=jnp.int32))
                 ratios.append(jnp.max(ratio).astype(jnp.float32))
@@ -230,16 +238,16 @@ def adaptive_grad_clip(
 
     Non-finite gradients: a unit holding a NaN is returned unchanged; a unit holding an Inf (and
     no NaN) becomes non-finite too (its Inf entries become NaN). So ``optax.apply_if_finite``
-    placed after this transform still skips the step. Finite gradients always give finite
-    results; a unit whose float32 squared norm overflows is clipped to zero.
+    placed after this transform still skips the step. Finite gradients and weights always give
+    finite results that obey the bound, also when a float32 squared norm would overflow
+    (:math:`\|x\|_2 \gtrsim 1.8 \times 10^{19}`): only then, the leaf's norms are recomputed
+    scaled by each unit's largest magnitude.
 
     Non-finite weights: a unit whose weight :math:`W_i` holds a NaN or an Inf has no meaningful
     bound, so its whole output is NaN (and so is its ratio in ``stats``); every other unit is
     unaffected, and ``optax.apply_if_finite`` placed after this transform skips the step
     (``apply_if_finite`` tests the updates it receives). ``sgd_agc``, ``adamw_agc`` and the
-    Pallas kernel share this rule (``_norms.clip_scale``). For now this also applies to a unit
-    of finite weights whose float32 norm overflows (:math:`\|W_i\|_2 \gtrsim 1.8 \times
-    10^{19}`).
+    Pallas kernel share this rule (``_norms.clip_scale``).
 
     Args:
       clipping: the maximum ratio :math:`\lambda` of a unit's gradient norm to its weight norm.

@@ -209,6 +209,87 @@ def test_huge_finite_gradients_stay_finite():
     assert np.all(ref.unit_norms(np.asarray(out["k"]), (1,)) <= 0.01 * np.sqrt(2) * 1.0001)
 
 
+# Issue 12's cases: squared norms beyond float32's range (~3.4e38), i.e. norms above ~1.8e19.
+_OVERFLOW_CASES = [(1e19, 1e20), (1e30, 1e30), (1e20, 1e19), (3e37, 3e37), (1e-3, 1e20)]
+
+
+def _check_bound(out, g, w, axes, clipping, eps, dtype):
+    """Finite, and ||out_i|| <= clipping * max(||W_i||, eps) in float64, to dtype's rounding.
+
+    Units whose exact scale is below float32's smallest normal number may come out as zero
+    (XLA:CPU flushes subnormal scales); elsewhere the output equals the float64 reference.
+    """
+    out64 = np.asarray(out, np.float64)
+    assert np.isfinite(out64).all()
+    g64, w64 = np.asarray(g, np.float64), np.asarray(w, np.float64)
+    expected, clip, _ = ref.agc(g64, w64, axes, clipping, eps)
+    rtol = 1e-5 if dtype == jnp.float32 else 2e-2
+    bound = clipping * np.maximum(ref.unit_norms(w64, axes), eps)
+    assert (ref.unit_norms(out64, axes) <= bound * (1 + rtol)).all()
+    with np.errstate(divide="ignore", invalid="ignore"):
+        exact_scale = np.where(clip, bound / ref.unit_norms(g64, axes), 1.0)
+    normal = np.broadcast_to(exact_scale >= np.finfo(np.float32).tiny, g64.shape)
+    np.testing.assert_allclose(out64[normal], expected[normal], rtol=rtol)
+    return clip
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("g_value, w_value", _OVERFLOW_CASES)
+def test_overflowing_norms_still_obey_the_bound(dtype, g_value, w_value):
+    rng = np.random.default_rng(0)
+    shape = (6, 5)
+    g = jnp.asarray(rng.uniform(0.5, 1.0, shape) * g_value, dtype)
+    w = jnp.asarray(rng.uniform(0.5, 1.0, shape) * w_value, dtype)
+    w = w.at[:, 0].set(1.0)  # one ordinary unit next to the overflowing ones
+    tx = agc_optax.adaptive_grad_clip(0.01, stats=True)
+    out, state = jax.jit(tx.update)({"k": g}, tx.init({"k": w}), {"k": w})
+    clip = _check_bound(out["k"], g, w, (1,), 0.01, 1e-3, dtype)
+    np.testing.assert_allclose(float(state.clip_fraction), clip.mean(), rtol=1e-6)
+    assert np.isfinite(float(state.max_ratio))
+
+
+@pytest.mark.parametrize("make", ["sgd_agc", "adamw_agc"])
+def test_optimizers_clip_overflowing_units_too(make):
+    g = jnp.full((4, 3), 1e19, jnp.float32)
+    w = jnp.full((4, 3), 1e20, jnp.float32)
+    tx = getattr(agc_optax, make)(1.0, clipping=0.01, weight_decay=0.0, exclude=None)
+    if make == "sgd_agc":
+        tx = agc_optax.sgd_agc(1.0, momentum=0.0, clipping=0.01, weight_decay=0.0, exclude=None)
+    updates, _ = tx.update({"k": g}, tx.init({"k": w}), {"k": w})
+    step = np.asarray(updates["k"], np.float64)
+    assert np.isfinite(step).all()
+    if make == "sgd_agc":  # the step is -lr * clipped gradient: its norm is the bound
+        np.testing.assert_allclose(ref.unit_norms(step, (1,)), 0.01 * 2e20, rtol=1e-5)
+
+
+@settings(deadline=None, max_examples=40)
+@given(
+    st.integers(-20, 37),
+    st.integers(-20, 37),
+    st.integers(0, 2**31 - 1),
+    st.sampled_from([0.001, 0.1, 10.0]),
+)
+def test_bound_holds_across_float32s_range(g_exp, w_exp, seed, clipping):
+    rng = np.random.default_rng(seed)
+    g = (rng.standard_normal((5, 4)) * 10.0**g_exp).astype(np.float32)
+    w = (rng.standard_normal((5, 4)) * 10.0**w_exp).astype(np.float32)
+    out, _ = _apply({"k": jnp.asarray(g)}, {"k": jnp.asarray(w)}, clipping)
+    _check_bound(out["k"], g, w, (1,), clipping, 1e-3, jnp.float32)
+
+
+def test_overflow_fallback_runs_only_where_needed():
+    """Ordinary leaves compile the cheap path only: the rescaled norms sit in a conditional."""
+    params = {"k": jnp.ones((8, 4))}
+    tx = agc_optax.adaptive_grad_clip(0.01)
+    hlo = jax.jit(tx.update).lower(params, tx.init(params), params).compile().as_text()
+    assert " conditional(" in hlo
+    # ordinary values give the same bits as a direct float64-checked formula
+    g = jnp.asarray(np.random.default_rng(1).standard_normal((8, 4)), jnp.float32)
+    out, _ = jax.jit(tx.update)({"k": g}, tx.init(params), params)
+    expected, _, _ = ref.agc(np.asarray(g), np.ones((8, 4)), (1,), 0.01, 1e-3)
+    np.testing.assert_allclose(np.asarray(out["k"]), expected, rtol=1e-6)
+
+
 def test_non_finite_units_stay_non_finite_and_others_are_untouched_by_them():
     w = np.ones((4, 3), np.float32)
     g = np.full((4, 3), 0.001, np.float32)
