@@ -42,6 +42,8 @@ class UnitInfo:
       excluded: whether an ``exclude`` rule removed the leaf.
       weight_decay: whether the NFNet recipe decays this leaf (not gains and biases, see
         :func:`agc_optax.weight_decay_mask`).
+      note: in :func:`agc_optax.describe` only, why a leaf the rules would clip cannot be
+        clipped (e.g. an integer leaf, which the transforms reject); empty otherwise.
     """
 
     path: str
@@ -51,6 +53,7 @@ class UnitInfo:
     num_units: int
     excluded: bool
     weight_decay: bool = True
+    note: str = ""
 
     @property
     def clipped(self) -> bool:
@@ -132,6 +135,9 @@ class UnitTable:
             )
             for r in self.rows
         ]
+        if any(r.note for r in self.rows):
+            header += ("note",)
+            body = [(*row, r.note) for row, r in zip(body, self.rows, strict=True)]
         widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header))]
         lines = [
             "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in [header]
@@ -159,8 +165,15 @@ def build_plan(
     """
     rows = []
     for path, leaf, axes, excluded in resolve_leaves(tree, unit_axes, is_excluded):
-        if axes is not None and what is not None:
-            check_float_leaf(path, leaf, what)
+        note = ""
+        if axes is not None:
+            try:
+                check_float_leaf(path, leaf, what or "the leaf")
+            except TypeError:
+                if what is not None:
+                    raise
+                # describe(): show what the transforms would do, which is to refuse the leaf.
+                axes, note = None, "not a float array: the transforms raise; exclude it"
         shape = tuple(np.shape(leaf))
         rows.append(
             UnitInfo(
@@ -171,6 +184,7 @@ def build_plan(
                 num_units=0 if axes is None else num_units(shape, axes),
                 excluded=excluded,
                 weight_decay=gets_weight_decay(path),
+                note=note,
             )
         )
     return UnitTable(tuple(rows), jax.tree.structure(tree))

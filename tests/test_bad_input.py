@@ -233,3 +233,16 @@ def test_finite_weights_unchanged_by_the_nonfinite_rule():
     np.testing.assert_array_equal(np.asarray(clip), [False, True, True, True, False])
     assert np.isfinite(np.asarray(scale)).all() and np.isfinite(np.asarray(ratio)).all()
     assert float(scale[0]) == 1.0 and float(scale[4]) == 1.0
+
+
+def test_describe_marks_integer_leaves_the_transforms_reject():
+    params = {"kernel": jnp.ones((3, 4)), "step": jnp.zeros((2, 2), jnp.int32)}
+    table = agc_optax.describe(params)
+    assert table["step"].unit_axes is None and table["step"].num_units == 0
+    assert "exclude it" in table["step"].note and "step" in str(table)
+    assert table.num_units == 4  # only the float kernel's units
+    with pytest.raises(TypeError, match="`step`.*int32"):
+        tx = agc_optax.adaptive_grad_clip(0.1)
+        tx.update(params, tx.init(params), params)
+    excluded = agc_optax.describe(params, exclude=r"step$")
+    assert excluded["step"].excluded and excluded["step"].note == ""
