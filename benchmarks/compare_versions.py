@@ -127,7 +127,7 @@ def train_step_rows(old, baseline: str, repeats: int, small: bool) -> list[tuple
     return rows
 
 
-def run(baseline: str, repeats: int = 15, small: bool = False) -> str:
+def run(baseline: str, repeats: int = 15, small: bool = False, train_steps: bool = True) -> str:
     with tempfile.TemporaryDirectory() as folder:
         old = import_baseline(baseline, pathlib.Path(folder))
         shapes = common.resnet50_shapes()
@@ -162,7 +162,8 @@ def run(baseline: str, repeats: int = 15, small: bool = False) -> str:
                     f"{common.max_relative_difference(new_params(new), new_params(ref)):.1e}",
                 )
             )
-        rows += train_step_rows(old, baseline, max(3, repeats // 3), small)
+        if train_steps:
+            rows += train_step_rows(old, baseline, max(3, repeats // 3), small)
     header = (
         "step (optimizers: ResNet-50 tree, donated)",
         "ms, this tree",
@@ -182,8 +183,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--baseline", required=True, help="git revision to compare against")
     parser.add_argument("--repeats", type=int, default=15, help="timed repetitions per contender")
     parser.add_argument("--small", action="store_true", help="tiny sizes: a smoke test, not data")
+    parser.add_argument(
+        "--no-train-steps", action="store_true", help="optimizer steps only (minutes faster)"
+    )
     args = parser.parse_args(argv)
-    print(run(args.baseline, args.repeats, args.small))
+    print(run(args.baseline, args.repeats, args.small, train_steps=not args.no_train_steps))
 
 
 if __name__ == "__main__":
