@@ -89,6 +89,12 @@ def _parser() -> argparse.ArgumentParser:
         choices=("jit", "pmap"),
         help="jit: mesh with a `data` axis; pmap: per-device program (default jit)",
     )
+    add(
+        "--shard-params",
+        action="store_true",
+        help="split parameters, optimizer state and EMA over the devices (FSDP; --parallel jit) "
+        "for models too large for one device",
+    )
     add("--run-dir", help="metrics, plots, config and checkpoints (default runs/<model>-<time>)")
     add("--checkpoint-dir", help="checkpoints (default <run-dir>/checkpoints)")
     add("--checkpoint-every", type=int, help="steps between checkpoints (default: each epoch)")
@@ -175,6 +181,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
     changes["resume"] = args.resume
     if args.no_progress:
         changes["progress"] = False
+    if args.shard_params:
+        changes["shard_params"] = True
     return config.replace(**changes)
 
 

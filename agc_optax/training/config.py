@@ -47,6 +47,9 @@ class Config:
       label_smoothing: label smoothing of the cross-entropy.
       dtype: compute dtype (parameters stay float32).
       parallel: ``jit`` (mesh + shardings) or ``pmap``.
+      shard_params: split parameters, optimizer state and EMA over the devices, FSDP style
+        (``jit`` only; :class:`~agc_optax.training.parallel.ShardedPlacement`), for models
+        whose replicated state does not fit one device.
       run_dir: where metrics, plots and (by default) checkpoints go.
       checkpoint_dir: checkpoints, default ``<run_dir>/checkpoints``.
       checkpoint_every: steps between checkpoints, default once per epoch.
@@ -85,6 +88,7 @@ class Config:
     label_smoothing: float = 0.1
     dtype: str = "float32"
     parallel: str = "jit"
+    shard_params: bool = False
     run_dir: str | None = None
     checkpoint_dir: str | None = None
     checkpoint_every: int | None = None
@@ -252,6 +256,11 @@ def validate(config: Config, valid_models: list[str]) -> None:
         raise ConfigError(f"`--dtype` must be one of {', '.join(DTYPES)}, got `{config.dtype}`")
     if config.parallel not in PARALLEL_MODES:
         raise ConfigError(f"`--parallel` must be one of {', '.join(PARALLEL_MODES)}")
+    if config.shard_params and config.parallel != "jit":
+        raise ConfigError(
+            f"`--shard-params` splits the state over the `jit` mesh; it cannot be combined with "
+            f"`--parallel {config.parallel}` (use `--parallel jit`)"
+        )
     if config.num_processes < 1 or not 0 <= config.process_id < config.num_processes:
         raise ConfigError(
             f"`--process-id` {config.process_id} must be in [0, `--num-processes` "

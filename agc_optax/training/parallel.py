@@ -5,9 +5,16 @@ replicated; the mean over the global batch in the loss makes XLA insert the sing
 the gradients. With ``pmap`` each device sees its shard and the step averages the gradients once
 with ``lax.pmean``. Either way AGC then acts on the averaged gradients.
 
-A :class:`Placement` hides which of the two a run uses: it creates the state where it lives,
-splits batches, compiles steps and hands back host copies. Checkpoints always hold the ``jit``
-layout (replicated global arrays), so a run may resume under the other mode.
+``--shard-params`` (``jit`` only) splits the parameters, optimizer state and EMA over the same
+``data`` axis, FSDP style (:func:`fsdp_spec`): each device holds about ``1/n`` of the state, and
+XLA gathers a layer's weights when the step needs them and reduce-scatters its gradients. AGC
+needs nothing of its own for this: a unit norm over a split axis is an ordinary reduction that
+XLA completes across the shards, so the numbers are those of the replicated run up to the
+order of float additions.
+
+A :class:`Placement` hides which layout a run uses: it creates the state where it lives, splits
+batches, compiles steps and hands back host copies. Checkpoints hold global arrays whatever the
+layout (orbax writes each shard from its device), so a run may resume under any other layout.
 """
 
 from __future__ import annotations
@@ -38,10 +45,69 @@ def initialize_distributed(coordinator: str, num_processes: int, process_id: int
     )
 
 
-def make_placement(mode: str, devices: list[Any] | None = None) -> Placement:
-    """The :class:`Placement` of ``--parallel mode`` over ``devices`` (all global devices)."""
+def make_placement(
+    mode: str, devices: list[Any] | None = None, *, shard_params: bool = False
+) -> Placement:
+    """The :class:`Placement` of ``--parallel mode`` over ``devices`` (all global devices).
+
+    ``shard_params`` (``--shard-params``) gives :class:`ShardedPlacement`: the state split over
+    the devices. It needs ``mode="jit"`` (``pmap`` runs one whole copy per device).
+    """
     mesh = Mesh(np.asarray(jax.devices() if devices is None else devices), (DATA_AXIS,))
+    if shard_params:
+        if mode != "jit":
+            raise ValueError(
+                f"`--shard-params` splits the state over the `jit` mesh; it cannot be combined "
+                f"with `--parallel {mode}` (use `--parallel jit`)"
+            )
+        return ShardedPlacement(mesh)
     return {"jit": Placement, "pmap": PmapPlacement}[mode](mesh)
+
+
+def fsdp_spec(shape: tuple[int, ...], num_devices: int, axis: str = DATA_AXIS) -> PartitionSpec:
+    """Where FSDP puts one leaf: split along its largest dimension divisible by ``num_devices``
+    (the last such on ties), else replicated.
+
+    Ties go to the last dimension because the weights' layouts (HWIO convolutions, ``(in, out)``
+    dense kernels) keep their output units there: AGC's unit norms then stay within a shard.
+
+    >>> fsdp_spec((3, 3, 64, 128), 8)
+    P(None, None, None, 'data')
+    >>> fsdp_spec((256, 256), 8)
+    P(None, 'data')
+    >>> fsdp_spec((1000, 3, 3), 8)  # 1000 = 8 * 125
+    P('data',)
+    >>> fsdp_spec((10,), 8), fsdp_spec((), 8)  # nothing divisible: one copy per device
+    (P(), P())
+    """
+    candidates = [(size, i) for i, size in enumerate(shape) if size % num_devices == 0]
+    if not candidates:
+        return PartitionSpec()
+    _, split = max(candidates)
+    return PartitionSpec(*([None] * split), axis)
+
+
+def fsdp_shardings(abstract: Any, mesh: Mesh) -> Any:
+    """:func:`fsdp_spec` of every leaf of ``abstract`` (arrays or ``jax.eval_shape`` output) as
+    ``NamedSharding`` objects on ``mesh``'s ``data`` axis: the same shape always gets the same
+    layout, so parameters, their optimizer moments and their EMA are split alike."""
+    n = mesh.shape[DATA_AXIS]
+    return jax.tree.map(lambda x: NamedSharding(mesh, fsdp_spec(tuple(x.shape), n)), abstract)
+
+
+def bytes_per_device(tree: Any) -> int:
+    """Bytes of ``tree`` one device holds: arrays, or ``jax.ShapeDtypeStruct`` with shardings.
+
+    >>> bytes_per_device({"w": jax.ShapeDtypeStruct((4, 8), np.float32, sharding=None)})
+    128
+    """
+
+    def nbytes(x: Any) -> int:
+        sharding = getattr(x, "sharding", None)
+        shape = x.shape if sharding is None else sharding.shard_shape(x.shape)
+        return int(np.prod(shape, dtype=np.int64)) * np.dtype(x.dtype).itemsize
+
+    return sum(nbytes(x) for x in jax.tree.leaves(tree))
 
 
 class Placement:
@@ -55,10 +121,15 @@ class Placement:
 
     mode = "jit"
     pmap = False
+    shard_params = False
 
     def __init__(self, mesh: Mesh):
         self.mesh = mesh
         self.replicated = NamedSharding(mesh, PartitionSpec())
+
+    def state_shardings(self, abstract: Any) -> Any:
+        """Where each leaf of a state with these shapes lives (a sharding or a prefix of them)."""
+        return self.replicated
 
     def check_batch_size(self, global_batch_size: int) -> None:
         """Raises ``ValueError`` unless the global batch splits evenly over the devices."""
@@ -70,22 +141,26 @@ class Placement:
             )
 
     def abstract(self, init: Callable[[], Any]) -> Any:
-        """The shapes, dtypes and (replicated) shardings of ``init()``, computing nothing."""
+        """The shapes, dtypes and shardings of ``init()``, computing nothing."""
+        shapes = jax.eval_shape(init)
+        shardings = jax.tree.broadcast(self.state_shardings(shapes), shapes)
         return jax.tree.map(
-            lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=self.replicated),
-            jax.eval_shape(init),
+            lambda s, sharding: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
+            shapes,
+            shardings,
         )
 
     def init(self, init: Callable[[], Any]) -> Any:
-        """Runs ``init`` once, its outputs created in place on every device."""
-        return self.place(jax.jit(init, out_shardings=self.replicated)())
+        """Runs ``init`` once, each output created in place on its devices."""
+        shardings = self.state_shardings(jax.eval_shape(init))
+        return self.place(jax.jit(init, out_shardings=shardings)())
 
     def place(self, replicated: Any) -> Any:
         """This placement's layout of a replicated state (as restored from a checkpoint)."""
         return replicated
 
     def replicate(self, state: Any) -> Any:
-        """The state as replicated global arrays, the layout checkpoints hold."""
+        """The state as global arrays (replicated or split), the form checkpoints take."""
         return state
 
     def shard(self, local: Any) -> Any:
@@ -93,13 +168,74 @@ class Placement:
         sharding = NamedSharding(self.mesh, PartitionSpec(DATA_AXIS))
         return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), local)
 
-    def compile(self, fn: Callable[..., Any], *, donate_argnums: int | tuple[int, ...] = ()):
-        """``fn`` compiled for this placement; arguments placed, results replicated."""
+    def compile(
+        self,
+        fn: Callable[..., Any],
+        *,
+        donate_argnums: int | tuple[int, ...] = (),
+        state_output: bool = False,
+    ):
+        """``fn`` compiled for this placement; arguments placed, results replicated.
+
+        ``state_output``: ``fn`` returns ``(state, metrics)``, and the new state keeps the
+        state's layout (only a sharded placement tells the two apart).
+        """
         return jax.jit(fn, donate_argnums=donate_argnums, out_shardings=self.replicated)
 
     def to_host(self, tree: Any) -> Any:
         """One copy of a placed pytree as host numpy arrays (works on every process)."""
         return jax.tree.map(lambda x: np.asarray(x.addressable_shards[0].data), tree)
+
+
+class ShardedPlacement(Placement):
+    """``jit`` with ``--shard-params``: parameters, optimizer state and EMA split FSDP style.
+
+    Each leaf is split over the ``data`` axis as :func:`fsdp_spec` says, so a device holds about
+    ``1/n`` of the state (leaves with no dimension divisible by ``n``, such as the step counter
+    and odd-sized biases, stay whole); the batch is split as in :class:`Placement`.
+    """
+
+    shard_params = True
+
+    def __init__(self, mesh: Mesh):
+        super().__init__(mesh)
+        self._state_layout: Any = None
+
+    def state_shardings(self, abstract: Any) -> Any:
+        self._state_layout = fsdp_shardings(abstract, self.mesh)
+        return self._state_layout
+
+    def compile(
+        self,
+        fn: Callable[..., Any],
+        *,
+        donate_argnums: int | tuple[int, ...] = (),
+        state_output: bool = False,
+    ):
+        if not state_output:
+            return super().compile(fn, donate_argnums=donate_argnums)
+        if self._state_layout is None:
+            raise RuntimeError("create or restore the state (`init`, `abstract`) before `compile`")
+        return jax.jit(
+            fn,
+            donate_argnums=donate_argnums,
+            out_shardings=(self._state_layout, self.replicated),
+        )
+
+    def to_host(self, tree: Any) -> Any:
+        """Whole host copies; split leaves are gathered (across processes: every process must
+        call this, in the same order, as with any collective)."""
+
+        def host(x: jax.Array) -> np.ndarray:
+            if x.is_fully_replicated:
+                return np.asarray(x.addressable_shards[0].data)
+            if x.is_fully_addressable:
+                return np.asarray(x)
+            from jax.experimental import multihost_utils
+
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+        return jax.tree.map(host, tree)
 
 
 class PmapPlacement(Placement):
@@ -138,7 +274,13 @@ class PmapPlacement(Placement):
         n = len(self.stacked.mesh.devices)
         return jax.tree.map(lambda x: x.reshape(n, x.shape[0] // n, *x.shape[1:]), local)
 
-    def compile(self, fn: Callable[..., Any], *, donate_argnums: int | tuple[int, ...] = ()):
+    def compile(
+        self,
+        fn: Callable[..., Any],
+        *,
+        donate_argnums: int | tuple[int, ...] = (),
+        state_output: bool = False,
+    ):
         return jax.pmap(fn, axis_name=DATA_AXIS, donate_argnums=donate_argnums)
 
     def to_host(self, tree: Any) -> Any:

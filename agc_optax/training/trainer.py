@@ -165,7 +165,7 @@ def train(
     _agree_on_setup(problem, process_count)
 
     # --- Mesh -----------------------------------------------------------------------------------
-    placement = parallel.make_placement(config.parallel)
+    placement = parallel.make_placement(config.parallel, shard_params=config.shard_params)
     try:
         placement.check_batch_size(config.batch_size)
     except ValueError as e:
@@ -251,6 +251,7 @@ def train(
             pmap=placement.pmap,
         ),
         donate_argnums=0,
+        state_output=True,  # --shard-params: the new state stays split
     )
     eval_step = placement.compile(
         step_lib.make_eval_step(
@@ -290,6 +291,8 @@ def train(
         f"{len(dataset.test)} test images) for {total_steps} steps, batch {config.batch_size} "
         f"on {jax.device_count()} device(s) ({config.parallel}, {process_count} process(es))"
     )
+    layout = "split over the devices" if placement.shard_params else "a whole copy on each"
+    say(f"state: {_format_bytes(parallel.bytes_per_device(state))} per device ({layout})")
     bar = _progress(total_steps, start_step, enabled=is_main and config.progress)
     eval_record: dict[str, dict[str, float]] = {}
     tick, tick_step = time.time(), start_step
@@ -496,6 +499,18 @@ class _StopSignals:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
+
+
+def _format_bytes(n: int) -> str:
+    """``1536`` -> ``'1.50 KiB'``: the largest unit (up to GiB) that keeps the number >= 1."""
+    if n < 1024:
+        return f"{n} B"
+    size, unit = n / 1024, "KiB"
+    for larger in ("MiB", "GiB"):
+        if size < 1024:
+            break
+        size, unit = size / 1024, larger
+    return f"{size:.2f} {unit}"
 
 
 class _NoBar:

@@ -40,6 +40,17 @@ def test_bad_input_is_one_clear_line(tmp_path, args, devices, message):
     assert lines[0].startswith("agc-train: error: ") and message in lines[0], lines[0]
 
 
+def test_shard_params_with_pmap_is_a_usage_error(tmp_path, capsys):
+    from agc_optax.train import main
+
+    status = main(["--shard-params", "--parallel", "pmap", "--run-dir", str(tmp_path)])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert status == 2 and len(lines) == 1, lines
+    assert lines[0].startswith("agc-train: error: `--shard-params`")
+    assert "cannot be combined with `--parallel pmap`" in lines[0]
+    assert not os.listdir(tmp_path)  # refused before anything was written
+
+
 def test_unknown_model_lists_valid_names(tmp_path):
     proc = run_cli("--model", "nope", "--run-dir", str(tmp_path))
     assert "nf_resnet26" in proc.stderr and "nfnet_f0" in proc.stderr
@@ -63,6 +74,7 @@ def test_help_explains_every_flag():
         "--label-smoothing",
         "--dtype",
         "--parallel",
+        "--shard-params",
         "--checkpoint-dir",
         "--resume",
         "--max-bad-steps",
