@@ -5,6 +5,7 @@ Each configuration runs in its own process because the CPU device count is fixed
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -139,3 +140,61 @@ def test_two_processes_match_one_process(tmp_path):
     multi = dict(np.load(out))
     assert int(multi["__devices__"]) == 4
     assert _max_rel_diff(single, multi) < RTOL
+
+
+def _flat_colour_folder(root) -> tuple[int, int]:
+    """``root/{train,val}/<class>/*.png``: 12 train and 7 val images, each one flat colour with
+    red = 16 + 20 * (its id within the split) and green = its class (see streaming_worker.py)."""
+    from PIL import Image
+
+    greens = (60, 140, 220)
+    splits = {"train": [0] * 4 + [1] * 4 + [2] * 4, "val": [0, 0, 0, 1, 1, 2, 2]}
+    for split, classes in splits.items():
+        for file_id, label in enumerate(classes):
+            d = root / split / f"class{label}"
+            d.mkdir(parents=True, exist_ok=True)
+            pixels = np.full(
+                (12 + file_id, 20 - file_id, 3), (16 + 20 * file_id, greens[label], 128)
+            )
+            Image.fromarray(pixels.astype(np.uint8)).save(d / f"{file_id}.png")
+    return len(splits["train"]), len(splits["val"])
+
+
+def test_two_processes_stream_disjoint_train_shards_and_exact_eval_totals(tmp_path):
+    num_train, num_val = _flat_colour_folder(tmp_path / "data")
+    port = _free_port()
+    worker = os.path.join(os.path.dirname(WORKER), "streaming_worker.py")
+    outs = [tmp_path / f"process{i}.json" for i in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, worker, str(out), str(tmp_path / "data"), f"127.0.0.1:{port}", str(i)],
+            env=_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i, out in enumerate(outs)
+    ]
+    try:
+        results = [p.communicate(timeout=300) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for p, (_, err) in zip(procs, results, strict=True):
+        assert p.returncode == 0, err[-3000:]
+    first, second = (json.loads(out.read_text()) for out in outs)
+    # An epoch is 12 // 4 = 3 steps of 2 rows per process: the two shards are disjoint, and
+    # together they are every train image once.
+    read = [sorted(sum(r["local"], [])) for r in (first, second)]
+    assert not set(read[0]) & set(read[1])
+    assert sorted(read[0] + read[1]) == list(range(num_train))
+    # Each step's global batch is process 0's rows, then process 1's, on both processes.
+    expected = [a + b for a, b in zip(first["local"], second["local"], strict=True)]
+    assert first["global"] == second["global"] == expected
+    # Eval: 7 images as 4 + 3 rows, each process 2 batches of 2, so process 1 pads one row;
+    # the totals count each image once and never the padding, on every process.
+    assert first["eval_rows"] == second["eval_rows"] == 4
+    val_id_sum = num_val * (num_val - 1) / 2
+    for r in (first, second):
+        assert r["eval"] == {"count": num_val, "correct": num_val, "id_sum": val_id_sum}
