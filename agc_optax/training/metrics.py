@@ -1,4 +1,11 @@
-"""Metrics as JSON lines, and the loss / accuracy / clip-fraction plot."""
+"""Metrics as JSON lines (and TensorBoard scalars), and the loss / accuracy / clip-fraction plot.
+
+With the optional ``logging`` extra (``pip install 'agc_optax[logging]'``, which brings
+tensorboardX, not TensorFlow) every number written to ``metrics.jsonl`` also goes to a
+TensorBoard event file in the same directory, as the scalar ``<split>/<name>`` (e.g.
+``train/loss``, ``eval_ema/accuracy``) at the record's step: ``tensorboard --logdir runs``.
+Without it only ``metrics.jsonl`` is written, silently.
+"""
 
 from __future__ import annotations
 
@@ -11,22 +18,37 @@ from typing import Any
 class MetricsWriter:
     """Appends one JSON object per line; a no-op on processes other than 0.
 
-    Appending (rather than truncating) keeps the history of a resumed run in one file.
+    Appending (rather than truncating) keeps the history of a resumed run in one file. When
+    tensorboardX is installed the same numbers also go to a TensorBoard event file beside it.
 
     Args:
       path: the ``.jsonl`` file.
       enabled: write at all (``jax.process_index() == 0``).
       keep_until_step: a run resumed at this step first drops the records of later steps
         (written after the checkpoint it resumes from, and about to be written again), so
-        every step appears once. ``None`` keeps everything.
+        every step appears once (TensorBoard is told the same: its events from later steps
+        are hidden). ``None`` keeps everything.
+      tensorboard: also write TensorBoard scalars when tensorboardX is installed.
     """
 
-    def __init__(self, path: str, *, enabled: bool = True, keep_until_step: int | None = None):
+    def __init__(
+        self,
+        path: str,
+        *,
+        enabled: bool = True,
+        keep_until_step: int | None = None,
+        tensorboard: bool = True,
+    ):
         self.path = path
         self.enabled = enabled
         if enabled and keep_until_step is not None and os.path.exists(path):
             _drop_records_after(path, keep_until_step)
         self._file = open(path, "a", encoding="utf-8") if enabled else None  # noqa: SIM115
+        self._tensorboard = (
+            _tensorboard_writer(os.path.dirname(os.path.abspath(path)), keep_until_step)
+            if enabled and tensorboard
+            else None
+        )
 
     def write(self, record: dict[str, Any]) -> None:
         """Writes ``record`` (numbers are converted to plain floats/ints)."""
@@ -35,11 +57,33 @@ class MetricsWriter:
         clean = {k: _plain(v) for k, v in record.items()}
         self._file.write(json.dumps(clean) + "\n")
         self._file.flush()
+        if self._tensorboard is not None:
+            split, step = record.get("split", "train"), int(record.get("step", 0))
+            for key, value in record.items():
+                if key in ("split", "step") or value is None or isinstance(value, str):
+                    continue
+                self._tensorboard.add_scalar(f"{split}/{key}", float(value), step)
+            self._tensorboard.flush()  # as durable as the JSON line
 
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
             self._file = None
+        if self._tensorboard is not None:
+            self._tensorboard.close()
+            self._tensorboard = None
+
+
+def _tensorboard_writer(directory: str, keep_until_step: int | None) -> Any:
+    """A tensorboardX ``SummaryWriter`` on ``directory``, or ``None`` without the package."""
+    try:
+        from tensorboardX import SummaryWriter
+    except ImportError:  # optional (the `logging` extra): metrics.jsonl alone is complete
+        return None
+    # A resumed run writes its steps after `keep_until_step` again: TensorBoard then hides the
+    # earlier events from those steps (its "purge" marker), as the JSON file drops them.
+    purge = None if keep_until_step is None else keep_until_step + 1
+    return SummaryWriter(logdir=directory, purge_step=purge)
 
 
 def _plain(v: Any) -> Any:

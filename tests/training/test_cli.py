@@ -7,6 +7,7 @@ import os
 
 import pytest
 from cli_util import cli_env, run_cli
+from tensorboard_events import read_scalars
 
 
 @pytest.mark.parametrize(
@@ -107,6 +108,9 @@ def test_smoke_run_writes_everything(tmp_path):
     } <= set(train[-1])
     assert 0.0 <= train[-1]["clip_fraction"] <= 1.0
     assert any(r["split"] == "eval_ema" for r in records)
+    # TensorBoard (the `logging` extra, in the test extra) gets the same numbers beside them.
+    loss = [(r["step"], pytest.approx(r["loss"], rel=1e-6)) for r in train]
+    assert read_scalars(run_dir)["train/loss"] == loss
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == 20 and 0.0 <= summary["test_accuracy"] <= 1.0
     # The same directory again without --resume would overwrite a run: refused.
