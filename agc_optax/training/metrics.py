@@ -4,7 +4,8 @@ With the optional ``logging`` extra (``pip install 'agc_optax[logging]'``, which
 tensorboardX, not TensorFlow) every number written to ``metrics.jsonl`` also goes to a
 TensorBoard event file in the same directory, as the scalar ``<split>/<name>`` (e.g.
 ``train/loss``, ``eval_ema/accuracy``) at the record's step: ``tensorboard --logdir runs``.
-Without it only ``metrics.jsonl`` is written, silently.
+A NaN or Inf (``null`` in the JSON) is left out there too. Without the package only
+``metrics.jsonl`` is written, silently.
 """
 
 from __future__ import annotations
@@ -59,10 +60,10 @@ class MetricsWriter:
         self._file.flush()
         if self._tensorboard is not None:
             split, step = record.get("split", "train"), int(record.get("step", 0))
-            for key, value in record.items():
+            for key, value in clean.items():  # non-finite numbers, null in the JSON, left out
                 if key in ("split", "step") or value is None or isinstance(value, str):
                     continue
-                self._tensorboard.add_scalar(f"{split}/{key}", float(value), step)
+                self._tensorboard.add_scalar(f"{split}/{key}", value, step)
             self._tensorboard.flush()  # as durable as the JSON line
 
     def close(self) -> None:
