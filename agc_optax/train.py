@@ -1,7 +1,8 @@
 """Command line: train a normalizer-free network with AGC (``python -m agc_optax.train``).
 
 With no flags it trains a small NF-ResNet-26 with ``agc_optax.sgd_agc`` on scikit-learn's bundled
-digits, offline, in about two minutes on two CPU cores. Flags override the chosen ``--preset``.
+digits, offline, on a CPU; the first step waits for XLA to compile the train step (a line says so,
+and how long it took). Flags override the chosen ``--preset``.
 
 Examples::
 
@@ -95,7 +96,10 @@ def _parser() -> argparse.ArgumentParser:
         help="split parameters, optimizer state and EMA over the devices (FSDP; --parallel jit) "
         "for models too large for one device",
     )
-    add("--run-dir", help="metrics, plots, config and checkpoints (default runs/<model>-<time>)")
+    add(
+        "--run-dir",
+        help="metrics, plots, config and checkpoints (default runs/<model>-<dataset>-<time>)",
+    )
     add("--checkpoint-dir", help="checkpoints (default <run-dir>/checkpoints)")
     add("--checkpoint-every", type=int, help="steps between checkpoints (default: each epoch)")
     add("--resume", action="store_true", help="continue from the newest readable checkpoint")
@@ -207,11 +211,21 @@ def main(argv: list[str] | None = None) -> int:
     warnings.showwarning = _show_warning
     from agc_optax.training.checkpoint import CheckpointWriteError
     from agc_optax.training.data import DataError
+    from agc_optax.training.recipe import ModelArgError
     from agc_optax.training.trainer import Preempted, TrainingDiverged, train
 
     try:
         config = config_from_args(args)
         train(config)
+    except ModelArgError as e:
+        message = str(e)
+        if args.model_arg:  # the flags as typed, not the preset's overrides merged with them
+            message = f"--model-arg {' '.join(args.model_arg)} (model `{e.model}`): {e.cause}"
+            as_text = [f"{k}={v!r}" for k, v in e.overrides.items() if isinstance(v, str)]
+            if as_text:  # a bare word that is not a Python literal falls back to a string
+                message += f" (read as text: {', '.join(as_text)})"
+        print(f"agc-train: error: {message}", file=sys.stderr)
+        return 2
     except (ConfigError, DataError) as e:
         print(f"agc-train: error: {e}", file=sys.stderr)
         return 2

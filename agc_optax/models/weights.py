@@ -133,10 +133,12 @@ def _read_source(params: Any, allow_pickle: bool) -> dict[str, np.ndarray]:
             )
         try:
             import dill
-        except ImportError as e:
+        except ImportError:
             raise ImportError(
-                "Reading DeepMind's pickled checkpoints needs `dill`: pip install dill"
-            ) from e
+                f"`params`: {str(path)!r} is a dill pickle (DeepMind's `*_haiku.npz` format), "
+                "and reading it needs `dill`, which the `weights` extra installs: "
+                'pip install "agc_optax[weights]"'
+            ) from None
         try:
             with open(path, "rb") as f:
                 params = dill.load(f)

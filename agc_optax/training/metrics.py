@@ -120,12 +120,17 @@ def read_metrics(path: str) -> list[dict[str, Any]]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def plot_metrics(path: str, out_png: str) -> str:
+def plot_metrics(
+    path: str, out_png: str, *, title: str | None = None, label_smoothing: float | None = None
+) -> str:
     """Plots training/eval loss, accuracy and the AGC clip fraction against the step.
 
     Args:
       path: the metrics ``.jsonl`` file (records with ``split`` ``"train"`` or ``"eval"``).
       out_png: where the figure goes.
+      title: the figure's title, e.g. the model, the dataset and the run directory.
+      label_smoothing: the run's label smoothing; when non-zero the loss panel notes that the
+        train loss includes it (so the train curve sits above the eval loss, which does not).
 
     Returns:
       ``out_png``.
@@ -138,36 +143,92 @@ def plot_metrics(path: str, out_png: str) -> str:
     except ImportError:
         raise ImportError("plots need matplotlib: pip install 'agc_optax[train]'") from None
 
-    records = read_metrics(path)
+    fig = metrics_figure(read_metrics(path), title=title, label_smoothing=label_smoothing)
+    os.makedirs(os.path.dirname(os.path.abspath(out_png)), exist_ok=True)
+    fig.savefig(out_png, dpi=100)
+    plt.close(fig)
+    return out_png
+
+
+def metrics_figure(
+    records: list[dict[str, Any]], *, title: str | None = None, label_smoothing: float | None = None
+) -> Any:
+    """The figure of :func:`plot_metrics` for ``records`` (a matplotlib ``Figure``; close it).
+
+    A record whose loss is not finite (written as ``null``) is drawn as a red x at the bottom
+    of the loss panel, at its step, instead of leaving a gap or an empty panel.
+    """
+    import matplotlib.pyplot as plt
+
+    def finite(value: Any) -> bool:
+        return isinstance(value, int | float) and math.isfinite(value)
 
     def series(split: str, key: str) -> tuple[list[float], list[float]]:
         pts = [
-            (r["step"], r[key])
-            for r in records
-            if r.get("split") == split and r.get(key) is not None
+            (r["step"], r[key]) for r in records if r.get("split") == split and finite(r.get(key))
         ]
         return [p[0] for p in pts], [p[1] for p in pts]
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    for ax, key, title in zip(
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.4))
+    loss_title = "loss"
+    if label_smoothing:
+        loss_title += (
+            f"\ntrain loss includes label smoothing {label_smoothing:g} (eval's does not),"
+            "\nso it sits above the eval loss"
+        )
+    for ax, key, panel_title in zip(
         axes,
         ("loss", "accuracy", "clip_fraction"),
-        ("loss", "accuracy", "AGC clip fraction"),
+        (loss_title, "accuracy", "AGC clip fraction"),
         strict=True,
     ):
         for split, style in (("train", "-"), ("eval", "o-"), ("eval_ema", "s--")):
             xs, ys = series(split, key)
             if xs:
                 ax.plot(xs, ys, style, label=split, markersize=4)
-        ax.set_title(title)
+        ax.set_title(panel_title, fontsize=10 if "\n" in panel_title else None)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
+        if key == "loss":
+            _mark_nonfinite(ax, records, key)
         if ax.has_data():
             ax.legend()
         else:
-            ax.text(0.5, 0.5, "not recorded (no AGC)", ha="center", transform=ax.transAxes)
+            missing = "not recorded (no AGC)" if key == "clip_fraction" else "not recorded"
+            ax.text(0.5, 0.5, missing, ha="center", transform=ax.transAxes)
+    if title:
+        fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(out_png)), exist_ok=True)
-    fig.savefig(out_png, dpi=100)
-    plt.close(fig)
-    return out_png
+    return fig
+
+
+def _mark_nonfinite(ax: Any, records: list[dict[str, Any]], key: str) -> None:
+    """Red x at the foot of ``ax`` for each record whose ``key`` is present but not finite."""
+    steps = [
+        r["step"]
+        for r in records
+        if key in r and not (isinstance(r[key], int | float) and math.isfinite(r[key]))
+    ]
+    if not steps:
+        return
+    foot = ax.get_xaxis_transform()  # x in steps, y in axes fractions
+    ax.plot(
+        steps,
+        [0.03] * len(steps),
+        "x",
+        color="red",
+        transform=foot,
+        clip_on=False,
+        label=f"{key} not finite ({len(steps)})",
+    )
+    ax.text(
+        0.5,
+        0.1,
+        f"{key} not finite at step{'s' if len(steps) > 1 else ''} "
+        + ", ".join(str(s) for s in steps[:8])
+        + (", ..." if len(steps) > 8 else ""),
+        color="red",
+        ha="center",
+        transform=ax.transAxes,
+        bbox={"facecolor": "white", "alpha": 0.8, "edgecolor": "none"},
+    )

@@ -8,7 +8,8 @@ both build it here.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import inspect
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax.numpy as jnp
@@ -40,22 +41,54 @@ def model_builder(
       computing any weights.
 
     Raises:
-      ConfigError: a model override the model does not take.
+      ModelArgError: the model's constructor refused ``model_overrides`` (an unknown keyword,
+        a value of the wrong type or shape); the model builds without them.
     """
     dtype = jnp.dtype(config.dtype)
 
-    def build() -> nnx.Module:
+    def build(overrides: Mapping[str, Any] = config.model_overrides) -> nnx.Module:
         rngs = nnx.Rngs(params=config.seed, dropout=config.seed + 1)
         if model_fn is not None:
             return model_fn(num_classes, dtype=dtype, rngs=rngs)
-        overrides = dict(config.model_overrides)
-        return models.create_model(config.model, num_classes, dtype=dtype, rngs=rngs, **overrides)
+        return models.create_model(
+            config.model, num_classes, dtype=dtype, rngs=rngs, **dict(overrides)
+        )
 
+    if model_fn is not None or not config.model_overrides:
+        return build, nnx.eval_shape(build)  # nothing of the user's: any error is a bug
     try:
         abstract = nnx.eval_shape(build)
-    except TypeError as e:  # an override the model does not take
-        raise ConfigError(f"model `{config.model}`: {e}") from None
+    except (TypeError, ValueError) as e:
+        # Blame the overrides only when the model builds without them; else it is a bug.
+        plain = nnx.eval_shape(lambda: build({}))
+        raise ModelArgError(config.model, config.model_overrides, _cause(e, plain)) from e
     return build, abstract
+
+
+class ModelArgError(ConfigError):
+    """The model's constructor refused its keyword overrides (``--model-arg``).
+
+    Attributes:
+      model: the model's name.
+      overrides: the keywords it was given.
+      cause: why, in one line.
+    """
+
+    def __init__(self, model: str, overrides: Mapping[str, Any], cause: str):
+        self.model, self.overrides, self.cause = model, dict(overrides), cause
+        given = " ".join(f"{k}={v!r}" for k, v in self.overrides.items())
+        super().__init__(f"--model-arg {given} (model `{model}`): {cause}")
+
+
+def _cause(error: Exception, plain: nnx.Module) -> str:
+    """``error`` in one line; an unknown keyword lists those ``type(plain)`` takes."""
+    text = " ".join(str(error).split())
+    if isinstance(error, TypeError) and "unexpected keyword argument" in text:
+        set_by_the_trainer = {"self", "num_classes", "variant", "dtype", "param_dtype", "rngs"}
+        parameters = inspect.signature(type(plain).__init__).parameters
+        takes = [name for name in parameters if name not in set_by_the_trainer]
+        return f"{text}; {type(plain).__name__} takes {', '.join(takes)}"
+    return text
 
 
 def training_steps(config: Config, steps_per_epoch: int) -> int:

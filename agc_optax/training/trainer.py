@@ -228,7 +228,19 @@ def train(
         raise ConfigError(
             f"`{checkpoint_dir}` already holds checkpoints; pass `--resume` or a new `--run-dir`"
         )
-    state = placement.init(init) if state is None else placement.place(state)
+    say(
+        f"training {config.model if model_fn is None else 'a custom model'} on {config.dataset} "
+        f"({len(dataset.train)} train / "
+        f"{len(dataset.test)} test images) for {total_steps} steps, batch {config.batch_size} "
+        f"on {jax.device_count()} device(s) ({config.parallel}, {process_count} process(es))"
+    )
+    if state is None:
+        say("compiling the initializer of weights and optimizer state...")
+        started = time.time()
+        state = placement.init(init)
+        say(f"compiled the initializer in {time.time() - started:.1f} s")
+    else:
+        state = placement.place(state)
     start_step = int(placement.to_host(state.step))
     if start_step:  # restored
         say(f"resumed from step {start_step} ({checkpoint_dir})")
@@ -262,7 +274,9 @@ def train(
     # --- Evaluation ------------------------------------------------------------------------------
     def evaluate(params: Any, batch_stats: Any) -> dict[str, float]:
         def sums_of(*batch: Any) -> dict[str, Any]:
-            return placement.to_host(eval_step(params, batch_stats, *placement.shard(batch)))
+            return placement.to_host(
+                announced_eval_step(params, batch_stats, *placement.shard(batch))
+            )
 
         return step_lib.evaluate(
             sums_of,
@@ -285,15 +299,12 @@ def train(
     if is_main:
         with open(os.path.join(run_dir, "config.json"), "w") as f:
             json.dump(config.to_json(), f, indent=2)
-    say(
-        f"training {config.model if model_fn is None else 'a custom model'} on {config.dataset} "
-        f"({len(dataset.train)} train / "
-        f"{len(dataset.test)} test images) for {total_steps} steps, batch {config.batch_size} "
-        f"on {jax.device_count()} device(s) ({config.parallel}, {process_count} process(es))"
-    )
     layout = "split over the devices" if placement.shard_params else "a whole copy on each"
     say(f"state: {_format_bytes(parallel.bytes_per_device(state))} per device ({layout})")
-    bar = _progress(total_steps, start_step, enabled=is_main and config.progress)
+    # The bar starts once the train step is compiled, so that its rate and ETA are the steps'.
+    bar: Any = _NoBar(say)  # until then (and with --no-progress) lines go to `say`
+    train_step = _CompileNotice(train_step, "train step", lambda line: bar.write(line))
+    announced_eval_step = _CompileNotice(eval_step, "eval step", lambda line: bar.write(line))
     eval_record: dict[str, dict[str, float]] = {}
     tick, tick_step = time.time(), start_step
     votes_per_process = len(jax.local_devices())
@@ -310,6 +321,11 @@ def train(
                 state, step_metrics = train_step(
                     state, placement.shard(batches.batch(step)), placement.shard(votes)
                 )
+                if step == start_step:  # compiled (jit compiles in the call, runs after it)
+                    bar = _progress(
+                        total_steps, start_step, say, enabled=is_main and config.progress
+                    )
+                    tick = time.time()  # the first rate leaves compilation out
                 done = step + 1
                 last = done == total_steps
                 if unread is not None:
@@ -335,6 +351,8 @@ def train(
                         clip=f"{m['clip_fraction']:.3f}" if "clip_fraction" in m else "-",
                         img_s=f"{m['images_per_s']:.0f}",
                     )
+                    if not bar.shows_progress:  # --no-progress: a batch job's log still tells
+                        say(_train_line(done, total_steps, m))
                 else:
                     unread = (done, flags)
                 if guard.bad_run >= config.max_bad_steps:
@@ -387,7 +405,13 @@ def train(
         "checkpoints": checkpoint_dir,
     }
     if is_main:
-        files["plot"] = metrics_lib.plot_metrics(writer.path, os.path.join(run_dir, "metrics.png"))
+        files["plot"] = metrics_lib.plot_metrics(
+            writer.path,
+            os.path.join(run_dir, "metrics.png"),
+            title=f"{config.model if model_fn is None else 'custom model'} on {config.dataset}: "
+            f"{run_dir}",
+            label_smoothing=config.label_smoothing,
+        )
         summary = {
             "steps": total_steps,
             "test_accuracy": ema_acc,
@@ -513,25 +537,64 @@ def _format_bytes(n: int) -> str:
     return f"{size:.2f} {unit}"
 
 
+class _CompileNotice:
+    """A jitted function whose first call, the one that compiles, is announced and timed."""
+
+    def __init__(self, fn: Callable[..., Any], what: str, show: Callable[[str], None]):
+        self.fn, self.what, self.show = fn, what, show
+        self.compiled = False
+
+    def __call__(self, *args: Any) -> Any:
+        if self.compiled:
+            return self.fn(*args)
+        self.show(f"compiling the {self.what}...")
+        start = time.time()
+        out = self.fn(*args)  # returns once compiled; the computation runs on asynchronously
+        self.show(f"compiled the {self.what} in {time.time() - start:.1f} s")
+        self.compiled = True
+        return out
+
+
+def _train_line(done: int, total: int, m: dict[str, float]) -> str:
+    """One log line of a train record, for runs without the progress bar."""
+    parts = [
+        f"loss {m['loss']:.4f}",
+        f"accuracy {m['accuracy']:.4f}",
+        f"{m['images_per_s']:.0f} images/s",
+        f"lr {m['learning_rate']:.4g}",
+    ]
+    if "clip_fraction" in m:
+        parts.append(f"clip fraction {m['clip_fraction']:.3f}")
+    if m.get("skipped_steps"):
+        parts.append(f"{m['skipped_steps']} skipped (non-finite)")
+    return f"step {done}/{total}: " + ", ".join(parts)
+
+
 class _NoBar:
+    """No progress bar: lines written to it go to the trainer's log (process 0's stdout)."""
+
+    shows_progress = False
+
+    def __init__(self, say: Callable[[str], None]):
+        self.write = say
+
     def set_postfix(self, **_: Any) -> None:
         pass
 
     def update(self, _: int) -> None:
         pass
 
-    def write(self, _: str) -> None:
-        pass
-
     def close(self) -> None:
         pass
 
 
-def _progress(total: int, initial: int, *, enabled: bool) -> Any:
+def _progress(total: int, initial: int, say: Callable[[str], None], *, enabled: bool) -> Any:
     if not enabled:
-        return _NoBar()
+        return _NoBar(say)
     try:
         from tqdm.auto import tqdm
     except ImportError:  # the bar is a nicety; train without it
-        return _NoBar()
-    return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
+        return _NoBar(say)
+    bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
+    bar.shows_progress = True
+    return bar

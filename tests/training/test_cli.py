@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import pytest
 from cli_util import cli_env, run_cli
@@ -113,9 +114,37 @@ def test_smoke_run_writes_everything(tmp_path):
     assert read_scalars(run_dir)["train/loss"] == loss
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == 20 and 0.0 <= summary["test_accuracy"] <= 1.0
+    _check_log_lines(proc.stdout.splitlines(), train, [r for r in records if r["split"] == "eval"])
     # The same directory again without --resume would overwrite a run: refused.
     again = run_cli("--preset", "smoke", "--run-dir", str(run_dir), "--no-progress")
     assert again.returncode != 0 and "already holds checkpoints" in again.stderr
+
+
+def _check_log_lines(lines: list[str], train: list[dict], evals: list[dict]) -> None:
+    """--no-progress: compilation is announced and timed, then one line per train record (the
+    values of metrics.jsonl) and per evaluation, so a batch job's log tells how the run goes."""
+    assert lines[0].startswith("training nf_resnet26 on digits ")
+    assert lines[1] == "compiling the initializer of weights and optimizer state..."
+    assert re.fullmatch(r"compiled the initializer in \d+\.\d s", lines[2])
+    assert lines.index("compiling the train step...") + 1 == lines.index(
+        next(line for line in lines if line.startswith("compiled the train step in "))
+    )
+    compiled = next(i for i, line in enumerate(lines) if line.startswith("compiled the train"))
+    assert re.fullmatch(r"compiled the train step in \d+\.\d s", lines[compiled])
+    step_lines = [line for line in lines if re.match(r"step \d+/20: ", line)]
+    assert [int(line.split("/")[0].split()[1]) for line in step_lines] == [5, 10, 15, 20]
+    assert lines.index(step_lines[0]) > compiled
+    for line, record in zip(step_lines, train, strict=True):
+        assert f"step {record['step']}/20: loss {record['loss']:.4f}, " in line, line
+        assert f"accuracy {record['accuracy']:.4f}, " in line
+        assert f"{record['images_per_s']:.0f} images/s, lr {record['learning_rate']:.4g}" in line
+        assert line.endswith(f"clip fraction {record['clip_fraction']:.3f}"), line
+    eval_lines = [line for line in lines if re.fullmatch(r"step \d+: eval accuracy .*", line)]
+    assert [f"step {r['step']}: eval accuracy {r['accuracy']:.4f}" for r in evals] == [
+        line.split(",")[0] for line in eval_lines
+    ]
+    assert lines.count("compiling the eval step...") == 1
+    assert lines.index("compiling the eval step...") < lines.index(eval_lines[0])
 
 
 def test_no_agc_and_global_clip_runs(tmp_path):
@@ -133,7 +162,7 @@ def test_no_agc_and_global_clip_runs(tmp_path):
 def test_default_run_reaches_stated_accuracy(tmp_path):
     """The README's first command, no flags but where to write.
 
-    Measured: ~96% test accuracy (EMA weights) in about a minute on 2 shared CPU cores.
+    Measured: ~96% test accuracy (EMA weights).
     """
     run_dir = tmp_path / "default"
     proc = run_cli("--run-dir", str(run_dir), "--no-progress", timeout=900)
@@ -148,3 +177,5 @@ def test_help_states_each_default_once():
     text = " ".join(proc.stdout.split())  # argparse wraps lines
     assert "(default: None)" not in text and "(default: [])" not in text
     assert "(default nf_resnet26)" in text and "(default digits)" in text
+    # Where a run goes, as run_dir_of names it.
+    assert "(default runs/<model>-<dataset>-<time>)" in text
