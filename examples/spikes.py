@@ -11,7 +11,7 @@ spike covering updates :math:`s..e`, the recovery time is the smallest :math:`k 
 is back within 2% of its value just before the spike. ``>n`` means it did not get back before
 the next spike (or the end of the run), ``n`` updates later.
 
-    python examples/spikes.py                 # ~30 s on 2 CPU cores; figure in runs/spikes/
+    python examples/spikes.py                 # figure in runs/spikes/ (30-40 s, idle 2-core VM)
     python examples/spikes.py --steps 120 --out /tmp/spikes   # the smoke test's size
 """
 
