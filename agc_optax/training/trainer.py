@@ -325,7 +325,7 @@ def train(
                     bar = _progress(
                         total_steps, start_step, say, enabled=is_main and config.progress
                     )
-                    tick = time.time()  # the first rate leaves compilation out
+                    tick += train_step.seconds  # the first rate leaves compilation out
                 done = step + 1
                 last = done == total_steps
                 if unread is not None:
@@ -543,6 +543,7 @@ class _CompileNotice:
     def __init__(self, fn: Callable[..., Any], what: str, show: Callable[[str], None]):
         self.fn, self.what, self.show = fn, what, show
         self.compiled = False
+        self.seconds = 0.0  # the first call's
 
     def __call__(self, *args: Any) -> Any:
         if self.compiled:
@@ -550,7 +551,8 @@ class _CompileNotice:
         self.show(f"compiling the {self.what}...")
         start = time.time()
         out = self.fn(*args)  # returns once compiled; the computation runs on asynchronously
-        self.show(f"compiled the {self.what} in {time.time() - start:.1f} s")
+        self.seconds = time.time() - start
+        self.show(f"compiled the {self.what} in {self.seconds:.1f} s")
         self.compiled = True
         return out
 

@@ -15,6 +15,7 @@ import pytest
 from tiny_model import tiny_model
 
 from agc_optax.training import PRESETS, recipe, train
+from agc_optax.training import data as data_lib
 from agc_optax.training import metrics as metrics_lib
 from agc_optax.training import trainer as trainer_lib
 
@@ -84,6 +85,14 @@ def test_bar_starts_after_compilation_and_plot_is_labelled(tmp_path, monkeypatch
         plots.append(kwargs)
         return real_plot(*args, **kwargs)
 
+    slow_first = data_lib.TrainBatches._batch
+
+    def first_batch_slow(self, step):  # e.g. streaming workers starting up
+        if step == 0:
+            time.sleep(0.5)
+        return slow_first(self, step)
+
+    monkeypatch.setattr(data_lib.TrainBatches, "_batch", first_batch_slow)
     monkeypatch.setattr(trainer_lib, "_progress", progress)
     monkeypatch.setattr(metrics_lib, "plot_metrics", plot)
     config = PRESETS["smoke"].replace(
@@ -107,6 +116,11 @@ def test_bar_starts_after_compilation_and_plot_is_labelled(tmp_path, monkeypatch
     assert writes[2].startswith("step 2: eval accuracy ") and writes[-1].startswith("step 4: ")
     # The bar shows the train metrics; no plain lines duplicate them.
     assert not any(re.match(r"step \d+/4: ", line) for _, line in kinds_and_lines)
+
+    # The first record's rates leave compilation out, but not the wait for the first batch.
+    first = metrics_lib.read_metrics(str(tmp_path / "run" / "metrics.jsonl"))[0]
+    assert first["step"] == 2 and 0.0 < first["input_wait_fraction"] <= 1.0, first
+    assert first["images_per_s"] <= 2 * 32 / 0.5  # the first batch's 0.5 s wait is counted
 
     assert plots == [
         {"title": f"custom model on digits: {tmp_path / 'run'}", "label_smoothing": 0.1}
