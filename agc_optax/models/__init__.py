@@ -1,5 +1,6 @@
 """Normalizer-free networks in Flax NNX, with DeepMind parity and weight loading."""
 
+from agc_optax.models.export import export, load_exported
 from agc_optax.models.layers import (
     GAMMAS,
     EfficientChannelAttention,
@@ -13,7 +14,19 @@ from agc_optax.models.layers import (
 from agc_optax.models.nf_regnet import NFRegNet, NFRegNetConfig
 from agc_optax.models.nf_resnet import NFResNet, NFResNetConfig
 from agc_optax.models.nfnet import NFNet, NFNetConfig, download_nfnet_weights
-from agc_optax.models.registry import create_model, get_config, list_models
+from agc_optax.models.pretrained import (
+    ModelDefaults,
+    PretrainedWeightsError,
+    WeightsFile,
+    fetch_pretrained,
+)
+from agc_optax.models.registry import (
+    create_model,
+    default_config,
+    get_config,
+    list_models,
+    model_info,
+)
 from agc_optax.models.resnet import ResNet, ResNetConfig
 from agc_optax.models.timm_nfnet import TimmNFNet, TimmNFNetConfig
 from agc_optax.models.weights import (
@@ -31,12 +44,14 @@ __all__ = [
     "GAMMAS",
     "EfficientChannelAttention",
     "HaikuWeightsError",
+    "ModelDefaults",
     "NFNet",
     "NFNetConfig",
     "NFRegNet",
     "NFRegNetConfig",
     "NFResNet",
     "NFResNetConfig",
+    "PretrainedWeightsError",
     "ResNet",
     "ResNetConfig",
     "SqueezeExcite",
@@ -46,14 +61,20 @@ __all__ = [
     "TimmWeightsError",
     "WSConv",
     "WeightsError",
+    "WeightsFile",
     "create_model",
+    "default_config",
     "download_nfnet_weights",
     "estimate_gamma",
+    "export",
+    "fetch_pretrained",
     "get_config",
     "list_models",
+    "load_exported",
     "load_haiku_params",
     "load_params",
     "load_timm_state_dict",
+    "model_info",
     "read_state_dict",
     "save_params",
     "scaled_activation",

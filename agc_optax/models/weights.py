@@ -165,6 +165,14 @@ def _read_source(params: Any, allow_pickle: bool) -> dict[str, np.ndarray]:
     return flat
 
 
+def read_haiku_file(
+    path: str | os.PathLike, *, allow_pickle: bool = False
+) -> dict[str, np.ndarray]:
+    """Reads a Haiku checkpoint file (an npz, or with ``allow_pickle`` one of DeepMind's dill
+    pickles) into ``{"module/param": ndarray}``, as `load_haiku_params` does."""
+    return _read_source(os.fspath(path), allow_pickle)
+
+
 def read_npz(
     path: str | os.PathLike, argument: str, error: type[WeightsError] = HaikuWeightsError
 ) -> dict[str, np.ndarray]:
@@ -649,6 +657,17 @@ def save_params(model: nnx.Module, path: str | os.PathLike) -> None:
     checkpointer.wait_until_finished()
 
 
+def saved_param_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
+    """``{leaf path: shape}`` of a `save_params` directory, read from its metadata only."""
+    try:
+        import orbax.checkpoint as ocp
+    except ImportError as e:
+        raise ImportError("reading saved params needs orbax: pip install 'agc_optax[train]'") from e
+    metadata = ocp.StandardCheckpointer().metadata(Path(path).absolute())
+    tree = getattr(metadata, "item_metadata", metadata)
+    return {k: tuple(getattr(v, "shape", ())) for k, v in dict(tree).items()}
+
+
 def load_params(model: nnx.Module, path: str | os.PathLike) -> nnx.Module:
     """Restores parameters written by `save_params` into ``model``, in place.
 
@@ -663,9 +682,7 @@ def load_params(model: nnx.Module, path: str | os.PathLike) -> nnx.Module:
     state, flat = _pure_params(model)
     checkpointer = ocp.StandardCheckpointer()
     path = Path(path).absolute()
-    metadata = checkpointer.metadata(path)
-    tree = getattr(metadata, "item_metadata", metadata)
-    saved = {k: tuple(getattr(v, "shape", ())) for k, v in dict(tree).items()}
+    saved = saved_param_shapes(path)
     want = {k: tuple(v.shape) for k, v in flat.items()}
     problems = [f"  missing in checkpoint: {k} {s}" for k, s in want.items() if k not in saved]
     problems += [f"  unexpected in checkpoint: {k} {s}" for k, s in saved.items() if k not in want]
