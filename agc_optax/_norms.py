@@ -146,7 +146,7 @@ def clip_scale(
     ratio, so its output is NaN and an ``optax.apply_if_finite`` after AGC skips the step;
     otherwise such a unit would pass unclipped, unnoticed. Finite norms give bit for bit the same
     results as without this check. A powered norm that overflowed (finite inputs whose squared
-    norm exceeds float32's range) is fixed afterwards by :func:`unit_clip_scale`.
+    norm exceeds float32's range) is fixed afterwards by :func:`unit_clip_scales`.
     """
     power = norm_power(norm)
     w_floor_pow = jnp.maximum(w_pow, eps**power)
@@ -224,34 +224,40 @@ def _rescaled_clip_scale(g, w, unit_axes, overflowed, fast, clipping, eps, norm)
     )
 
 
-def unit_clip_scale(
-    g: jax.Array,
-    w: jax.Array,
-    unit_axes: tuple[int, ...],
-    g_pow: jax.Array,
-    w_pow: jax.Array,
+def unit_clip_scales(
+    leaves: Sequence[tuple[jax.Array, jax.Array, tuple[int, ...], jax.Array, jax.Array]],
     clipping: Any,
     eps: Any,
     norm: NormOrder = 2,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """:func:`clip_scale` for one leaf, exact also where a powered unit norm overflowed.
+) -> list[tuple[jax.Array, jax.Array, jax.Array]]:
+    """:func:`clip_scale` for every clipped leaf, exact also where a powered norm overflowed.
 
-    ``g_pow`` and ``w_pow`` come from the one-pass reduction (XLA or Pallas). In float32 the
-    squared L2 norm overflows once ``||x|| > ~1.8e19``; such a unit would be clipped to zero (a
-    huge gradient) or get a NaN scale (huge weights). Only when some unit of the leaf overflowed
-    (a ``lax.cond`` on one flag per leaf, so the common case adds no pass over the leaf), the
-    norms are recomputed as ``(max, scaled norm)`` pairs and the ratio is formed from those.
-    Then every finite unit obeys ``||G_i|| <= clipping * max(||W_i||, eps)`` to float rounding.
+    ``leaves`` holds ``(g, w, unit_axes, g_pow, w_pow)`` per leaf, the powered norms from the
+    one-pass reduction (XLA or Pallas). In float32 the squared L2 norm overflows once
+    ``||x|| > ~1.8e19``; such a unit would be clipped to zero (a huge gradient) or get a NaN
+    scale (huge weights). One ``lax.cond`` on a single flag for the whole tree recomputes, only
+    when some unit overflowed, the norms of every leaf as ``(power of two, scaled norm)`` pairs
+    and forms the scales from those. Then every finite unit obeys
+    ``||G_i|| <= clipping * max(||W_i||, eps)`` to float rounding. The common case pays for the
+    flag (a reduction over the unit norms, not over the leaves) and nothing else. XLA's
+    ``cost_analysis()`` counts the branch that does not run as if it did.
     """
-    fast = clip_scale(g_pow, w_pow, clipping, eps, norm)
-    if norm == math.inf or g.size == 0:  # a max never overflows; an empty unit has norm 0
+    fast = [clip_scale(g_pow, w_pow, clipping, eps, norm) for _, _, _, g_pow, w_pow in leaves]
+    # A max never overflows; an empty unit has norm 0.
+    checked = [i for i, (g, *_) in enumerate(leaves) if norm != math.inf and g.size > 0]
+    if not checked:
         return fast
-    overflowed = jnp.isposinf(g_pow) | jnp.isposinf(w_pow)
-    return jax.lax.cond(
-        jnp.any(overflowed),
-        lambda: _rescaled_clip_scale(g, w, unit_axes, overflowed, fast, clipping, eps, norm),
-        lambda: fast,
-    )
+    overflowed = [jnp.isposinf(leaves[i][3]) | jnp.isposinf(leaves[i][4]) for i in checked]
+    any_overflow = jnp.any(jnp.stack([jnp.any(o) for o in overflowed]))
+
+    def rescaled():
+        out = list(fast)
+        for i, o in zip(checked, overflowed, strict=True):
+            g, w, unit_axes, _, _ = leaves[i]
+            out[i] = _rescaled_clip_scale(g, w, unit_axes, o, fast[i], clipping, eps, norm)
+        return out
+
+    return jax.lax.cond(any_overflow, rescaled, lambda: fast)
 
 
 def apply_scale(g: jax.Array, scale: jax.Array) -> jax.Array:

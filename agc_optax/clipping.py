@@ -22,7 +22,7 @@ from agc_optax._norms import (
     apply_scale,
     check_norm,
     powered_unit_norms,
-    unit_clip_scale,
+    unit_clip_scales,
 )
 from agc_optax._plan import PlanCache, UnitInfo, UnitTable
 from agc_optax.unit_axes import ExcludeRule, UnitAxesRule
@@ -119,15 +119,19 @@ def clip_leaves(
     w_leaves = jax.tree.leaves(params)
     state_leaves = [[None] * len(g_leaves) if t is None else jax.tree.leaves(t) for t in state]
     unit_norms = unit_norms or xla_unit_norms(norm)
+    leaves = list(zip(plan, g_leaves, w_leaves, *state_leaves, strict=True))
+    clipped = [i for i, (row, *_) in enumerate(leaves) if row.clipped]
+    norms = []
+    for i in clipped:
+        row, g, w, *leaf_state = leaves[i]
+        check_float_leaf(row.path, g, "the gradient")
+        norms.append((g, w, row.unit_axes, *unit_norms(row, g, w, *leaf_state)))
+    scales = dict(zip(clipped, unit_clip_scales(norms, clipping, eps, norm), strict=True))
     outputs, clipped_counts, ratios = [], [], []
-    for row, g, w, *leaf_state in zip(plan, g_leaves, w_leaves, *state_leaves, strict=True):
+    for i, (row, g, w, *leaf_state) in enumerate(leaves):
         scale = None
         if row.clipped:
-            check_float_leaf(row.path, g, "the gradient")
-            g_pow, w_pow = unit_norms(row, g, w, *leaf_state)
-            scale, clip, ratio = unit_clip_scale(
-                g, w, row.unit_axes, g_pow, w_pow, clipping, eps, norm
-            )
+            scale, clip, ratio = scales[i]
             if stats and row.num_units > 0:  # a zero-size leaf may have no units at all
                 clipped_counts.append(jnp.sum(clip, dtype=jnp.int32))
                 ratios.append(jnp.max(ratio).astype(jnp.float32))
