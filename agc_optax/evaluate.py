@@ -14,6 +14,9 @@ Examples::
     agc-eval --run-dir runs/my_run --dataset imagefolder --data-dir ~/data   # a trained run
 
 Exit status: 0 evaluated; 2 usage error (one line ``agc-eval: error: ...``).
+
+One process drives every local device (multi-host evaluation is not supported yet): each global
+batch is padded to a multiple of the device count, and padded rows are never counted.
 """
 
 from __future__ import annotations
@@ -225,14 +228,8 @@ def _build_model(args: argparse.Namespace):
     return model, args.model, weights
 
 
-def evaluate(args: argparse.Namespace) -> dict[str, Any]:
-    """Runs the evaluation the parsed flags describe; returns the JSON-able result."""
-    import jax
-    import jax.numpy as jnp
-    from flax import nnx
-
-    from agc_optax.models import default_config
-    from agc_optax.training import parallel
+def _setup(args: argparse.Namespace):
+    """Checks the flags, opens the data source and builds the model with its weights."""
     from agc_optax.training.data.sources import open_source
 
     _check_args(args)
@@ -244,6 +241,25 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         class_names = list_image_folder(args.data_dir, args.split)[1]
     source = open_source(args.dataset, args.data_dir, args.split, class_names)
     model, name, weights = _build_model(args)
+    return source, model, name, weights
+
+
+def evaluate(args: argparse.Namespace) -> dict[str, Any]:
+    """Runs the evaluation the parsed flags describe; returns the JSON-able result."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from agc_optax.models import default_config
+    from agc_optax.training import parallel
+
+    try:  # a wrong flag, file or weights: a usage error; failures after this are bugs
+        source, model, name, weights = _setup(args)
+    except (ValueError, TypeError, OSError) as e:
+        if isinstance(e, UsageError):
+            raise
+        raise UsageError(str(e)) from e
     defaults = default_config(name)
     classes = len(source.class_names)
     if model.num_classes != classes:
@@ -274,8 +290,11 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         return hits[:, 0], jnp.any(hits, axis=1)
 
     step = placement.compile(correct)
-    images_spec = jax.ShapeDtypeStruct((batch_size, resolution, resolution, 3), jnp.uint8)
-    labels_spec = jax.ShapeDtypeStruct((batch_size,), jnp.int32)
+    rows = NamedSharding(placement.mesh, PartitionSpec(parallel.DATA_AXIS))  # as shard() puts them
+    images_spec = jax.ShapeDtypeStruct(
+        (batch_size, resolution, resolution, 3), jnp.uint8, sharding=rows
+    )
+    labels_spec = jax.ShapeDtypeStruct((batch_size,), jnp.int32, sharding=rows)
     step = step.lower(state, images_spec, labels_spec).compile()  # compile before timing
 
     def load(index: int) -> tuple[np.ndarray | None, int]:
@@ -355,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         result = evaluate(args)
-    except (UsageError, DataError, ValueError, TypeError, ImportError, OSError) as e:
+    except (UsageError, DataError, ImportError) as e:
         # One line: a weights report's lines (every mismatched key) joined, cut at 2000 chars.
         message = " | ".join(line.strip() for line in str(e).splitlines() if line.strip())
         print(f"agc-eval: error: {message[:2000]}", file=sys.stderr)

@@ -13,6 +13,7 @@ from PIL import Image
 
 from agc_optax import evaluate
 from agc_optax.models import create_model, save_params
+from tests.multidevice import run_on_cpu_devices
 
 TINY = {"depths": (1, 1, 1, 1), "widths": (8, 8, 8, 8)}
 CLASSES = 6
@@ -32,7 +33,7 @@ def _image_folder(root, per_class=2, size=16, seed=0):
     return files
 
 
-def test_accuracy_equals_a_numpy_recomputation(tmp_path, capsys):
+def test_accuracy_on_four_devices_equals_a_numpy_recomputation(tmp_path):
     files = _image_folder(tmp_path / "data")
     model = create_model("nf_resnet26", CLASSES, rngs=nnx.Rngs(3), **TINY)
     save_params(model, tmp_path / "weights")
@@ -42,9 +43,14 @@ def test_accuracy_equals_a_numpy_recomputation(tmp_path, capsys):
     args += ["--dataset", "imagefolder", "--data-dir", str(tmp_path / "data")]
     args += ["--resolution", "16", "--crop-fraction", "1.0", "--batch-size", "5"]
     args += ["--workers", "2", "--output", str(output)]
-    assert evaluate.main(args) == 0
-    result = json.loads(capsys.readouterr().out)
+    # The same `data` mesh as training, over 4 devices: batch 5 becomes 8 (2 rows per device),
+    # 12 images make a full batch and one padded with 4 rows that must not count.
+    stdout = run_on_cpu_devices(
+        f"from agc_optax import evaluate\nassert evaluate.main({args!r}) == 0\n", num_devices=4
+    )
+    result = json.loads(stdout)
     assert result == json.loads(output.read_text())
+    assert (result["devices"], result["batch_size"]) == (4, 8)
 
     # Independent recomputation: the PNGs' pixels (a full-image crop at their own size is the
     # identity), ImageNet's mean/std, the written model, top-k by numpy.
