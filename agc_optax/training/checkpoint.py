@@ -181,14 +181,21 @@ class Checkpointer:
                 ).meta
                 if meta is None or int(meta["step"]) != step:
                     raise ValueError("metadata missing or for another step")
-                problem = _mismatch(meta, signature, require or {})
+                # A run without EMA may resume from one that kept it: read the EMA, drop it.
+                into, drop_ema = abstract, _holds_ema(meta) and _without_ema(abstract)
+                if drop_ema:
+                    into = abstract._replace(ema_params=abstract.params)
+                wanted = _signature(into) if drop_ema else signature
+                problem = _mismatch(meta, wanted, require or {})
+                if problem and _holds_ema(_signature(abstract)) and not _holds_ema(meta):
+                    problem = "was written without an EMA of the weights (`--ema 0`)"
                 if problem:  # readable but not this run's: falling back would hide the mistake
                     raise CheckpointMismatchError(
                         f"checkpoint {step} in `{self.directory}` {problem}; resume with the "
                         "flags it was written with, or use a new `--run-dir`"
                     )
                 restored = self._manager.restore(
-                    step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
+                    step, args=ocp.args.Composite(state=ocp.args.StandardRestore(into))
                 )
             except CheckpointMismatchError:
                 raise
@@ -201,7 +208,7 @@ class Checkpointer:
                 )
                 self._set_aside(step)
                 continue
-            return restored.state
+            return restored.state._replace(ema_params=None) if drop_ema else restored.state
         return None
 
     def _set_aside(self, step: int) -> None:
@@ -304,7 +311,8 @@ def read_checkpoint(directory: str, step: int | None = None) -> tuple[dict[str, 
 
     Returns:
       ``(state, step)``, on the host whatever topology wrote it, where ``state`` is a nested
-      dict with keys ``step``, ``params``, ``batch_stats``, ``opt_state`` and ``ema_params``.
+      dict with keys ``step``, ``params``, ``batch_stats``, ``opt_state`` and ``ema_params``
+      (``None`` when the run kept no EMA).
     """
     directory = os.path.abspath(directory)  # orbax reads absolute paths only
     steps = sorted(int(n) for n in os.listdir(directory) if n.isdigit())
@@ -333,6 +341,17 @@ def _signature(tree: Any) -> dict[str, list[Any]]:
         jax.tree_util.keystr(path): [*map(int, leaf.shape), str(leaf.dtype)]
         for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
     }
+
+
+def _holds_ema(meta_or_signature: dict[str, Any]) -> bool:
+    """Whether a checkpoint's metadata (or a state's signature) has EMA leaves."""
+    signature = meta_or_signature.get("signature", meta_or_signature)
+    return any(path.startswith(".ema_params") for path in signature or {})
+
+
+def _without_ema(target: Any) -> bool:
+    """Whether ``target`` is a train state that keeps no EMA (``ema_params`` is ``None``)."""
+    return hasattr(target, "_replace") and getattr(target, "ema_params", False) is None
 
 
 def _mismatch(meta: dict[str, Any], signature: dict[str, Any], require: Mapping[str, Any]) -> str:

@@ -30,7 +30,8 @@ class TrainState(NamedTuple):
       params: trainable parameters, a pure nested dict.
       batch_stats: non-trainable statistics (BatchNorm), a pure nested dict, often empty.
       opt_state: the optax state.
-      ema_params: exponential moving average of ``params`` (a copy of ``params`` when disabled).
+      ema_params: exponential moving average of ``params``, or ``None`` when the run keeps no
+        EMA: a second tree equal to ``params`` would cost a copy of every weight each step.
     """
 
     step: jax.Array
@@ -86,30 +87,33 @@ def ema_decay(step: jax.Array, decay: float) -> jax.Array:
     return jnp.minimum(decay, (1.0 + t) / (10.0 + t))
 
 
-def init_state(params: Any, batch_stats: Any, tx: optax.GradientTransformation) -> TrainState:
-    """The state before step 0."""
+def init_state(
+    params: Any, batch_stats: Any, tx: optax.GradientTransformation, *, ema: bool = True
+) -> TrainState:
+    """The state before step 0; ``ema=False`` keeps no EMA tree (``ema_params`` is ``None``)."""
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
         batch_stats=batch_stats,
         opt_state=tx.init(params),
-        ema_params=jax.tree.map(jnp.copy, params),
+        ema_params=jax.tree.map(jnp.copy, params) if ema else None,
     )
 
 
 def state_initializer(
-    build: Callable[[], nnx.Module], tx: optax.GradientTransformation
+    build: Callable[[], nnx.Module], tx: optax.GradientTransformation, *, ema: bool = True
 ) -> Callable[[], TrainState]:
     """``init() -> TrainState`` that builds the model with ``build`` and splits it.
 
     Made for ``jax.eval_shape(init)`` (the state's shapes, for restoring a checkpoint) and
     ``jax.jit(init, out_shardings=...)()`` (the state created where it lives): no copy of it ever
     passes through the host. ``build`` fixes its seeds, so every call gives the same weights.
+    ``ema`` as in :func:`init_state`.
     """
 
     def init() -> TrainState:
         _, params, batch_stats = split_model(build())
-        return init_state(params, batch_stats, tx)
+        return init_state(params, batch_stats, tx, ema=ema)
 
     return init
 
@@ -136,6 +140,8 @@ def make_train_step(
     pmap: bool = False,
     skip_nonfinite: bool = False,
     preprocess: Callable[..., tuple[jax.Array, jax.Array]] | None = None,
+    log_every: int = 1,
+    total_steps: int | None = None,
 ) -> Callable[[TrainState, tuple[jax.Array, jax.Array]], tuple[TrainState, dict[str, jax.Array]]]:
     """Builds the (not yet jitted) train step ``(state, (images, labels)) -> (state, metrics)``.
 
@@ -144,19 +150,28 @@ def make_train_step(
       tx: the optimizer; AGC inside it sees the gradients after they are averaged over devices.
       seed: root of the per-step dropout / stochastic-depth keys.
       label_smoothing: label smoothing of the cross-entropy.
-      ema: EMA decay, or ``None`` to keep ``ema_params`` equal to ``params``.
+      ema: EMA decay, or ``None`` for no EMA: ``state.ema_params`` passes through untouched
+        (``None`` from ``init_state(..., ema=False)``, so no tree is copied).
       dtype: compute dtype of the inputs (the model's own ``dtype`` sets its activations).
       pmap: the step runs under ``jax.pmap`` over axis ``data``: average gradients, loss and batch
         statistics with ``lax.pmean`` (once); under ``jit`` XLA inserts that reduction itself.
-      skip_nonfinite: the divergence guard. When the loss, the gradient norm, the update norm or
-        the new parameters' norm is not finite, the step keeps the parameters, batch statistics,
-        optimizer state and EMA as they were (as ``optax.apply_if_finite`` does) and only
-        ``step`` advances, so the next step draws the next batch. The decision is made on the
-        averaged values, so every device and process takes the same branch. Off by default:
-        the large-batch sweep (:mod:`agc_optax.experiments`) studies divergence as it happens.
+      skip_nonfinite: the divergence guard. When the loss or the new parameters' norm is not
+        finite, the step keeps the parameters, batch statistics, optimizer state and EMA as they
+        were (as ``optax.apply_if_finite`` does) and only ``step`` advances, so the next step
+        draws the next batch. A NaN or Inf in the gradients or the update reaches the new
+        parameters (AGC and the optimizers pass NaN on and turn Inf into NaN), so their norm
+        catches it too. The decision is made on the averaged values, so every device and process
+        takes the same branch. Off by default: the large-batch sweep
+        (:mod:`agc_optax.experiments`) studies divergence as it happens.
       preprocess: ``(key, images, labels) -> (images, targets)`` applied to the batch on the
         device first (streaming data: normalisation of uint8 images, MixUp / CutMix); targets
         may be integer labels or rows of class probabilities.
+      log_every: the norms below are computed only on steps whose number (after the step) is a
+        multiple of ``log_every`` or equals ``total_steps``, inside a ``lax.cond`` of the one
+        compiled step; on other steps they read NaN. Each norm is a pass over a whole tree
+        (see ``benchmarks/RESULTS.md`` for what each costs); the trainer reads them only on
+        the steps it logs.
+      total_steps: the run's last step, which is always logged.
 
     Returns:
       The step function. Metrics: ``loss``, ``accuracy``, ``grad_norm`` (of the averaged
@@ -164,6 +179,8 @@ def make_train_step(
       ``update_norm``, ``clip_fraction`` when the optimizer keeps AGC statistics, and with
       ``skip_nonfinite`` ``skipped`` (1.0 when this step's update was dropped, else 0.0).
     """
+    if not isinstance(log_every, int) or log_every < 1:
+        raise ValueError(f"`log_every` must be a positive integer, got {log_every!r}")
     root = jax.random.key(seed)
 
     def step_fn(state: TrainState, batch: tuple[jax.Array, jax.Array]):
@@ -195,26 +212,27 @@ def make_train_step(
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         if ema is None:
-            ema_params = params
+            ema_params = state.ema_params
+        elif state.ema_params is None:
+            raise ValueError(
+                f"make_train_step(ema={ema}) needs a state with `ema_params`; create it with "
+                "init_state(..., ema=True), or pass ema=None"
+            )
         else:
             d = ema_decay(state.step, ema)
             ema_params = jax.tree.map(lambda e, p: d * e + (1 - d) * p, state.ema_params, params)
-        metrics = {
-            "loss": loss,
-            "accuracy": accuracy,
-            "grad_norm": optax.tree.norm(grads),
-            "param_norm": optax.tree.norm(params),
-            "update_norm": optax.tree.norm(updates),
-        }
+        metrics = {"loss": loss, "accuracy": accuracy}
+        param_sum_of_squares = _sum_of_squares(params) if skip_nonfinite else None
+        trees = {"grad": grads, "param": params, "update": updates}
+        metrics.update(_norms(state.step, log_every, total_steps, trees, param_sum_of_squares))
         clip_fraction = optax.tree.get(opt_state, "clip_fraction", None)
         if clip_fraction is not None:
             metrics["clip_fraction"] = clip_fraction
         changed = (params, batch_stats, opt_state, ema_params)
         if skip_nonfinite:
-            # The norms are already computed for the metrics: a NaN or Inf anywhere in the
-            # gradients, the update or the new weights shows up in them, at no extra pass.
-            checked = ("loss", "grad_norm", "update_norm", "param_norm")
-            finite = jnp.all(jnp.array([jnp.isfinite(metrics[k]) for k in checked]))
+            # One pass over the new weights: a NaN or Inf in the gradients or the update
+            # reaches them, so this and the loss are the whole check.
+            finite = jnp.isfinite(loss) & jnp.isfinite(param_sum_of_squares)
             kept = (state.params, state.batch_stats, state.opt_state, state.ema_params)
             changed = jax.tree.map(lambda new, old: jnp.where(finite, new, old), changed, kept)
             metrics["skipped"] = 1.0 - finite.astype(jnp.float32)
@@ -222,6 +240,39 @@ def make_train_step(
         return new_state, metrics
 
     return step_fn
+
+
+def _sum_of_squares(tree: Any) -> jax.Array:
+    return sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree))
+
+
+def _norms(
+    step: jax.Array,
+    log_every: int,
+    total_steps: int | None,
+    trees: dict[str, Any],
+    param_sum_of_squares: jax.Array | None,
+) -> dict[str, jax.Array]:
+    """The norms of ``trees`` (``grad``, ``update``, ``param``): every step, or (``log_every >
+    1``) on logging steps only, NaN on the others. A ``param_sum_of_squares`` computed anyway
+    (for the guard) gives ``param_norm`` on every step."""
+    names = [k for k in trees if not (k == "param" and param_sum_of_squares is not None)]
+
+    def norms() -> dict[str, jax.Array]:
+        return {f"{k}_norm": jnp.sqrt(_sum_of_squares(trees[k])) for k in names}
+
+    if log_every == 1:
+        out = norms()
+    else:
+        done = step + 1
+        should_log = done % log_every == 0
+        if total_steps is not None:
+            should_log |= done == total_steps
+        nan = jnp.full((), jnp.nan, jnp.float32)
+        out = jax.lax.cond(should_log, norms, lambda: {f"{k}_norm": nan for k in names})
+    if param_sum_of_squares is not None:
+        out["param_norm"] = jnp.sqrt(param_sum_of_squares)
+    return out
 
 
 def make_eval_step(

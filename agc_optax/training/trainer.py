@@ -208,7 +208,7 @@ def train(
     tx = recipe.build_optimizer(
         config, schedule, unit_axes=getattr(abstract_model, "agc_unit_axes", None)
     )
-    init = step_lib.state_initializer(build, tx)
+    init = step_lib.state_initializer(build, tx, ema=config.ema is not None)
 
     # --- State and checkpoint ----------------------------------------------------------------
     # The state is restored into, or else created in, its place on the devices; its `step` is
@@ -259,6 +259,8 @@ def train(
                 pmap=placement.pmap,
                 skip_nonfinite=True,
                 preprocess=dataset.device_preprocess(),  # streamed data: normalise, mix
+                log_every=config.log_every,  # the norms only on the steps logged
+                total_steps=total_steps,
             ),
             pmap=placement.pmap,
         ),

@@ -28,6 +28,21 @@ def test_step_comes_from_the_state_and_batch_size_must_match(tmp_path):
     checkpointer.close()
 
 
+def test_a_run_without_ema_resumes_from_one_with_it_and_not_the_reverse(tmp_path):
+    with_ema = Checkpointer(str(tmp_path / "ema"), async_save=False)
+    saved = _state(5)._replace(ema_params={"head": {"kernel": jnp.full((2, 3), -1.0)}})
+    with_ema.save(saved, {})
+    restored = with_ema.restore_latest(_state(0)._replace(ema_params=None))
+    assert restored.ema_params is None and int(restored.step) == 5
+    np.testing.assert_array_equal(restored.params["head"]["kernel"], np.full((2, 3), 5.0))
+    with_ema.close()
+    without = Checkpointer(str(tmp_path / "plain"), async_save=False)
+    without.save(_state(5)._replace(ema_params=None), {})
+    with pytest.raises(CheckpointMismatchError, match=r"without an EMA of the weights \(`--ema 0`"):
+        without.restore_latest(_state(0))
+    without.close()
+
+
 def test_orphaned_orbax_read_reports_are_dropped_others_kept():
     """After a failed restore, asyncio's "Task exception was never retrieved" reports of orbax's
     own read tasks are noise (the fallback warning said it); any other report still shows."""

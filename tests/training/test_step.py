@@ -66,6 +66,41 @@ def test_train_step_metrics_ema_and_agc_statistics():
         np.testing.assert_array_equal(a, b)
 
 
+def test_without_ema_the_state_holds_no_second_tree_and_norms_come_only_on_logging_steps():
+    split, tx, _ = _setup(PRESETS["smoke"])
+    _, params, stats = split_model(TinyNet(10, dropout=0.5, rngs=nnx.Rngs(0, dropout=1)))
+    state = init_state(params, stats, tx, ema=False)
+    assert state.ema_params is None
+    every = jax.jit(make_train_step(split, tx, seed=0, skip_nonfinite=True))
+    sparse = jax.jit(
+        make_train_step(split, tx, seed=0, skip_nonfinite=True, log_every=3, total_steps=4)
+    )
+    for step in range(4):  # steps 3 (a multiple of 3) and 4 (the last) are logged
+        want, want_metrics = every(state, _batch(step))
+        new, metrics = sparse(state, _batch(step))
+        assert new.ema_params is None and float(metrics["skipped"]) == 0.0
+        for a, b in zip(jax.tree.leaves(new.params), jax.tree.leaves(want.params), strict=True):
+            np.testing.assert_array_equal(a, b)
+        # The guard's norm of the new weights is there on every step.
+        flat = np.concatenate([np.ravel(x).astype(np.float64) for x in jax.tree.leaves(new.params)])
+        assert float(metrics["param_norm"]) == pytest.approx(np.linalg.norm(flat), rel=1e-5)
+        logged = step + 1 in (3, 4)
+        for name in ("grad_norm", "update_norm"):
+            assert np.isnan(float(metrics[name])) != logged, (step, name)
+        if logged:
+            old = np.concatenate(
+                [np.ravel(x).astype(np.float64) for x in jax.tree.leaves(state.params)]
+            )
+            delta = np.linalg.norm(flat - old)
+            assert float(metrics["update_norm"]) == pytest.approx(delta, rel=1e-3)
+            np.testing.assert_allclose(metrics["grad_norm"], want_metrics["grad_norm"], rtol=1e-6)
+        state = new
+    with pytest.raises(ValueError, match="needs a state with `ema_params`"):
+        jax.jit(make_train_step(split, tx, seed=0, ema=0.9))(state, _batch())
+    with pytest.raises(ValueError, match="`log_every` must be a positive integer, got 0"):
+        make_train_step(split, tx, seed=0, log_every=0)
+
+
 def test_no_agc_has_no_clip_fraction_and_global_clip_bounds_gradients():
     split, tx, state = _setup(PRESETS["smoke"].replace(agc=False))
     _, metrics = jax.jit(make_train_step(split, tx, seed=0))(state, _batch())
