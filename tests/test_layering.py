@@ -25,7 +25,7 @@ PUBLIC_MODULES = (
     "agc_optax.experiments",
 )
 #: Command-line modules: their ``main`` is the entry point users run.
-CLI_MODULES = ("agc_optax.train",)
+CLI_MODULES = ("agc_optax.train", "agc_optax.prepare", "agc_optax.evaluate")
 
 
 def _module_name(path: pathlib.Path) -> str:
