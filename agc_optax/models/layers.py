@@ -738,8 +738,9 @@ class ClassifierHead:
 
     A family (an ``nnx.Module`` listing this class first among its bases) defines
     ``forward_features(x)``, the final feature map ``(N, H, W, num_features)``,
-    ``_finish(out)``, what turns the last block's output into that map, and
-    ``_new_head(num_classes, rngs)``, its classifier (``None`` for 0 classes); it sets
+    ``_finish(out)``, what turns the last block's output into that map; it sets ``fc_init``
+    (and optionally ``fc_bias_init``), the initialisers of its classifier, ``dtype`` and
+    ``param_dtype``, and
     ``stem``, ``blocks`` (one flat list; a scanned stack counts ``num_layers`` blocks),
     ``depths`` and ``widths`` (per stage, the first stage at stride 4 and each later one
     halving the resolution), ``num_features``, ``num_classes``, ``head`` and, if it has one,
@@ -762,8 +763,21 @@ class ClassifierHead:
     def _finish(self, out: Array) -> Array:  # pragma: no cover - defined by families
         raise NotImplementedError
 
-    def _new_head(self, num_classes: int, rngs: nnx.Rngs) -> Any:  # pragma: no cover
-        raise NotImplementedError
+    def _new_head(self, num_classes: int, rngs: nnx.Rngs) -> nnx.Linear | None:
+        """The classifier for ``num_classes`` (``None`` for 0: the model returns its pooled
+        features), initialised with the family's ``fc_init`` (and ``fc_bias_init``, zeros
+        unless the family sets one)."""
+        if not num_classes:
+            return None
+        return nnx.Linear(
+            self.num_features,
+            num_classes,
+            kernel_init=self.fc_init,
+            bias_init=getattr(self, "fc_bias_init", nnx.initializers.zeros_init()),
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            rngs=rngs,
+        )
 
     @property
     def feature_info(self) -> list[dict[str, Any]]:

@@ -293,18 +293,6 @@ class NFRegNet(layers.ClassifierHead, nnx.Module):
         self.num_classes = check_num_classes(num_classes)
         self.head = self._new_head(self.num_classes, rngs)
 
-    def _new_head(self, num_classes: int, rngs: nnx.Rngs) -> nnx.Linear | None:
-        if not num_classes:  # No classifier: the model returns its pooled features.
-            return None
-        return nnx.Linear(
-            self.num_features,
-            num_classes,
-            kernel_init=self.fc_init,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            rngs=rngs,
-        )
-
     def _trunk(self, x: jax.Array, return_metrics: bool) -> tuple[jax.Array, dict[str, Any]]:
         out, outputs = layers.run_residual_blocks(self.stem(x), self.blocks, return_metrics)
         return self._finish(out), outputs

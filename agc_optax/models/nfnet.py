@@ -486,18 +486,6 @@ class NFNet(ClassifierHead, nnx.Module):
         self.num_classes = check_num_classes(num_classes)
         self.head = self._new_head(self.num_classes, rngs)
 
-    def _new_head(self, num_classes: int, rngs: nnx.Rngs) -> nnx.Linear | None:
-        if not num_classes:  # No classifier: the model returns its pooled features.
-            return None
-        return nnx.Linear(
-            self.num_features,
-            num_classes,
-            kernel_init=self.fc_init,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            rngs=rngs,
-        )
-
     def block_locations(self) -> list[tuple[int, int | None]]:
         """Maps DeepMind's global block index to ``(position in blocks, layer)``.
 

@@ -231,22 +231,11 @@ class ResNet(layers.ClassifierHead, nnx.Module):
         self.blocks = nnx.List(blocks)
         self.num_features = ch
         self.dtype, self.param_dtype = dtype, param_dtype
+        # torchvision's nn.Linear init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for kernel and bias.
+        self.fc_init = nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+        self.fc_bias_init = _uniform_bias(self.num_features)
         self.num_classes = check_num_classes(num_classes)
         self.head = self._new_head(self.num_classes, rngs)
-
-    def _new_head(self, num_classes: int, rngs: nnx.Rngs) -> nnx.Linear | None:
-        if not num_classes:  # No classifier: the model returns its pooled features.
-            return None
-        # torchvision's nn.Linear init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for kernel and bias.
-        return nnx.Linear(
-            self.num_features,
-            num_classes,
-            kernel_init=nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform"),
-            bias_init=_uniform_bias(self.num_features),
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            rngs=rngs,
-        )
 
     def _trunk(self, x: jax.Array, return_metrics: bool) -> tuple[jax.Array, dict[str, Any]]:
         out, outputs = layers.run_residual_blocks(self.stem(x), self.blocks, return_metrics)

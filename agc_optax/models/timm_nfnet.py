@@ -469,20 +469,9 @@ class TimmNFNet(ClassifierHead, nnx.Module):
         self.num_features = make_divisible(config.num_features)
         self.final_conv = conv(ch, self.num_features, 1)
         self.dropout = nnx.Dropout(self.drop_rate, rngs=rngs)
+        self.fc_init = nnx.initializers.normal(0.01)  # timm's init of head.fc
         self.num_classes = check_num_classes(num_classes)
         self.head = self._new_head(self.num_classes, rngs)
-
-    def _new_head(self, num_classes: int, rngs: nnx.Rngs) -> nnx.Linear | None:
-        if not num_classes:  # No classifier: the model returns its pooled features.
-            return None
-        return nnx.Linear(
-            self.num_features,
-            num_classes,
-            kernel_init=nnx.initializers.normal(0.01),  # timm's init of head.fc
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            rngs=rngs,
-        )
 
     @property
     def feature_info(self) -> list[dict[str, Any]]:
