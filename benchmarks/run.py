@@ -26,6 +26,7 @@ BENCHMARKS = {
     "pallas_step": pallas_step.run,  # GPU/TPU only; prints a skip line on CPU
     "agc_share": train_step.run_agc_share,
     "nf_vs_bn": train_step.run_nf_vs_bn,
+    "vs_bare": train_step.run_vs_bare,
     "compile_time": compile_time.run,
     "input_pipeline": input_pipeline.run,
 }

@@ -1,12 +1,17 @@
-"""Benchmarks 3 and 4: AGC's share of a whole training step, and NF-ResNet-50 vs BN ResNet-50.
+"""Benchmarks 3, 4 and 6: AGC's share of a whole training step, NF-ResNet-50 vs BN ResNet-50, and
+the library's train step against a bare jitted step.
 
-Both use the library's own train step (``agc_optax.training.make_train_step``) at a small
+All use the library's own train step (``agc_optax.training.make_train_step``) at a small
 resolution so that they run on a CPU; the ratios, not the absolute numbers, are the point.
 """
 
 from __future__ import annotations
 
 import functools
+import re
+import time
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -19,12 +24,14 @@ from agc_optax.models import create_model
 from agc_optax.training import init_state, make_train_step, split_model
 from benchmarks import common
 
+_ITEM_BYTES = {"f64": 8, "f32": 4, "s32": 4, "u32": 4, "bf16": 2, "f16": 2, "s8": 1, "pred": 1}
+
 TINY = {"widths": (16, 32, 48, 64), "depths": (1, 1, 1, 1)}
 
 
 def _step_runner(model: nnx.Module, tx: optax.GradientTransformation, batch):
     split, params, stats = split_model(model)
-    state = init_state(params, stats, tx)
+    state = init_state(params, stats, tx, ema=False)
     step = jax.jit(make_train_step(split, tx, seed=0), donate_argnums=(0,))
     live = [state]
 
@@ -123,7 +130,135 @@ def run_nf_vs_bn(repeats: int = 5, small: bool = False) -> str:
     )
 
 
+def _bare_step(split: Any, tx: optax.GradientTransformation) -> Callable[..., Any]:
+    """The minimal step (DeepMind's program): loss and gradients, the optimizer, new weights.
+
+    ``(params, batch_stats, opt_state, step, batch) -> (params, batch_stats, opt_state, step,
+    loss)``; the model runs exactly as in the library step (same dropout keys).
+    """
+
+    def step_fn(params, batch_stats, opt_state, step, batch):
+        images, labels = batch
+        key = jax.random.fold_in(jax.random.key(0), step)
+
+        def loss_fn(p):
+            module = split.merge(True, p, batch_stats)
+            nnx.reseed(module, dropout=key, policy="match_shape")
+            logits = module(images)
+            loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+            return loss, nnx.to_pure_dict(nnx.state(module, nnx.BatchStat))
+
+        (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), batch_stats, opt_state, step + 1, loss
+
+    return step_fn
+
+
+def _optax_chain(params: Any) -> optax.GradientTransformation:
+    """sgd_agc's recipe from optax's own transforms: AGC (not on the classifier kernel), coupled
+    weight decay (not on gains and biases), SGD with Nesterov momentum."""
+    not_head = jax.tree_util.tree_map_with_path(
+        lambda path, _: not re.search(agc_optax.HEAD_PATTERN, jax.tree_util.keystr(path)), params
+    )
+    return optax.chain(
+        optax.masked(optax.adaptive_grad_clip(0.01, eps=1e-3), not_head),
+        optax.add_decayed_weights(2e-5, mask=agc_optax.weight_decay_mask),
+        optax.sgd(0.1, momentum=0.9, nesterov=True),
+    )
+
+
+def _copies(hlo_text: str) -> tuple[int, int]:
+    """Number of ``copy`` ops in optimized HLO text, and the bytes they write."""
+    count = nbytes = 0
+    for match in re.finditer(r"= (\w+)\[([\d,]*)\]\S* copy\(", hlo_text):
+        dims = [int(d) for d in match.group(2).split(",") if d]
+        count += 1
+        nbytes += int(np.prod(dims, dtype=np.int64)) * _ITEM_BYTES.get(match.group(1), 4)
+    return count, nbytes
+
+
+def _compiled(fn: Callable[..., Any], *args: Any) -> tuple[Any, float, float, tuple[int, int]]:
+    """``fn`` jitted with its first argument donated, compiled for ``args``: (executable,
+    compile seconds, XLA bytes accessed, (copies, copied bytes))."""
+    start = time.perf_counter()
+    executable = jax.jit(fn, donate_argnums=0).lower(*args).compile()
+    seconds = time.perf_counter() - start
+    cost = executable.cost_analysis()
+    cost = cost[0] if isinstance(cost, list | tuple) else cost
+    return executable, seconds, float(cost["bytes accessed"]), _copies(executable.as_text())
+
+
+def run_vs_bare(repeats: int = 5, small: bool = False) -> str:
+    """Benchmark 6: the library train step (as the trainer runs it: divergence guard, metrics
+    on logging steps, with and without EMA) against the bare step with the optax chain.
+
+    Both are jitted with the state donated; step times come from interleaved rounds, so the
+    ratio stays comparable on a loaded machine even where the absolute times are not.
+    """
+    cases = (
+        (("nf_resnet50", 16, 128), ("nfnet_f0", 8, 128)) if not small else (("nf_resnet50", 2, 32),)
+    )
+    rows = []
+    for name, batch_size, res in cases:
+        overrides = ({"widths": (16, 32, 48, 64), "depths": (1, 1, 1, 1)}) if small else {}
+        model = create_model(name, 10 if small else 1000, rngs=nnx.Rngs(0), **overrides)
+        split, params, stats = split_model(model)
+        tx = agc_optax.sgd_agc(0.1, unit_axes=getattr(model, "agc_unit_axes", None))
+        chain = _optax_chain(params)
+        batch = _batch(batch_size, res)
+        programs = {}
+        bare_args = (jax.tree.map(jnp.copy, params), stats, chain.init(params), jnp.int32(0))
+        programs["bare"] = (_bare_step(split, chain), bare_args)
+        for label, ema in (("library", None), ("library + EMA", 0.9999))[: 1 if small else 2]:
+            state = init_state(jax.tree.map(jnp.copy, params), stats, tx, ema=ema is not None)
+            step = make_train_step(split, tx, seed=0, ema=ema, skip_nonfinite=True, log_every=100)
+            programs[label] = (step, (state,))
+        thunks, facts = {}, {}
+        for label, (fn, args) in programs.items():
+            executable, seconds, nbytes, copies = _compiled(fn, *args, batch)
+            facts[label] = (seconds, nbytes, copies)
+            if label == "bare":
+                thunks[label] = common.feedback_thunk(
+                    lambda carry, b, exe=executable: exe(*carry, b)[:4], args, batch
+                )
+            else:
+                thunks[label] = common.feedback_thunk(
+                    lambda carry, b, exe=executable: exe(carry, b)[0], args[0], batch
+                )
+        times = common.time_interleaved(thunks, repeats=repeats, warmup=1)
+        for label in programs:
+            seconds, nbytes, (n_copies, copied) = facts[label]
+            rows.append(
+                (
+                    f"{name}, batch {batch_size}, {res}px",
+                    label,
+                    f"{times[label] * 1e3:.0f}",
+                    f"{times[label] / times['bare']:.2f}",
+                    f"{seconds:.1f}",
+                    f"{seconds / facts['bare'][0]:.2f}",
+                    f"{nbytes / 2**20:.0f}",
+                    f"{n_copies} / {copied / 2**20:.1f}",
+                )
+            )
+    header = (
+        "model",
+        "step",
+        "ms / step",
+        "step / bare",
+        "compile s",
+        "compile / bare",
+        "XLA MiB accessed",
+        "copies / MiB",
+    )
+    return "### Library train step vs the bare step (optax chain)\n\n" + common.markdown_table(
+        header, rows
+    )
+
+
 if __name__ == "__main__":
     print(run_agc_share())
     print()
     print(run_nf_vs_bn())
+    print()
+    print(run_vs_bare())

@@ -10,6 +10,7 @@ TITLES = {
     "pallas_step": "skipped",  # no GPU here: the benchmark must say so and not fail
     "agc_share": "AGC's share",
     "nf_vs_bn": "BatchNorm ResNet-50",
+    "vs_bare": "vs the bare step",
     "compile_time": "compile time",
     "input_pipeline": "Input pipeline",
 }
