@@ -22,7 +22,6 @@ batch is padded to a multiple of the device count, and padded rows are never cou
 from __future__ import annotations
 
 import argparse
-import ast
 import json
 import math
 import os
@@ -138,16 +137,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _parse_model_args(items: list[str]) -> dict[str, Any]:
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.isidentifier():
-            raise UsageError(f"`--model-arg {item}`: expected KEY=VALUE, e.g. depths=(1,1,1,1)")
-        try:
-            out[key] = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            out[key] = value
-    return out
+    from agc_optax.training.config import ConfigError, parse_model_args
+
+    try:
+        return parse_model_args(items)
+    except ConfigError as e:
+        raise UsageError(str(e)) from None
 
 
 def _check_args(args: argparse.Namespace) -> None:

@@ -15,13 +15,19 @@ Examples::
 from __future__ import annotations
 
 import argparse
-import ast
 import logging
 import sys
 import warnings
 from typing import Any
 
-from agc_optax.training.config import DEFAULT_PRESET, DTYPES, PRESETS, Config, ConfigError
+from agc_optax.training.config import (
+    DEFAULT_PRESET,
+    DTYPES,
+    PRESETS,
+    Config,
+    ConfigError,
+    parse_model_args,
+)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -119,19 +125,6 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _parse_model_args(items: list[str]) -> dict[str, Any]:
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.isidentifier():
-            raise ConfigError(f"`--model-arg {item}`: expected KEY=VALUE, e.g. stochdepth_rate=0.1")
-        try:
-            out[key] = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            out[key] = value  # a bare word such as an activation name
-    return out
-
-
 def config_from_args(args: argparse.Namespace) -> Config:
     """The preset with every given flag applied."""
     config = PRESETS[args.preset]
@@ -174,7 +167,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
     if args.model_arg:
         changes["model_overrides"] = {
             **changes.get("model_overrides", config.model_overrides),
-            **_parse_model_args(args.model_arg),
+            **parse_model_args(args.model_arg),
         }
     if args.ema is not None:
         changes["ema"] = args.ema or None

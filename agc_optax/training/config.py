@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import math
 import os
@@ -110,6 +111,23 @@ class Config:
         out = dataclasses.asdict(self)
         out["model_overrides"] = {k: _jsonable(v) for k, v in self.model_overrides.items()}
         return out
+
+
+def parse_model_args(items: list[str]) -> dict[str, Any]:
+    """``--model-arg KEY=VALUE`` items as constructor keywords (values read as Python literals).
+
+    A value that is not a literal stays a string (a bare word such as an activation name).
+    """
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.isidentifier():
+            raise ConfigError(f"`--model-arg {item}`: expected KEY=VALUE, e.g. stochdepth_rate=0.1")
+        try:
+            out[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            out[key] = value
+    return out
 
 
 def _jsonable(v: Any) -> Any:
