@@ -17,7 +17,7 @@ import statistics
 import tempfile
 import time
 
-from agc_optax.training import PRESETS, train
+from agc_optax.training import PRESETS, TrainingDiverged, train
 from benchmarks import common
 
 
@@ -34,19 +34,27 @@ def run(seeds: list[int], clippings: list[float], steps: int | None = None) -> s
         base = base.replace(steps=steps)
     rows = []
     for name, changes in _contenders(clippings).items():
-        ema, raw, seconds = [], [], []
+        ema, raw, seconds, diverged = [], [], [], []
         for seed in seeds:
             with tempfile.TemporaryDirectory() as folder:
                 start = time.perf_counter()
-                result = train(
-                    base.replace(seed=seed, run_dir=folder, **changes), log=lambda _: None
-                )
-                seconds.append(time.perf_counter() - start)
+                try:
+                    result = train(
+                        base.replace(seed=seed, run_dir=folder, **changes), log=lambda _: None
+                    )
+                except TrainingDiverged as e:  # the divergence guard stopped the run
+                    diverged.append(f"seed {seed}: {str(e).split(':')[0]}")
+                    continue
+                finally:
+                    seconds.append(time.perf_counter() - start)
             ema.append(100 * result.test_accuracy)
             raw.append(100 * result.test_accuracy_raw)
 
         def spread(xs: list[float]) -> str:
-            return f"{statistics.mean(xs):.1f} ({min(xs):.1f}-{max(xs):.1f})"
+            if not xs:
+                return "; ".join(diverged)
+            text = f"{statistics.mean(xs):.1f} ({min(xs):.1f}-{max(xs):.1f})"
+            return text + (f"; {'; '.join(diverged)}" if diverged else "")
 
         rows.append((name, spread(ema), spread(raw), f"{statistics.mean(seconds):.0f}"))
         print(" | ".join(rows[-1]), flush=True)
