@@ -28,6 +28,14 @@ def _contenders(clippings: list[float]) -> dict[str, dict]:
     return out
 
 
+def _spread(xs: list[float], diverged: list[str]) -> str:
+    """Mean (min-max) of the finished runs, then the runs the divergence guard stopped."""
+    if not xs:
+        return "; ".join(diverged)
+    text = f"{statistics.mean(xs):.1f} ({min(xs):.1f}-{max(xs):.1f})"
+    return "; ".join([text, *diverged])
+
+
 def run(seeds: list[int], clippings: list[float], steps: int | None = None) -> str:
     base = PRESETS["digits"].replace(progress=False)
     if steps is not None:
@@ -49,14 +57,14 @@ def run(seeds: list[int], clippings: list[float], steps: int | None = None) -> s
                     seconds.append(time.perf_counter() - start)
             ema.append(100 * result.test_accuracy)
             raw.append(100 * result.test_accuracy_raw)
-
-        def spread(xs: list[float]) -> str:
-            if not xs:
-                return "; ".join(diverged)
-            text = f"{statistics.mean(xs):.1f} ({min(xs):.1f}-{max(xs):.1f})"
-            return text + (f"; {'; '.join(diverged)}" if diverged else "")
-
-        rows.append((name, spread(ema), spread(raw), f"{statistics.mean(seconds):.0f}"))
+        rows.append(
+            (
+                name,
+                _spread(ema, diverged),
+                _spread(raw, diverged),
+                f"{statistics.mean(seconds):.0f}",
+            )
+        )
         print(" | ".join(rows[-1]), flush=True)
     header = ("clipping", "test acc. % EMA, mean (min-max)", "raw weights", "s per run")
     return (
