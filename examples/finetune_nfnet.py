@@ -6,7 +6,7 @@
     python examples/finetune_nfnet.py                                   # offline: random init
 
 Without weights the script stays offline and, unless ``--full`` is given, shrinks the network
-(one block per stage) so a few steps take seconds on a CPU; the code path is the same. The new
+(one block per stage) so a few steps run quickly on a CPU; the code path is the same. The new
 task is scikit-learn's bundled digits, upsampled to RGB 32x32.
 
 What it shows: ``create_model(name, pretrained=...)`` keeps the checkpoint's classifier
@@ -57,15 +57,18 @@ def main() -> None:
     # 1. The pretrained network with the checkpoint's own classifier (num_classes=None).
     pretrained = True if args.pretrained else (args.weights or False)
     small = {} if (pretrained or args.full) else {"depths": (1, 1, 1, 1), "widths": (256,) * 4}
-    model = create_model(
-        args.model,
-        None if pretrained else 1000,
-        rngs=nnx.Rngs(0, dropout=1),
-        pretrained=pretrained,
-        trust_download=args.trust_download,
-        allow_pickle=args.allow_pickle,
-        **small,
-    )
+    try:
+        model = create_model(
+            args.model,
+            None if pretrained else 1000,
+            rngs=nnx.Rngs(0, dropout=1),
+            pretrained=pretrained,
+            trust_download=args.trust_download,
+            allow_pickle=args.allow_pickle,
+            **small,
+        )
+    except (ImportError, OSError, ValueError, TypeError) as e:  # e.g. dill missing, bad file
+        p.error(str(e).splitlines()[0])
     if pretrained:
         print(f"loaded {args.weights or 'the official weights'}")
     else:
