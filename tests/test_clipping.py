@@ -52,7 +52,7 @@ def _as_tree(cases):
     return grads, params, rule
 
 
-@settings(deadline=None, max_examples=60)
+@settings(deadline=None, max_examples=30)
 @given(trees, clippings, epss)
 def test_matches_float64_reference(cases, clipping, eps):
     grads, params, rule = _as_tree(cases)
@@ -63,7 +63,7 @@ def test_matches_float64_reference(cases, clipping, eps):
         np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-30)
 
 
-@settings(deadline=None, max_examples=60)
+@settings(deadline=None, max_examples=30)
 @given(trees, clippings, epss)
 def test_invariants(cases, clipping, eps):
     grads, params, rule = _as_tree(cases)

@@ -147,6 +147,7 @@ def _check_log_lines(lines: list[str], train: list[dict], evals: list[dict]) -> 
     assert lines.index("compiling the eval step...") < lines.index(eval_lines[0])
 
 
+@pytest.mark.slow  # ~70 s on 2 cores; the recipe itself is tested in test_step/test_experiments
 def test_no_agc_and_global_clip_runs(tmp_path):
     for flag in (["--no-agc"], ["--global-clip", "1.0"]):
         run_dir = tmp_path / flag[0].strip("-")

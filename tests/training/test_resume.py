@@ -137,6 +137,7 @@ def test_sigterm_saves_the_step_reached_then_resume_is_bit_identical(tmp_path, e
     _assert_each_step_logged_once(metrics)
 
 
+@pytest.mark.slow  # ~75 s on 2 cores; the warning text has a unit test in test_checkpoint
 def test_unreadable_latest_checkpoint_falls_back_with_warning(tmp_path, env):
     run_dir = tmp_path / "run"
     first = run_cli(*ARGS, "--steps", "20", "--run-dir", str(run_dir), env=env)

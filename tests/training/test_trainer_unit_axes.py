@@ -3,10 +3,13 @@ reseed accepts the stacks' per-layer stochastic-depth streams."""
 
 from __future__ import annotations
 
+import pytest
+
 from agc_optax.models.nfnet import SCANNED_UNIT_AXES, NFNet
 from agc_optax.training import PRESETS, recipe, train
 
 
+@pytest.mark.slow  # ~57 s on 2 cores: compiles a scanned NFNet train step
 def test_scanned_nfnet_trains_with_its_unit_axes(tmp_path, monkeypatch):
     # Before: the step's nnx.reseed refused the stacked (one key per layer) dropout streams, and
     # the default unit rules merged the layer axis into every unit.
