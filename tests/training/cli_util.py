@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -29,3 +30,16 @@ def run_cli(*args: str, env=None, timeout: int = 600) -> subprocess.CompletedPro
     return subprocess.run(
         cli_command(*args), env=env or cli_env(), capture_output=True, text=True, timeout=timeout
     )
+
+
+def preempted_step(err: str, checkpoint_dir) -> int:
+    """The step of the CLI's one-line preemption message in ``err`` (asserting its form)."""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err[-3000:]
+    found = re.fullmatch(
+        r"agc-train: preempted at step (\d+); checkpoint saved to (.+); "
+        r"rerun with --resume to continue",
+        lines[0],
+    )
+    assert found and found.group(2) == str(checkpoint_dir), lines[0]
+    return int(found.group(1))

@@ -26,7 +26,7 @@ import jax
 import numpy as np
 import optax
 import pytest
-from cli_util import cli_command, cli_env, run_cli
+from cli_util import cli_command, cli_env, preempted_step, run_cli
 from flax import nnx
 from tiny_model import TinyNet, tiny_model
 
@@ -176,15 +176,7 @@ def test_sigint_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path):
     stops = []
     for p, err in zip(procs, errs, strict=True):
         assert p.returncode == 130, err[-3000:]
-        lines = err.strip().splitlines()
-        assert len(lines) == 1, err[-3000:]
-        found = re.fullmatch(
-            r"agc-train: preempted at step (\d+); checkpoint saved to (.+); "
-            r"rerun with --resume to continue",
-            lines[0],
-        )
-        assert found and found.group(2) == str(run_dir / "checkpoints"), lines[0]
-        stops.append(int(found.group(1)))
+        stops.append(preempted_step(err, run_dir / "checkpoints"))
     assert stops[0] == stops[1] < 100000
     state, step = read_checkpoint(str(run_dir / "checkpoints"))
     assert step == stops[0] == int(state["step"])

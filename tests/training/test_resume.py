@@ -7,7 +7,6 @@ from __future__ import annotations
 import collections
 import json
 import os
-import re
 import signal
 import subprocess
 import time
@@ -15,7 +14,7 @@ import time
 import jax
 import numpy as np
 import pytest
-from cli_util import cli_command, cli_env, run_cli
+from cli_util import cli_command, cli_env, preempted_step, run_cli
 
 from agc_optax.training.checkpoint import read_checkpoint
 
@@ -118,15 +117,7 @@ def test_sigterm_saves_the_step_reached_then_resume_is_bit_identical(tmp_path, e
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 128 + signal.SIGTERM == 143, err[-3000:]
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err[-3000:]
-    found = re.fullmatch(
-        r"agc-train: preempted at step (\d+); checkpoint saved to (.+); "
-        r"rerun with --resume to continue",
-        lines[0],
-    )
-    assert found and found.group(2) == str(run_dir / "checkpoints"), lines[0]
-    stopped_at = int(found.group(1))
+    stopped_at = preempted_step(err, run_dir / "checkpoints")
     assert 5 <= stopped_at < 80
     assert _finished_steps(run_dir / "checkpoints")[-1] == stopped_at  # committed, not in flight
 
