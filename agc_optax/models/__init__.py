@@ -1,5 +1,6 @@
 """Normalizer-free networks in Flax NNX, with DeepMind parity and weight loading."""
 
+from agc_optax.models.canonical_conv import CanonicalGradWSConv, conv_canonical_grads
 from agc_optax.models.export import export, load_exported
 from agc_optax.models.layers import (
     GAMMAS,
@@ -42,6 +43,7 @@ from agc_optax.models.weights import (
 
 __all__ = [
     "GAMMAS",
+    "CanonicalGradWSConv",
     "EfficientChannelAttention",
     "HaikuWeightsError",
     "ModelDefaults",
@@ -62,6 +64,7 @@ __all__ = [
     "WSConv",
     "WeightsError",
     "WeightsFile",
+    "conv_canonical_grads",
     "create_model",
     "default_config",
     "download_nfnet_weights",

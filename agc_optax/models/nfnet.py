@@ -36,9 +36,11 @@ from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from agc_optax.models._config import check_num_classes, check_stages, resolve_config
+from agc_optax.models.canonical_conv import CanonicalGradWSConv
 from agc_optax.models.layers import (
     LINEAR_PARAMS,
     NF_BLOCK_LAYERS,
@@ -143,6 +145,40 @@ SCANNED_UNIT_AXES: list[tuple[str, tuple[int, ...]]] = [
 ]
 
 
+# What ``scan_blocks="auto"`` becomes on each backend, read from `jax.default_backend()` when the
+# model is built. CPU, measured (benchmarks/RESULTS.md, "scan_blocks"): F0-F6 scanned train
+# steps compile no faster, or not enough to pay for a slower step, so "auto" unrolls. GPU and TPU,
+# not measured here: scanning repeated layers is the usual way to bound compile time there (MaxText
+# defaults to ``scan_layers: True``; big_vision's large-model configs set ``scan=True``), and
+# their compilers lay out the gradient convolutions of a loop body freely, so "auto" scans.
+SCAN_BLOCKS_AUTO: dict[str, bool] = {"cpu": False, "gpu": True, "tpu": True}
+
+
+def resolve_scan_blocks(scan_blocks: bool | str, backend: str | None = None) -> bool:
+    """``scan_blocks`` as a bool: ``True``/``False`` as given, ``"auto"`` per backend.
+
+    Args:
+      scan_blocks: ``True``, ``False`` or ``"auto"``.
+      backend: the backend ``"auto"`` is resolved for (default `jax.default_backend()`);
+        backends not in `SCAN_BLOCKS_AUTO` unroll.
+
+    Raises:
+      ValueError: naming ``scan_blocks`` for any other value.
+
+    Example:
+      >>> resolve_scan_blocks("auto", backend="cpu"), resolve_scan_blocks("auto", "tpu")
+      (False, True)
+    """
+    if isinstance(scan_blocks, bool | np.bool_):
+        return bool(scan_blocks)
+    if isinstance(scan_blocks, str) and scan_blocks == "auto":
+        return SCAN_BLOCKS_AUTO.get(backend or jax.default_backend(), False)
+    raise ValueError(
+        f'`scan_blocks`: expected True, False or "auto", got {scan_blocks!r} '
+        f"({type(scan_blocks).__name__})"
+    )
+
+
 class Stem(nnx.Module):
     """Four 3x3 WSConvs downsampling by 4: 16 s2 -> 32 -> 64 -> ``out_features`` s2."""
 
@@ -187,6 +223,9 @@ class NFBlock(nnx.Module):
       use_two_convs: whether to have ``conv1b``.
       stochdepth_rate: drop-path rate; stochastic depth exists only when it is
         in (0, 1), as in DeepMind's code.
+      conv: the conv class (`NFBlockStack` passes
+        `agc_optax.models.canonical_conv.CanonicalGradWSConv`, whose gradients stay fast in
+        a loop on CPU; same parameters and outputs as the default `WSConv`).
       dtype: computation dtype.
       param_dtype: parameter dtype.
       rngs: ``nnx.Rngs`` with ``params`` and (for training) ``dropout`` streams.
@@ -207,6 +246,7 @@ class NFBlock(nnx.Module):
         big_width: bool = True,
         use_two_convs: bool = True,
         stochdepth_rate: float | None = None,
+        conv: type[WSConv] = WSConv,
         dtype: Dtype | None = None,
         param_dtype: Dtype = jnp.float32,
         rngs: nnx.Rngs,
@@ -226,16 +266,16 @@ class NFBlock(nnx.Module):
         self.activation = activation
         self.use_projection = stride > 1 or in_features != out_features
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.conv0 = WSConv(in_features, self.width, 1, **kw)
-        self.conv1 = WSConv(
+        self.conv0 = conv(in_features, self.width, 1, **kw)
+        self.conv1 = conv(
             self.width, self.width, 3, strides=stride, feature_group_count=groups, **kw
         )
         self.conv1b = (
-            WSConv(self.width, self.width, 3, feature_group_count=groups, **kw)
+            conv(self.width, self.width, 3, feature_group_count=groups, **kw)
             if use_two_convs
             else None
         )
-        self.conv2 = WSConv(self.width, out_features, 1, **kw)
+        self.conv2 = conv(self.width, out_features, 1, **kw)
         self.conv_shortcut = (
             WSConv(in_features, out_features, 1, **kw) if self.use_projection else None
         )
@@ -277,7 +317,10 @@ class NFBlockStack(nnx.Module):
     """A run of identical NFBlocks (identity shortcut) applied with ``nnx.scan``.
 
     Parameters carry a leading axis of length ``len(betas)``; ``beta`` and the
-    stochastic depth rate, which differ from block to block, are scanned inputs.
+    stochastic depth rate, which differ from block to block, are scanned inputs. The blocks'
+    convs are `agc_optax.models.canonical_conv.CanonicalGradWSConv`: XLA:CPU leaves the
+    gradient convolutions of a loop body off its fast path, and that conv writes them in the
+    form the fast path takes (the scanned backward was 3.6x slower than unrolled without it).
     """
 
     def __init__(
@@ -305,25 +348,35 @@ class NFBlockStack(nnx.Module):
                 features,
                 stride=1,
                 stochdepth_rate=template_rate,
+                conv=CanonicalGradWSConv,
                 rngs=r,
                 **block_kwargs,
             )
 
         self.block = make(rngs)
 
-    def __call__(self, x: Array) -> tuple[Array, Array, Array]:
-        """Returns ``(output, per-layer outputs' metrics, per-layer res_avg_var)``."""
+    def __call__(
+        self, x: Array, *, return_metrics: bool = True
+    ) -> tuple[Array, Array | None, Array]:
+        """Returns ``(output, per-layer metrics, per-layer res_avg_var)``.
+
+        The metrics, ``(num_layers, 2)`` holding each layer output's ``avg_sq_mean`` and
+        ``avg_var``, are ``None`` without ``return_metrics``: the loop then does not compute
+        them (two reductions over every layer's output).
+        """
         betas = jnp.asarray(self.betas, jnp.float32)
         rates = jnp.asarray(self.stochdepth_rates, jnp.float32)
 
         @nnx.scan(in_axes=(nnx.Carry, 0, 0, 0), out_axes=(nnx.Carry, 0))
         def body(h, block, beta, rate):
             h, res_avg_var = block(h, beta=beta.astype(h.dtype), stochdepth_rate=rate)
+            if not return_metrics:
+                return h, (res_avg_var,)
             m = signal_metrics(h, "")
-            return h, (m["avg_sq_mean_"], m["avg_var_"], res_avg_var)
+            return h, (res_avg_var, jnp.stack([m["avg_sq_mean_"], m["avg_var_"]]))
 
-        x, (sq_mean, var, res_var) = body(x, self.block, betas, rates)
-        return x, jnp.stack([sq_mean, var], axis=-1), res_var
+        x, per_layer = body(x, self.block, betas, rates)
+        return x, (per_layer[1] if return_metrics else None), per_layer[0]
 
 
 class NFNet(ClassifierHead, nnx.Module):
@@ -345,15 +398,21 @@ class NFNet(ClassifierHead, nnx.Module):
       use_two_convs: whether blocks have the second grouped conv ``conv1b``.
       widths: override the variant's stage widths.
       depths: override the variant's stage depths.
-      scan_blocks: run each stage's identity-shortcut blocks (all but the first)
-        with ``nnx.scan``, which cuts compile time of deep variants. Outputs and
-        parameter counts are unchanged, but those blocks' leaves gain a leading
-        layer axis (paths ``blocks/<j>/block/...``): for adaptive gradient
-        clipping, the unit of a stacked kernel is ``(layer, output channel)``, so
-        such leaves need the unit axes ``(0, -1)``, and the stacked gains, biases
-        and ``skip_gain`` need ``(0,)``. `SCANNED_UNIT_AXES` holds these rules as
-        ``(regex, axes)`` pairs. `agc_optax.models.load_haiku_params` fills stacked
-        leaves from DeepMind's per-block names.
+      scan_blocks: run each stage's identity-shortcut blocks (all but the first) with
+        ``nnx.scan`` (`NFBlockStack`), which compiles each stage's block once instead of once
+        per layer. ``"auto"`` picks per backend when the model is built (`resolve_scan_blocks`,
+        `SCAN_BLOCKS_AUTO`: unrolled on CPU, where it was measured not to pay; scanned on GPU
+        and TPU, not measured here); the attribute ``scan_blocks`` holds the resolved bool. The
+        default stays False: scanning changes the parameter tree (stacked leaves, other AGC
+        unit rules, other checkpoint paths), which should not depend on the machine a model is
+        built on unless asked for. Outputs and parameter counts are unchanged, but the stacked
+        blocks' leaves gain a leading layer axis (paths ``blocks/<j>/block/...``): for adaptive
+        gradient clipping, the unit of a stacked kernel is ``(layer, output channel)``, so such
+        leaves need the unit axes ``(0, -1)``, and the stacked gains, biases and ``skip_gain``
+        need ``(0,)``. `SCANNED_UNIT_AXES` holds these rules as ``(regex, axes)`` pairs, and
+        ``agc_unit_axes`` returns them when the resolved ``scan_blocks`` is True.
+        `agc_optax.models.load_haiku_params` fills stacked leaves from DeepMind's per-block
+        names.
       dtype: computation dtype (e.g. ``jnp.bfloat16``); weight standardization
         always runs in float32.
       param_dtype: parameter dtype.
@@ -400,7 +459,7 @@ class NFNet(ClassifierHead, nnx.Module):
         *,
         widths: Sequence[int] | None = None,
         depths: Sequence[int] | None = None,
-        scan_blocks: bool = False,
+        scan_blocks: bool | str = False,
         dtype: Dtype | None = None,
         param_dtype: Dtype = jnp.float32,
         rngs: nnx.Rngs,
@@ -414,7 +473,7 @@ class NFNet(ClassifierHead, nnx.Module):
         self.drop_rate = config.drop_rate if drop_rate is None else drop_rate
         self.train_imsize, self.test_imsize = config.train_imsize, config.test_imsize
         self.activation = scaled_activation(activation)
-        self.scan_blocks = scan_blocks
+        self.scan_blocks = scan_blocks = resolve_scan_blocks(scan_blocks)
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
         ch = config.widths[0] // 2
@@ -518,7 +577,7 @@ class NFNet(ClassifierHead, nnx.Module):
         index = 0
         for item in self.blocks:
             if isinstance(item, NFBlockStack):
-                out, stats, res_vars = item(out)
+                out, stats, res_vars = item(out, return_metrics=return_metrics)
                 for layer in range(item.num_layers):
                     if return_metrics:
                         outputs[f"avg_sq_mean_{index + 1}"] = stats[layer, 0]

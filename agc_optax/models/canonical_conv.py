@@ -1,0 +1,171 @@
+"""Convolutions whose gradients stay on XLA:CPU's fast path inside loops (``scan_blocks``).
+
+XLA:CPU runs a convolution fast (Eigen / its YNNPACK fusions) only in the *canonical* form: input
+``N{spatial}C``, kernel ``{spatial}IO``, output ``N{spatial}C``. The gradients JAX derives for a
+canonical convolution are not canonical: the input gradient reads the kernel as ``{spatial}OI``
+(``dim_labels=b01f_01oi->b01f``) and the weight gradient contracts over the batch
+(``f01b_i01o->01bf``; with feature groups a 5-D dilated convolution). XLA:CPU's
+``ConvCanonicalization`` pass rewrites such convolutions with transposes around a canonical one,
+but it walks only the entry computation (``xla/service/cpu/conv_canonicalization.cc``), so in the
+body of a ``while`` loop, which is what ``jax.lax.scan`` / ``nnx.scan`` compile to, they stay
+as generic convolutions: the scanned NFNet stage-3 blocks' backward ran 3.6x slower than the same
+blocks unrolled (``benchmarks/RESULTS.md``, "scan_blocks").
+
+`conv_canonical_grads` computes the same convolution, with a custom VJP that writes both gradients
+as canonical convolutions with explicit transposes, so that the loop body needs no
+canonicalization. The rule is used on CPU only (``jax.lax.platform_dependent``); other backends
+get JAX's own gradient, whose layouts their compilers assign freely.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from agc_optax.models.layers import WSConv
+
+__all__ = ["CanonicalGradWSConv", "conv_canonical_grads"]
+
+Array = jax.Array
+_SPATIAL = "DHW"
+
+
+def _dimension_numbers(rank: int) -> tuple[str, str, str]:
+    sp = _SPATIAL[-rank:]
+    return (f"N{sp}C", f"{sp}IO", f"N{sp}C")
+
+
+def _explicit_padding(
+    padding: str | Sequence[tuple[int, int]], kernel_shape: Sequence[int]
+) -> tuple[tuple[int, int], ...]:
+    """``(low, high)`` per spatial axis for stride 1 (``"SAME"`` puts the odd pad at the end)."""
+    if padding == "SAME":
+        return tuple(((k - 1) // 2, k // 2) for k in kernel_shape)
+    if padding == "VALID":
+        return tuple((0, 0) for _ in kernel_shape)
+    return tuple((int(lo), int(hi)) for lo, hi in padding)
+
+
+def _plain_conv(x, w, padding, groups, precision):
+    return jax.lax.conv_general_dilated(
+        x,
+        w,
+        window_strides=(1,) * (w.ndim - 2),
+        padding=padding,
+        dimension_numbers=_dimension_numbers(w.ndim - 2),
+        feature_group_count=groups,
+        precision=precision,
+    )
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _canonical_conv(x, w, padding, groups, precision):
+    return _plain_conv(x, w, padding, groups, precision)
+
+
+def _canonical_conv_fwd(x, w, padding, groups, precision):
+    return _plain_conv(x, w, padding, groups, precision), (x, w)
+
+
+def _canonical_conv_bwd(padding, groups, precision, residuals, dy):
+    x, w = residuals
+    rank = w.ndim - 2
+    spatial = tuple(range(rank))
+    *kernel, in_per_group, out = w.shape
+    out_per_group = out // groups
+    # Input gradient: the correlation of dy with the spatially flipped kernel whose input and
+    # output channels are swapped within each group, in HWIO order.
+    w_t = jnp.flip(w, spatial).reshape(*kernel, in_per_group, groups, out_per_group)
+    w_t = w_t.transpose(*spatial, rank + 2, rank + 1, rank)
+    w_t = w_t.reshape(*kernel, out_per_group, groups * in_per_group)
+    pads_t = tuple((k - 1 - lo, k - 1 - hi) for k, (lo, hi) in zip(kernel, padding, strict=True))
+    dx = _plain_conv(dy, w_t, pads_t, groups, precision)
+    # Weight gradient: the input channels play the batch and the images the features, so the
+    # "batch" of images is contracted as canonical input features (grouped like the kernel).
+    n, *size, _ = x.shape
+    x_t = x.reshape(n, *size, groups, in_per_group)
+    x_t = x_t.transpose(rank + 2, *(a + 1 for a in spatial), rank + 1, 0)
+    x_t = x_t.reshape(in_per_group, *size, groups * n)
+    dy_t = dy.transpose(*(a + 1 for a in spatial), 0, rank + 1)
+    dw = _plain_conv(x_t, dy_t, padding, groups, precision)  # (in_per_group, *kernel, out)
+    return dx.astype(x.dtype), dw.transpose(*(a + 1 for a in spatial), 0, rank + 1).astype(w.dtype)
+
+
+_canonical_conv.defvjp(_canonical_conv_fwd, _canonical_conv_bwd)
+
+
+def conv_canonical_grads(
+    x: Array,
+    w: Array,
+    *,
+    padding: str | Sequence[tuple[int, int]] = "SAME",
+    feature_group_count: int = 1,
+    precision: Any = None,
+) -> Array:
+    """A stride-1 channels-last convolution whose gradients are canonical on CPU.
+
+    The value equals ``jax.lax.conv_general_dilated(x, w, (1,) * r, padding,
+    dimension_numbers=("N...C", "...IO", "N...C"), feature_group_count=...)``; on CPU the
+    gradients are computed as canonical convolutions (see the module docstring), elsewhere by
+    JAX's own rule.
+
+    Args:
+      x: input ``(N, *spatial, C_in)`` with 1 to 3 spatial axes.
+      w: kernel ``(*kernel_size, C_in // groups, C_out)``.
+      padding: ``"SAME"``, ``"VALID"`` or ``(low, high)`` per spatial axis.
+      feature_group_count: number of groups.
+      precision: passed to ``jax.lax.conv_general_dilated``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> x, w = jnp.ones((1, 5, 5, 4)), jnp.ones((3, 3, 2, 6))
+      >>> f = lambda x, w: conv_canonical_grads(x, w, feature_group_count=2).sum()
+      >>> g = lambda x, w: jax.lax.conv_general_dilated(
+      ...     x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"),
+      ...     feature_group_count=2).sum()
+      >>> all(bool(jnp.allclose(a, b)) for a, b in zip(jax.grad(f, (0, 1))(x, w),
+      ...                                              jax.grad(g, (0, 1))(x, w)))
+      True
+    """
+    pads = _explicit_padding(padding, w.shape[:-2])
+    args = (pads, int(feature_group_count), precision)
+    return jax.lax.platform_dependent(
+        x,
+        w,
+        cpu=lambda x, w: _canonical_conv(x, w, *args),
+        default=lambda x, w: _plain_conv(x, w, *args),
+    )
+
+
+class CanonicalGradWSConv(WSConv):
+    """`WSConv` (same parameters, same outputs) whose stride-1 convolutions take their gradients
+    from `conv_canonical_grads`: the conv of the blocks that ``scan_blocks`` runs in a loop.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from flax import nnx
+      >>> conv = CanonicalGradWSConv(8, 16, 3, feature_group_count=2, rngs=nnx.Rngs(0))
+      >>> conv(jnp.ones((1, 9, 9, 8))).shape
+      (1, 9, 9, 16)
+    """
+
+    def __call__(self, x: Array) -> Array:
+        if any(s != 1 for s in self.strides):
+            return super().__call__(x)
+        rank = len(self.kernel_size)
+        if x.ndim != rank + 2 or x.shape[-1] != self.in_features:
+            return super().__call__(x)  # Its error message names the expected shape.
+        dtype = self.dtype or jnp.result_type(x.dtype, self.param_dtype)
+        w_hat = self.standardized_kernel().astype(dtype)
+        y = conv_canonical_grads(
+            x.astype(dtype),
+            w_hat,
+            padding=self.padding,
+            feature_group_count=self.feature_group_count,
+            precision=self.precision,
+        )
+        return y + self.bias[...].astype(dtype)

@@ -1,0 +1,193 @@
+"""NFNet's ``scan_blocks``: the CPU-friendly gradient convolutions, the scanned stack's gradients
+against the same blocks unrolled, and ``"auto"``."""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from agc_optax.models import conv_canonical_grads, create_model
+from agc_optax.models.layers import scaled_activation
+from agc_optax.models.nfnet import (
+    SCAN_BLOCKS_AUTO,
+    SCANNED_UNIT_AXES,
+    NFBlock,
+    NFBlockStack,
+    resolve_scan_blocks,
+)
+from agc_optax.training.config import parse_model_args
+
+
+def _conv_and_grads_float64(x, w, dy, pads, groups):
+    """``y = conv(x, w)`` and the gradients of ``sum(y * dy)``, by explicit window sums."""
+    x, w, dy = (np.asarray(a, np.float64) for a in (x, w, dy))
+    kh, kw, in_g, out = w.shape
+    out_g = out // groups
+    xp = np.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))
+    n, oh, ow = dy.shape[0], dy.shape[1], dy.shape[2]
+    y = np.zeros((n, oh, ow, out))
+    dxp, dw = np.zeros_like(xp), np.zeros_like(w)
+    for g in range(groups):
+        ci, co = slice(g * in_g, (g + 1) * in_g), slice(g * out_g, (g + 1) * out_g)
+        for a in range(kh):
+            for b in range(kw):
+                window = xp[:, a : a + oh, b : b + ow, ci]
+                y[..., co] += window @ w[a, b, :, co]
+                dw[a, b, :, co] = np.einsum("nhwi,nhwo->io", window, dy[..., co])
+                dxp[:, a : a + oh, b : b + ow, ci] += dy[..., co] @ w[a, b, :, co].T
+    dx = dxp[:, pads[0][0] : pads[0][0] + x.shape[1], pads[1][0] : pads[1][0] + x.shape[2]]
+    return y, dx, dw
+
+
+@pytest.mark.parametrize(
+    ("kernel", "groups", "padding", "pads"),
+    [
+        (3, 3, "SAME", ((1, 1), (1, 1))),
+        (1, 1, "SAME", ((0, 0), (0, 0))),
+        (2, 2, "SAME", ((0, 1), (0, 1))),  # Even kernel: the odd pad goes at the end.
+        (3, 1, "VALID", ((0, 0), (0, 0))),
+        (3, 2, ((2, 0), (1, 2)), ((2, 0), (1, 2))),
+    ],
+)
+def test_canonical_grads_match_float64_window_sums(kernel, groups, padding, pads):
+    rng = np.random.default_rng(kernel * 10 + groups)
+    x = rng.standard_normal((2, 5, 6, 4 * groups)).astype(np.float32)
+    w = rng.standard_normal((kernel, kernel, 4, 3 * groups)).astype(np.float32)
+    oh = 5 + sum(pads[0]) - kernel + 1
+    ow = 6 + sum(pads[1]) - kernel + 1
+    dy = rng.standard_normal((2, oh, ow, w.shape[-1])).astype(np.float32)
+
+    def f(x, w):
+        return conv_canonical_grads(x, w, padding=padding, feature_group_count=groups)
+
+    y, vjp = jax.vjp(f, jnp.asarray(x), jnp.asarray(w))
+    dx, dw = vjp(jnp.asarray(dy))
+    want_y, want_dx, want_dw = _conv_and_grads_float64(x, w, dy, pads, groups)
+    np.testing.assert_allclose(np.asarray(y), want_y, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(dx), want_dx, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(dw), want_dw, rtol=1e-5, atol=1e-5)
+
+
+def test_gradient_convolutions_in_a_scan_are_canonical_on_cpu():
+    """The cause of the slow scanned step: XLA:CPU canonicalizes convolutions only outside loops.
+    JAX's own gradients of a grouped conv in a scan body are non-canonical; ours are not."""
+    x = jnp.ones((2, 6, 6, 8))
+    kernels = jnp.ones((3, 3, 3, 4, 8)) * 0.01  # Three layers of a 2-group 3x3 conv.
+
+    def plain(h, w):
+        dn = ("NHWC", "HWIO", "NHWC")
+        return jax.lax.conv_general_dilated(
+            h, w, (1, 1), "SAME", dimension_numbers=dn, feature_group_count=2
+        )
+
+    def ours(h, w):
+        return conv_canonical_grads(h, w, feature_group_count=2)
+
+    def labels(conv):
+        def loss(x, ws):
+            return jnp.sum(jax.lax.scan(lambda h, w: (conv(h, w), None), x, ws)[0] ** 2)
+
+        hlo = jax.jit(jax.grad(loss, (0, 1))).lower(x, kernels).compile().as_text()
+        return set(re.findall(r"dim_labels=([^,\s]+)", hlo))
+
+    assert labels(plain) - {"b01f_01io->b01f"}  # The slow forms this fixes.
+    assert labels(ours) == {"b01f_01io->b01f"}
+
+
+def _filled(module_fn, seed):
+    """A module built under eval_shape, its parameters filled with NumPy normals (non-zero
+    skip gains, so that every branch counts)."""
+    model = nnx.eval_shape(module_fn)
+    rng = np.random.default_rng(seed)
+    state = nnx.state(model, nnx.Param)
+    for _, var in nnx.to_flat_state(state):
+        shape = var.get_value().shape
+        var.set_value(jnp.asarray(0.5 * rng.standard_normal(shape), jnp.float32))
+    nnx.update(model, state)
+    return model
+
+
+def test_scanned_stack_gradients_equal_unrolled_blocks():
+    common = dict(expansion=0.5, group_size=2, alpha=0.2, activation=scaled_activation("gelu"))
+    betas = (0.9, 0.7)
+    stack = _filled(
+        lambda: NFBlockStack(
+            8, betas=betas, stochdepth_rates=(0.0, 0.0), rngs=nnx.Rngs(0), **common
+        ),
+        seed=1,
+    )
+    assert stack.block.conv1.kernel.shape == (2, 3, 3, 2, 4)  # 2 groups of 2 channels, stacked.
+    blocks = nnx.eval_shape(
+        lambda: nnx.List([NFBlock(8, 8, beta=b, rngs=nnx.Rngs(0), **common) for b in betas])
+    )
+    stacked = nnx.to_flat_state(nnx.state(stack, nnx.Param))
+    for layer, block in enumerate(blocks):
+        state = nnx.state(block, nnx.Param)
+        for (path, var), (spath, svar) in zip(nnx.to_flat_state(state), stacked, strict=True):
+            assert path == spath[1:]  # Same leaves, minus the stack's `block` prefix.
+            var.set_value(svar.get_value()[layer])
+        nnx.update(block, state)
+    x = jax.random.normal(jax.random.key(0), (2, 4, 4, 8))
+
+    def unrolled(blocks, x):
+        res_vars = []
+        for block in blocks:
+            x, res_var = block(x)
+            res_vars.append(res_var)
+        return jnp.sum(jnp.sin(x)) + jnp.sum(jnp.stack(res_vars))
+
+    def scanned(stack, x):
+        out, metrics, res_vars = stack(x, return_metrics=False)
+        assert metrics is None  # Not computed in the loop unless asked for.
+        return jnp.sum(jnp.sin(out)) + jnp.sum(res_vars)
+
+    def loss_and_grads(loss, module):
+        graph, params = nnx.split(module)
+        pure = jax.value_and_grad(lambda p, x: loss(nnx.merge(graph, p), x), argnums=(0, 1))
+        value, (grads, dx) = jax.jit(pure)(params, x)
+        return value, {path: v.get_value() for path, v in nnx.to_flat_state(grads)}, dx
+
+    want_loss, want, want_dx = loss_and_grads(unrolled, blocks)
+    got_loss, got, got_dx = loss_and_grads(scanned, stack)
+    np.testing.assert_allclose(got_loss, want_loss, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(got_dx), np.asarray(want_dx), rtol=1e-4, atol=1e-5)
+    assert len(got) * len(betas) == len(want)
+    for path, grad in got.items():
+        for layer in range(len(betas)):
+            np.testing.assert_allclose(
+                np.asarray(grad[layer]),
+                np.asarray(want[(layer, *path[1:])]),
+                rtol=1e-4,
+                atol=1e-5,
+                err_msg=f"{path} layer {layer}",
+            )
+
+
+def test_auto_resolves_per_backend_and_follows_into_the_unit_rules():
+    assert resolve_scan_blocks("auto", backend="cpu") is SCAN_BLOCKS_AUTO["cpu"] is False
+    assert resolve_scan_blocks("auto", backend="tpu") is True
+    assert resolve_scan_blocks("auto", backend="gpu") is True
+    assert resolve_scan_blocks("auto", backend="metal") is False  # Unknown: unrolled.
+    assert resolve_scan_blocks(np.bool_(True)) is True
+    # From the command line (`--model-arg scan_blocks=auto`) through the registry, on this CPU.
+    kwargs = parse_model_args(["scan_blocks=auto"])
+    model = nnx.eval_shape(lambda: create_model("nfnet_f0", 10, rngs=nnx.Rngs(0), **kwargs))
+    assert jax.default_backend() == "cpu" and model.scan_blocks is False
+    assert model.agc_unit_axes is None
+    scanned = nnx.eval_shape(
+        lambda: create_model("nfnet_f0", 10, rngs=nnx.Rngs(0), scan_blocks=True)
+    )
+    assert scanned.scan_blocks is True and scanned.agc_unit_axes is SCANNED_UNIT_AXES
+
+
+@pytest.mark.parametrize("bad", ["yes", "Auto", 1, None, 0.0])
+def test_bad_scan_blocks_values_name_the_argument(bad):
+    with pytest.raises(ValueError, match=r'`scan_blocks`: expected True, False or "auto"'):
+        resolve_scan_blocks(bad)
+    with pytest.raises(ValueError, match="`scan_blocks`"):
+        nnx.eval_shape(lambda: create_model("nfnet_f0", 10, rngs=nnx.Rngs(0), scan_blocks=bad))
