@@ -201,16 +201,30 @@ def run_residual_blocks(
     Shared by the families' ``forward_features``: with ``return_metrics``, the dict holds
     :func:`signal_metrics` of the stem output (``avg_sq_mean_0``, ``avg_var_0``) and of each
     block output (index ``block + 1``), and ``res_avg_var_<block>`` of each residual branch.
+    A `BlockStack` counts as its ``num_layers`` blocks, with the same keys.
     """
     outputs: dict[str, Array] = {}
     out = stem_out
     if return_metrics:
         outputs.update(signal_metrics(out, 0))
-    for i, block in enumerate(blocks):
+    i = 0
+    for block in blocks:
+        if isinstance(block, BlockStack):
+            out, res_avg_vars, stats = block(out, return_metrics=return_metrics)
+            if return_metrics:
+                for layer in range(block.num_layers):
+                    outputs[f"avg_sq_mean_{i + 1}"] = stats["avg_sq_mean"][layer]
+                    outputs[f"avg_var_{i + 1}"] = stats["avg_var"][layer]
+                    outputs[f"res_avg_var_{i}"] = res_avg_vars[layer]
+                    i += 1
+            else:
+                i += block.num_layers
+            continue
         out, res_avg_var = block(out)
         if return_metrics:
             outputs.update(signal_metrics(out, i + 1))
             outputs[f"res_avg_var_{i}"] = res_avg_var
+        i += 1
     return out, outputs
 
 
@@ -711,6 +725,219 @@ def nf_residual(
     if block.skip_gain is not None:
         branch = branch * block.skip_gain[...].astype(branch.dtype)
     return branch * block.alpha + shortcut.astype(branch.dtype), res_avg_var
+
+
+# ----------------------------------------------------------------------------- stacked blocks
+
+
+def check_scan_blocks(value: Any) -> bool:
+    """Validates a family's ``scan_blocks`` argument (True or False).
+
+    Raises:
+      ValueError: naming ``scan_blocks`` for anything but a bool.
+    """
+    if not isinstance(value, bool | np.bool_):
+        raise ValueError(
+            f"`scan_blocks`: expected True or False, got {value!r} ({type(value).__name__})"
+        )
+    return bool(value)
+
+
+class BlockStack(nnx.Module):
+    """A run of residual blocks of one structure, stacked on a leading layer axis and applied
+    with ``nnx.scan``: XLA compiles the block once instead of ``num_layers`` times.
+
+    Every parameter (and RNG stream) of ``block`` carries a leading axis of length
+    ``num_layers``; layer ``i`` of it is the ``i``-th block of the unrolled run. The blocks are
+    created with ``nnx.vmap`` over ``rngs`` split once per layer. What differs from block to
+    block without changing the structure (the input scale ``beta``, the stochastic-depth rate)
+    is a *layer input*: one float per layer, scanned along with the parameters and passed to
+    the block as a keyword (cast to the signal's dtype, as Python floats are).
+
+    Args:
+      make_block: ``make_block(rngs) -> block``, the template; a block's ``__call__(x,
+        **layer_inputs)`` returns ``(output, res_avg_var)`` with ``output`` of ``x``'s shape and
+        dtype. A block that has stochastic depth in any layer must have it in the template.
+      layer_inputs: keyword -> one float per layer (all of one length, at least 1).
+      rngs: the streams the blocks are created from (each split ``num_layers`` ways).
+
+    Attributes:
+      block: the stacked block (leaf paths ``.../block/conv0/kernel``, shapes ``(L, ...)``).
+      num_layers: ``L``.
+      layer_inputs: ``{keyword: tuple of floats}``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from flax import nnx
+      >>> class Block(nnx.Module):
+      ...     def __init__(self, rngs):
+      ...         self.dense = nnx.Linear(4, 4, rngs=rngs)
+      ...     def __call__(self, x, *, beta):
+      ...         branch = self.dense(x * beta)
+      ...         return x + branch, jnp.var(branch)
+      >>> stack = BlockStack(Block, {"beta": [1.0, 0.5, 0.25]}, rngs=nnx.Rngs(0))
+      >>> stack.block.dense.kernel.shape
+      (3, 4, 4)
+      >>> out, res_avg_var, metrics = stack(jnp.ones((2, 4)), return_metrics=True)
+      >>> out.shape, res_avg_var.shape, sorted(metrics), metrics["avg_var"].shape
+      ((2, 4), (3,), ['avg_sq_mean', 'avg_var'], (3,))
+    """
+
+    def __init__(
+        self,
+        make_block: Callable[[nnx.Rngs], nnx.Module],
+        layer_inputs: dict[str, Sequence[float]],
+        *,
+        rngs: nnx.Rngs,
+    ):
+        values = {name: tuple(float(v) for v in run) for name, run in layer_inputs.items()}
+        lengths = {name: len(run) for name, run in values.items()}
+        if len(set(lengths.values())) != 1 or min(lengths.values()) < 1:
+            raise ValueError(
+                "BlockStack `layer_inputs`: expected one value per layer, the same number (at "
+                f"least 1) for every keyword, got lengths {lengths}"
+            )
+        self.num_layers = next(iter(lengths.values()))
+        # Tuples, not a dict: static attributes of an NNX module must be hashable.
+        self.input_names = tuple(values)
+        self.input_values = tuple(values.values())
+
+        @nnx.split_rngs(splits=self.num_layers)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def make(layer_rngs: nnx.Rngs) -> nnx.Module:
+            return make_block(layer_rngs)
+
+        self.block = make(rngs)
+
+    @property
+    def layer_inputs(self) -> dict[str, tuple[float, ...]]:
+        """``{keyword: one float per layer}``, as given."""
+        return dict(zip(self.input_names, self.input_values, strict=True))
+
+    def __call__(
+        self, x: Array, *, return_metrics: bool = False
+    ) -> tuple[Array, Array, dict[str, Array]]:
+        """Runs the layers in order.
+
+        Args:
+          x: the first layer's input.
+          return_metrics: also compute DeepMind's `signal_metrics` of every layer's output
+            (inside the scanned body, so they cost nothing when not asked for).
+
+        Returns:
+          ``(output, res_avg_var, metrics)``: the last layer's output, each layer's
+          ``res_avg_var`` ``(L,)``, and ``{"avg_sq_mean": (L,), "avg_var": (L,)}`` (empty
+          without ``return_metrics``).
+        """
+        inputs = {
+            name: jnp.asarray(run, jnp.float32)
+            for name, run in zip(self.input_names, self.input_values, strict=True)
+        }
+
+        @nnx.scan(in_axes=(nnx.Carry, 0, 0), out_axes=(nnx.Carry, 0))
+        def body(h, block, layer):
+            h, res_avg_var = block(h, **{k: v.astype(h.dtype) for k, v in layer.items()})
+            if not return_metrics:
+                return h, (res_avg_var, {})
+            stats = signal_metrics(h, "")
+            metrics = {"avg_sq_mean": stats["avg_sq_mean_"], "avg_var": stats["avg_var_"]}
+            return h, (res_avg_var, metrics)
+
+        out, (res_avg_var, metrics) = body(x, self.block, inputs)
+        return out, res_avg_var, metrics
+
+
+def residual_run(
+    make_block: Callable[..., nnx.Module],
+    betas: Sequence[float],
+    stochdepth_rates: Sequence[float],
+    *,
+    scan: bool,
+    rngs: nnx.Rngs,
+) -> list[nnx.Module]:
+    """Blocks of one structure (a stage's identity-shortcut blocks), unrolled or stacked.
+
+    Args:
+      make_block: ``make_block(beta=..., stochdepth_rate=..., rngs=...) -> block``; the block
+        has stochastic depth when its rate is in (0, 1) (DeepMind's and timm's rule), and its
+        ``__call__(x, *, beta, stochdepth_rate)`` overrides both.
+      betas: each block's ``beta``.
+      stochdepth_rates: each block's stochastic-depth rate.
+      scan: stack a run of two or more blocks into one `BlockStack` (a single block stays a
+        block); otherwise build one block each, in order.
+      rngs: the model's streams.
+
+    Returns:
+      The blocks: ``[BlockStack]`` when stacked, else one block per ``beta``.
+
+    In a stack, a layer whose rate is outside (0, 1) gets rate 0 (an identity: the mask
+    ``floor(1 + U)`` is 1, and rescaling by ``1 / (1 - 0)`` changes nothing), so the stack has
+    one structure and the unrolled model's numbers.
+    """
+    if len(betas) != len(stochdepth_rates):
+        raise ValueError(
+            f"residual_run: {len(betas)} betas for {len(stochdepth_rates)} stochastic-depth rates"
+        )
+    if not scan or len(betas) < 2:
+        return [
+            make_block(beta=beta, stochdepth_rate=rate, rngs=rngs)
+            for beta, rate in zip(betas, stochdepth_rates, strict=True)
+        ]
+    rates = [float(r) if 0.0 < r < 1.0 else 0.0 for r in stochdepth_rates]
+    template_rate = max(rates)  # 0: no layer drops, and the template has no stochastic depth
+
+    def template(layer_rngs: nnx.Rngs) -> nnx.Module:
+        return make_block(beta=betas[0], stochdepth_rate=template_rate, rngs=layer_rngs)
+
+    inputs = {"beta": betas, "stochdepth_rate": rates}
+    return [BlockStack(template, inputs, rngs=rngs)]
+
+
+def block_locations(blocks: Sequence[Any]) -> list[tuple[int, int | None]]:
+    """Maps each block of the unrolled model to ``(position in blocks, layer)``.
+
+    ``layer`` is ``None`` for a plain block and the index along the stacked axis for a
+    `BlockStack` (or any item with ``num_layers``): what the weight loaders use to fill stacked
+    leaves from per-block checkpoints.
+
+    Example:
+      >>> class Stack:
+      ...     num_layers = 2
+      >>> block_locations(["block", Stack(), "block"])
+      [(0, None), (1, 0), (1, 1), (2, None)]
+    """
+    locations: list[tuple[int, int | None]] = []
+    for position, item in enumerate(blocks):
+        layers = getattr(item, "num_layers", None)
+        if layers is None:
+            locations.append((position, None))
+        else:
+            locations.extend((position, layer) for layer in range(layers))
+    return locations
+
+
+def stacked_unit_axes(
+    stack: str, whole_unit_kernels: Sequence[str] = ()
+) -> list[tuple[str, tuple[int, ...]]]:
+    """AGC unit-axes rules (``(regex, axes)`` pairs) for the leaves of stacked blocks.
+
+    A stacked leaf ``(L, *shape)`` has the units of one block's leaf, per layer: a conv or
+    dense kernel one per ``(layer, output channel)``, ``(0, -1)``; a gain, bias or
+    ``skip_gain`` (one unit in a block) one per layer, ``(0,)``. Leaves outside the stacks
+    match no rule and keep the default rules.
+
+    Args:
+      stack: a regex matching the path of a stacked block, up to and including ``block/``,
+        e.g. ``r"blocks/\\d+/block/"``; it is anchored at the start of the path.
+      whole_unit_kernels: regexes (below the block) of kernels of rank 1 in a block, which are
+        one unit there (timm's ECA ``attn_last/kernel``): ``(0,)`` once stacked.
+
+    Example:
+      >>> stacked_unit_axes(r"blocks/\\d+/block/")
+      [('^blocks/\\\\d+/block/.*kernel$', (0, -1)), ('^blocks/\\\\d+/block/', (0,))]
+    """
+    rules = [(f"^{stack}{kernel}$", (0,)) for kernel in whole_unit_kernels]
+    return rules + [(f"^{stack}.*kernel$", (0, -1)), (f"^{stack}", (0,))]
 
 
 # ----------------------------------------------------------------------------- Haiku names
