@@ -6,7 +6,8 @@ checkpoints name things in a `HaikuNames` table, held by the model class as
 ``haiku_names``; the loader reads it from the model it fills. Block numbers are
 global and parsed as integers (``nf_block`` is 0, ``nf_block_10`` is 10); models
 built with stacked (scanned) blocks expose ``block_locations()``, and block paths
-are redirected into the stacked leaves.
+are redirected into the stacked leaves; timm's ``stages.<s>.<b>`` keys likewise through
+``stage_block_locations()``.
 
 No tensor needs a transpose: Haiku's HWIO conv kernels and (in, out) linear
 weights are Flax's layouts.
@@ -260,6 +261,57 @@ def _resolve(model: nnx.Module, path: str) -> tuple[str, int | None]:
     return f"blocks/{pos}/block/{match.group(2)}", layer
 
 
+def _resolve_stage_block(model: nnx.Module, path: str) -> tuple[str, int | None]:
+    """Redirects ``stages/<stage>/<block>/...`` (timm's numbering) into stacked leaves when the
+    model has them (``stage_block_locations()``, one list of ``(position, layer)`` per stage)."""
+    locate = getattr(model, "stage_block_locations", None)
+    match = re.fullmatch(r"stages/(\d+)/(\d+)/(.+)", path)
+    if locate is None or match is None:
+        return path, None
+    stages = locate()
+    stage, block = int(match.group(1)), int(match.group(2))
+    if stage >= len(stages) or block >= len(stages[stage]):
+        return path, None  # Reported as unexpected: the model has fewer blocks.
+    pos, layer = stages[stage][block]
+    if layer is None:
+        return f"stages/{stage}/{pos}/{match.group(3)}", None
+    return f"stages/{stage}/{pos}/block/{match.group(3)}", layer
+
+
+def _missing_leaves(
+    targets: Mapping[str, Any], filled: Mapping[str, Mapping[int | None, Any]], reported: set[str]
+) -> list[str]:
+    """The model leaves a checkpoint left unfilled; a stacked leaf (filled per layer, keys
+    ``0 .. L - 1``) names the layers it lacks. Leaves in ``reported`` (mis-shaped) are left
+    out."""
+    missing = []
+    for target, var in targets.items():
+        shape = _leaf_shape(var)
+        got = filled.get(target, {})
+        if None in got or target in reported:
+            continue
+        stacked = [d for d in got if d is not None]
+        if got and len(stacked) == shape[0]:
+            continue
+        if got:
+            absent = sorted(set(range(shape[0])) - set(stacked))
+            missing.append(f"{target} {shape} (stacked layers {absent} absent)")
+        else:
+            missing.append(f"{target} {shape}")
+    return missing
+
+
+def _set_filled(targets: Mapping[str, Any], filled: Mapping[str, Mapping[int | None, Any]]) -> None:
+    """Writes each filled leaf, stacking per-layer arrays along a new leading axis."""
+    for target, layers in filled.items():
+        var = targets[target]
+        if None in layers:
+            value = layers[None]
+        else:
+            value = np.stack([layers[i] for i in range(len(layers))])
+        var.set_value(jax.numpy.asarray(value, dtype=var.get_value().dtype))
+
+
 def materialize_abstract_state(model: nnx.Module, seed: int = 0) -> nnx.Module:
     """Gives concrete values to the non-parameter leaves of an ``nnx.eval_shape`` model.
 
@@ -372,20 +424,7 @@ def load_haiku_params(
             reported.add(target)
             continue
         filled.setdefault(target, {})[layer] = array
-    missing = []
-    for target, var in targets.items():
-        shape = _leaf_shape(var)
-        got = filled.get(target, {})
-        if None in got or target in reported:
-            continue
-        stacked = [d for d in got if d is not None]
-        if got and len(stacked) == shape[0]:
-            continue
-        if got:
-            absent = sorted(set(range(shape[0])) - set(stacked))
-            missing.append(f"{target} {shape} (stacked layers {absent} absent)")
-        else:
-            missing.append(f"{target} {shape}")
+    missing = _missing_leaves(targets, filled, reported)
     refused = check_values(
         source, allow_dtype_cast=allow_dtype_cast, allow_nonfinite=allow_nonfinite
     )
@@ -403,14 +442,7 @@ def load_haiku_params(
         ]
         raise HaikuWeightsError(format_report(headline, sections))
 
-    for target, layers in filled.items():
-        var = targets[target]
-        dtype = var.get_value().dtype if hasattr(var, "get_value") else var.value.dtype
-        if None in layers:
-            value = layers[None]
-        else:
-            value = np.stack([layers[i] for i in range(len(layers))])
-        var.set_value(jax.numpy.asarray(value, dtype=dtype))
+    _set_filled(targets, filled)
     nnx.update(model, state)
     return materialize_abstract_state(model, seed)
 
@@ -587,9 +619,10 @@ def load_timm_state_dict(
         )
     state = nnx.state(model, nnx.Param)
     targets = {_path_str(path): var for path, var in nnx.to_flat_state(state)}
-    filled: dict[str, np.ndarray | None] = {}  # None: reported as mis-shaped.
+    filled: dict[str, dict[int | None, np.ndarray]] = {}  # Per layer of a stacked leaf.
     unexpected: list[str] = []
     mismatched: list[str] = []
+    reported: set[str] = set()  # Mis-shaped targets are not listed again as missing.
     for key in sorted(source):
         array = source[key]
         found = names.lookup(key)
@@ -597,20 +630,28 @@ def load_timm_state_dict(
             unexpected.append(f"{key} {array.shape} (no NNX name for this key)")
             continue
         target, layout = found
+        target, layer = _resolve_stage_block(model, target)
         if target not in targets:
             unexpected.append(f"{key} {array.shape} -> {target} (not in the model)")
             continue
         convert, torch_shape = _TORCH_LAYOUTS[layout]
         shape = _leaf_shape(targets[target])
+        where = target
+        if layer is not None:  # One layer of a stacked leaf.
+            where = f"{target}[{layer}]"
+            if layer >= shape[0]:
+                unexpected.append(f"{key} -> {where} (not in the model)")
+                continue
+            shape = shape[1:]
         want = tuple(torch_shape(shape))
         if tuple(array.shape) != want:
             mismatched.append(
-                f"{key} {tuple(array.shape)} vs {target} {shape} (expects {want} in timm)"
+                f"{key} {tuple(array.shape)} vs {where} {shape} (expects {want} in timm)"
             )
-            filled[target] = None
+            reported.add(target)
             continue
-        filled[target] = convert(array)
-    missing = [f"{t} {_leaf_shape(v)}" for t, v in targets.items() if t not in filled]
+        filled.setdefault(target, {})[layer] = convert(array)
+    missing = _missing_leaves(targets, filled, reported)
     refused = check_values(
         source, allow_dtype_cast=allow_dtype_cast, allow_nonfinite=allow_nonfinite
     )
@@ -628,9 +669,7 @@ def load_timm_state_dict(
             ("refused values", refused),
         ]
         raise TimmWeightsError(format_report(headline, sections))
-    for target, value in filled.items():
-        var = targets[target]
-        var.set_value(jax.numpy.asarray(value, dtype=var.get_value().dtype))
+    _set_filled(targets, filled)
     nnx.update(model, state)
     return materialize_abstract_state(model, seed)
 
