@@ -25,6 +25,7 @@ References:
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
@@ -89,6 +90,11 @@ HAIKU_NAMES = HaikuNames(
     blocks="nf_block",
     block_layers=layers.NF_BLOCK_LAYERS,
 )
+
+
+#: AGC's unit rules for a model built with ``scan_blocks=True``: a stacked leaf's units are one
+#: block's, per layer (see `layers.stacked_unit_axes`).
+SCANNED_UNIT_AXES = layers.stacked_unit_axes(r"blocks/\d+/block/")
 
 
 def _activation(name: str) -> Callable[[jax.Array], jax.Array]:
@@ -160,15 +166,25 @@ class NFRegNetBlock(nnx.Module):
         self.stoch_depth = layers.optional_stochastic_depth(stochdepth_rate, rngs)
         self.skip_gain = nnx.Param(jnp.zeros((), param_dtype))
 
-    def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """Returns ``(output, residual-branch average channel variance)``."""
-        out = self.activation(x) * self.beta
+    def __call__(
+        self,
+        x: jax.Array,
+        *,
+        beta: float | jax.Array | None = None,
+        stochdepth_rate: float | jax.Array | None = None,
+    ) -> tuple[jax.Array, jax.Array]:
+        """Returns ``(output, residual-branch average channel variance)``.
+
+        ``beta`` and ``stochdepth_rate`` override the block's own (a `layers.BlockStack` passes
+        them per layer).
+        """
+        out = self.activation(x) * (self.beta if beta is None else beta)
         shortcut = layers.pooled_shortcut(x, out, self.stride, self.conv_shortcut)
         out = self.conv1(self.activation(self.conv0(out)))
         # The factor 2 restores unit variance: a sigmoid gate averages about one half at init.
         out = 2 * self.se(out) * out
         out = self.conv2(self.activation(out))
-        return layers.nf_residual(self, out, shortcut)
+        return layers.nf_residual(self, out, shortcut, stochdepth_rate)
 
 
 class Stem(nnx.Module):
@@ -207,6 +223,12 @@ class NFRegNet(layers.ClassifierHead, nnx.Module):
       fc_init: initializer of ``head/kernel`` (DeepMind: zeros).
       widths: explicit stage widths (before ``width``), replacing the variant's.
       depths: explicit blocks per stage, replacing the variant's.
+      scan_blocks: stack each stage's identity-shortcut blocks (all but the first, when there
+        are at least two) into a `layers.BlockStack` run with ``nnx.scan``, which compiles one
+        block per stage instead of every block. Outputs, metrics and parameter counts are
+        unchanged; those leaves gain a leading layer axis (``blocks/<i>/block/conv1/kernel``),
+        so AGC needs the unit rules of ``agc_unit_axes`` (the training code passes them on),
+        and `agc_optax.models.load_haiku_params` fills them from DeepMind's per-block names.
       in_features: input channels.
       dtype: computation dtype (e.g. ``jnp.bfloat16``); weight standardization stays float32.
       param_dtype: parameter dtype.
@@ -238,6 +260,7 @@ class NFRegNet(layers.ClassifierHead, nnx.Module):
         *,
         widths: Sequence[int] | None = None,
         depths: Sequence[int] | None = None,
+        scan_blocks: bool = False,
         in_features: int = 3,
         dtype: Any = None,
         param_dtype: Any = jnp.float32,
@@ -256,33 +279,50 @@ class NFRegNet(layers.ClassifierHead, nnx.Module):
             raise ValueError(f"`drop_rate`={drop_rate} must be in [0, 1)")
         self.activation = _activation(activation)
         self.alpha = alpha
+        self.scan_blocks = layers.check_scan_blocks(scan_blocks)
         common = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
         ch = self.widths[0]
         self.stem = Stem(in_features, ch, **common)
-        blocks = []
+        blocks: list[nnx.Module] = []
         schedule = iter(layers.nf_schedule(self.depths, alpha, stochdepth_rate))
-        index = 0
-        for out_ch, depth in zip(self.widths, self.depths, strict=True):
+        block_kw = dict(
+            se_ratio=se_ratio,
+            group_size=group_size,
+            alpha=alpha,
+            activation=self.activation,
+            dtype=dtype,
+            param_dtype=param_dtype,
+        )
+        for stage, (out_ch, depth) in enumerate(zip(self.widths, self.depths, strict=True)):
+            # The stage's first block changes the shape; the others share one structure.
+            run_betas, run_rates = [], []
             for _ in range(depth):
                 block_index, beta, rate, _ = next(schedule)
+                if block_index > 0:
+                    run_betas.append(beta)
+                    run_rates.append(rate)
+                    continue
                 blocks.append(
                     NFRegNetBlock(
                         ch,
                         out_ch,
-                        expansion=1.0 if index == 0 else expansion,
-                        se_ratio=se_ratio,
-                        group_size=group_size,
-                        stride=2 if block_index == 0 else 1,
+                        # EfficientNet's first block does not expand.
+                        expansion=1.0 if stage == 0 else expansion,
+                        stride=2,
                         beta=beta,
-                        alpha=alpha,
-                        activation=self.activation,
                         stochdepth_rate=rate,
-                        **common,
+                        rngs=rngs,
+                        **block_kw,
                     )
                 )
                 ch = out_ch
-                index += 1
+            identity = functools.partial(
+                NFRegNetBlock, ch, ch, expansion=expansion, stride=1, **block_kw
+            )
+            blocks += layers.residual_run(
+                identity, run_betas, run_rates, scan=self.scan_blocks, rngs=rngs
+            )
         self.blocks = nnx.List(blocks)
         # EfficientNet-B0's head widens 320 -> 1280; DeepMind keeps that ratio relative to 440.
         self.num_features = 1280 * ch // 440
@@ -292,6 +332,18 @@ class NFRegNet(layers.ClassifierHead, nnx.Module):
         self.fc_init = fc_init
         self.num_classes = check_num_classes(num_classes)
         self.head = self._new_head(self.num_classes, rngs)
+
+    def block_locations(self) -> list[tuple[int, int | None]]:
+        """Maps DeepMind's global block index to ``(position in blocks, layer)`` (``layer``:
+        the index along a `layers.BlockStack`'s stacked axis, ``None`` for a plain block)."""
+        return layers.block_locations(self.blocks)
+
+    @property
+    def agc_unit_axes(self) -> list[tuple[str, tuple[int, ...]]] | None:
+        """AGC's unit rules for this parameter layout: `SCANNED_UNIT_AXES` with
+        ``scan_blocks=True``, else ``None`` (the default rules fit). Training code passes it on
+        as ``unit_axes``."""
+        return SCANNED_UNIT_AXES if self.scan_blocks else None
 
     def _trunk(self, x: jax.Array, return_metrics: bool) -> tuple[jax.Array, dict[str, Any]]:
         out, outputs = layers.run_residual_blocks(self.stem(x), self.blocks, return_metrics)

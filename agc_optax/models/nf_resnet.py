@@ -23,6 +23,7 @@ References:
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
@@ -84,6 +85,11 @@ HAIKU_NAMES = HaikuNames(
     blocks="nf_res_block",
     block_layers=layers.NF_BLOCK_LAYERS,
 )
+
+
+#: AGC's unit rules for a model built with ``scan_blocks=True``: a stacked leaf's units are one
+#: block's, per layer (see `layers.stacked_unit_axes`).
+SCANNED_UNIT_AXES = layers.stacked_unit_axes(r"blocks/\d+/block/")
 
 
 def _conv(
@@ -193,16 +199,26 @@ class NFResBlock(nnx.Module):
         )
         self.skip_gain = nnx.Param(skipinit_gain(rngs.params(), (), param_dtype))
 
-    def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """Returns ``(output, residual-branch average channel variance)``."""
-        out = self.activation(x) * self.beta
+    def __call__(
+        self,
+        x: jax.Array,
+        *,
+        beta: float | jax.Array | None = None,
+        stochdepth_rate: float | jax.Array | None = None,
+    ) -> tuple[jax.Array, jax.Array]:
+        """Returns ``(output, residual-branch average channel variance)``.
+
+        ``beta`` and ``stochdepth_rate`` override the block's own (a `layers.BlockStack` passes
+        them per layer).
+        """
+        out = self.activation(x) * (self.beta if beta is None else beta)
         shortcut = self.conv_shortcut(out) if self.conv_shortcut is not None else x
         out = self.conv0(out)
         out = self.conv1(self.activation(out))
         out = self.conv2(self.activation(out))
         if self.se is not None:
             out = 2 * self.se(out) * out
-        return layers.nf_residual(self, out, shortcut)
+        return layers.nf_residual(self, out, shortcut, stochdepth_rate)
 
 
 class Stem(nnx.Module):
@@ -261,6 +277,12 @@ class NFResNet(layers.ClassifierHead, nnx.Module):
       depths: explicit blocks per stage, replacing the variant's.
       stem_width: explicit stem channels, replacing ``int(16 * width)``.
       scaled: ``False`` builds the unscaled, unnormalized comparison model (see above).
+      scan_blocks: stack each stage's identity-shortcut blocks (all but the first, when there
+        are at least two) into a `layers.BlockStack` run with ``nnx.scan``, which compiles one
+        block per stage instead of every block. Outputs, metrics and parameter counts are
+        unchanged; those leaves gain a leading layer axis (``blocks/<i>/block/conv0/kernel``),
+        so AGC needs the unit rules of ``agc_unit_axes`` (the training code passes them on),
+        and `agc_optax.models.load_haiku_params` fills them from DeepMind's per-block names.
       in_features: input channels.
       dtype: computation dtype (e.g. ``jnp.bfloat16``); weight standardization stays float32.
       param_dtype: parameter dtype.
@@ -294,6 +316,7 @@ class NFResNet(layers.ClassifierHead, nnx.Module):
         depths: Sequence[int] | None = None,
         stem_width: int | None = None,
         scaled: bool = True,
+        scan_blocks: bool = False,
         in_features: int = 3,
         dtype: Any = None,
         param_dtype: Any = jnp.float32,
@@ -311,6 +334,7 @@ class NFResNet(layers.ClassifierHead, nnx.Module):
         if not 0.0 <= self.drop_rate < 1.0:
             raise ValueError(f"`drop_rate`={drop_rate} must be in [0, 1)")
         self.scaled = scaled
+        self.scan_blocks = layers.check_scan_blocks(scan_blocks)
         self.activation = layers.scaled_activation(activation) if scaled else _plain(activation)
         if not scaled:
             alpha = 1.0
@@ -320,29 +344,45 @@ class NFResNet(layers.ClassifierHead, nnx.Module):
         common = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.stem = Stem(in_features, ch, scaled=scaled, **common)
 
-        blocks = []
+        blocks: list[nnx.Module] = []
         schedule = iter(layers.nf_schedule(self.depths, alpha, stochdepth_rate))
         strides = (1,) + (2,) * (len(self.widths) - 1)
+        block_kw = dict(
+            alpha=alpha,
+            activation=self.activation,
+            skipinit_gain=skipinit_gain,
+            use_se=use_se,
+            se_ratio=se_ratio,
+            scaled=scaled,
+            dtype=dtype,
+            param_dtype=param_dtype,
+        )
         for stage, (block_width, stride) in enumerate(zip(self.widths, strides, strict=True)):
+            # The stage's first block changes the shape; the others share one structure.
+            run_betas, run_rates = [], []
             for _ in range(self.depths[stage]):
                 block_index, beta, rate, _ = next(schedule)
+                beta = beta if scaled else 1.0
+                if block_index > 0:
+                    run_betas.append(beta)
+                    run_rates.append(rate)
+                    continue
                 blocks.append(
                     NFResBlock(
                         ch,
                         block_width,
-                        stride=stride if block_index == 0 else 1,
-                        beta=beta if scaled else 1.0,
-                        alpha=alpha,
-                        activation=self.activation,
+                        stride=stride,
+                        beta=beta,
                         stochdepth_rate=rate,
-                        skipinit_gain=skipinit_gain,
-                        use_se=use_se,
-                        se_ratio=se_ratio,
-                        scaled=scaled,
-                        **common,
+                        rngs=rngs,
+                        **block_kw,
                     )
                 )
                 ch = block_width
+            identity = functools.partial(NFResBlock, ch, ch, **block_kw)
+            blocks += layers.residual_run(
+                identity, run_betas, run_rates, scan=self.scan_blocks, rngs=rngs
+            )
         self.blocks = nnx.List(blocks)
         self.dropout = nnx.Dropout(self.drop_rate, rngs=rngs)
         self.num_features = ch
@@ -350,6 +390,18 @@ class NFResNet(layers.ClassifierHead, nnx.Module):
         self.fc_init = nnx.initializers.normal(0.01) if fc_init is None else fc_init
         self.num_classes = check_num_classes(num_classes)
         self.head = self._new_head(self.num_classes, rngs)
+
+    def block_locations(self) -> list[tuple[int, int | None]]:
+        """Maps DeepMind's global block index to ``(position in blocks, layer)`` (``layer``:
+        the index along a `layers.BlockStack`'s stacked axis, ``None`` for a plain block)."""
+        return layers.block_locations(self.blocks)
+
+    @property
+    def agc_unit_axes(self) -> list[tuple[str, tuple[int, ...]]] | None:
+        """AGC's unit rules for this parameter layout: `SCANNED_UNIT_AXES` with
+        ``scan_blocks=True``, else ``None`` (the default rules fit). Training code passes it on
+        as ``unit_axes``."""
+        return SCANNED_UNIT_AXES if self.scan_blocks else None
 
     def _trunk(self, x: jax.Array, return_metrics: bool) -> tuple[jax.Array, dict[str, Any]]:
         out, outputs = layers.run_residual_blocks(self.stem(x), self.blocks, return_metrics)

@@ -38,6 +38,7 @@ References:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
@@ -54,8 +55,12 @@ from agc_optax.models.layers import (
     SqueezeExcite,
     StochasticDepth,
     WSConv,
+    block_locations,
+    check_scan_blocks,
     nf_residual,
     pooled_shortcut,
+    residual_run,
+    stacked_unit_axes,
 )
 from agc_optax.models.weights import TimmNames
 
@@ -206,6 +211,12 @@ TIMM_NAMES = TimmNames(
 )
 
 
+#: AGC's unit rules for a model built with ``scan_blocks=True``: a stacked leaf's units are one
+#: block's, per layer (see `agc_optax.models.layers.stacked_unit_axes`); ECA's 1-D kernel is one
+#: unit per block, so one per layer.
+SCANNED_UNIT_AXES = stacked_unit_axes(r"stages/\d+/\d+/block/", ["attn_last/kernel"])
+
+
 class _ConvFactory:
     """Builds the scaled-WS convs of one model: its epsilon, gamma placement and padding."""
 
@@ -213,6 +224,10 @@ class _ConvFactory:
         self.config = config
         self.gamma = 1.0 if config.gamma_in_activation else GAMMAS[config.activation]
         self.kw = kw
+
+    def with_rngs(self, rngs: nnx.Rngs) -> _ConvFactory:
+        """The same factory drawing from ``rngs`` (a stacked block's per-layer streams)."""
+        return _ConvFactory(self.config, **{**self.kw, "rngs": rngs})
 
     def __call__(
         self, in_features: int, out_features: int, kernel: int, stride: int = 1, groups: int = 1
@@ -303,6 +318,7 @@ class TimmNFBlock(nnx.Module):
         param_dtype: Dtype = jnp.float32,
         rngs: nnx.Rngs,
     ):
+        conv = conv.with_rngs(rngs)
         width = make_divisible(out_features * config.bottleneck_ratio)
         groups = width // config.group_size
         if groups < 1:
@@ -346,16 +362,31 @@ class TimmNFBlock(nnx.Module):
         )
         self.skip_gain = nnx.Param(jnp.zeros((), param_dtype)) if config.skipinit else None
 
-    def __call__(self, x: Array) -> tuple[Array, Array]:
-        """Runs the block on ``(N, H, W, in_features)``; returns ``(output, res_avg_var)``."""
-        out = self.activation(x) * self.beta
+    def __call__(
+        self,
+        x: Array,
+        *,
+        beta: float | Array | None = None,
+        stochdepth_rate: float | Array | None = None,
+    ) -> tuple[Array, Array]:
+        """Runs the block on ``(N, H, W, in_features)``; returns ``(output, res_avg_var)``.
+
+        ``beta`` and ``stochdepth_rate`` (the drop-path rate) override the block's own (a
+        `agc_optax.models.layers.BlockStack` passes them per layer).
+        """
+        out = self.activation(x) * (self.beta if beta is None else beta)
         shortcut = pooled_shortcut(x, out, self.stride, self.downsample)
         out = self.conv1(out)
         out = self.conv2(self.activation(out))
         out = self.conv2b(self.activation(out))
         out = self.conv3(self.activation(out))
         out = (out * self.attn_last(out)) * self.attention_gain
-        return nf_residual(self, out, shortcut)
+        return nf_residual(self, out, shortcut, stochdepth_rate)
+
+
+def _identity_block(features: int, *, stochdepth_rate: float, **kw: Any) -> TimmNFBlock:
+    """A block keeping shape and channels, with the keywords of `residual_run`."""
+    return TimmNFBlock(features, features, drop_path_rate=stochdepth_rate, **kw)
 
 
 class TimmNFNet(ClassifierHead, nnx.Module):
@@ -372,6 +403,14 @@ class TimmNFNet(ClassifierHead, nnx.Module):
         ``widths``, as in timm).
       drop_rate: dropout before the classifier (timm's default 0).
       drop_path_rate: drop-path rate of the last block, linear from 0 over all blocks.
+      scan_blocks: stack each stage's identity-shortcut blocks (all but the first, when there
+        are at least two) into an `agc_optax.models.layers.BlockStack` run with ``nnx.scan``,
+        which compiles one block per stage instead of every block. Outputs and parameter
+        counts are unchanged; those leaves gain a leading layer axis
+        (``stages/<s>/1/block/conv2/kernel`` holds timm's ``stages.<s>.1`` ...
+        ``stages.<s>.<depth - 1>``), so AGC needs the unit rules of ``agc_unit_axes`` (the
+        training code passes them on), and `agc_optax.models.load_timm_state_dict` fills them
+        from timm's per-block keys.
       in_features: input channels.
       dtype: computation dtype (e.g. ``jnp.bfloat16``); weight standardization stays float32.
       param_dtype: parameter dtype.
@@ -409,6 +448,7 @@ class TimmNFNet(ClassifierHead, nnx.Module):
         num_features: int | None = None,
         drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
+        scan_blocks: bool = False,
         in_features: int = 3,
         dtype: Dtype | None = None,
         param_dtype: Dtype = jnp.float32,
@@ -429,6 +469,7 @@ class TimmNFNet(ClassifierHead, nnx.Module):
         self.config = config
         self.train_imsize, self.test_imsize = config.train_imsize, config.test_imsize
         self.drop_rate = float(drop_rate)
+        self.scan_blocks = check_scan_blocks(scan_blocks)
         self.activation = _activation(config)
         self.dtype, self.param_dtype = dtype, param_dtype
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -440,31 +481,38 @@ class TimmNFNet(ClassifierHead, nnx.Module):
         # timm's expected variance: reset to 1 after a stage's first block, += alpha**2 after
         # every block; beta = 1 / sqrt(expected variance) of the block's input.
         expected_var, index, stages = 1.0, 0, []
+        block_kw = dict(
+            config=config, conv=conv, activation=self.activation, dtype=dtype,
+            param_dtype=param_dtype,
+        )  # fmt: skip
+
         for stage, (stage_width, depth) in enumerate(
             zip(config.widths, config.depths, strict=True)
         ):
             out_ch = make_divisible(stage_width)
-            blocks = []
+            run_betas, run_rates = [], []
             for block in range(depth):
                 rate = drop_path_rate * index / (num_blocks - 1) if num_blocks > 1 else 0.0
-                blocks.append(
-                    TimmNFBlock(
+                beta = 1.0 / math.sqrt(expected_var)
+                if block == 0:  # Changes the shape; the stage's other blocks share one structure.
+                    first = TimmNFBlock(
                         ch,
                         out_ch,
-                        config=config,
-                        conv=conv,
-                        activation=self.activation,
-                        stride=2 if stage > 0 and block == 0 else 1,
-                        beta=1.0 / math.sqrt(expected_var),
+                        stride=2 if stage > 0 else 1,
+                        beta=beta,
                         drop_path_rate=rate,
-                        **kw,
+                        rngs=rngs,
+                        **block_kw,
                     )
-                )
-                if block == 0:
                     expected_var = 1.0
+                else:
+                    run_betas.append(beta)
+                    run_rates.append(rate)
                 expected_var += config.alpha**2
                 ch, index = out_ch, index + 1
-            stages.append(nnx.List(blocks))
+            identity = functools.partial(_identity_block, ch, **block_kw)
+            rest = residual_run(identity, run_betas, run_rates, scan=self.scan_blocks, rngs=rngs)
+            stages.append(nnx.List([first, *rest]))
         self.stages = nnx.List(stages)
         self.num_features = make_divisible(config.num_features)
         self.final_conv = conv(ch, self.num_features, 1)
@@ -472,6 +520,19 @@ class TimmNFNet(ClassifierHead, nnx.Module):
         self.fc_init = nnx.initializers.normal(0.01)  # timm's init of head.fc
         self.num_classes = check_num_classes(num_classes)
         self.head = self._new_head(self.num_classes, rngs)
+
+    def stage_block_locations(self) -> list[list[tuple[int, int | None]]]:
+        """Per stage, timm's block index -> ``(position in the stage, layer)`` (``layer``: the
+        index along a stacked block's layer axis, ``None`` for a plain block); what
+        `agc_optax.models.load_timm_state_dict` uses to fill stacked leaves."""
+        return [block_locations(stage) for stage in self.stages]
+
+    @property
+    def agc_unit_axes(self) -> list[tuple[str, tuple[int, ...]]] | None:
+        """AGC's unit rules for this parameter layout: `SCANNED_UNIT_AXES` with
+        ``scan_blocks=True``, else ``None`` (the default rules fit). Training code passes it on
+        as ``unit_axes``."""
+        return SCANNED_UNIT_AXES if self.scan_blocks else None
 
     @property
     def feature_info(self) -> list[dict[str, Any]]:
@@ -485,7 +546,7 @@ class TimmNFNet(ClassifierHead, nnx.Module):
         reduction = 4
         for i, stage in enumerate(self.stages[:-1]):
             info.append(
-                dict(num_chs=stage[-1].out_features, reduction=reduction, module=f"stages.{i}")
+                dict(num_chs=stage[0].out_features, reduction=reduction, module=f"stages.{i}")
             )
             reduction *= 2
         info.append(dict(num_chs=self.num_features, reduction=reduction, module="final_conv"))
@@ -505,7 +566,7 @@ class TimmNFNet(ClassifierHead, nnx.Module):
         out = outputs["stem"]
         for i, stage in enumerate(self.stages):
             for block in stage:
-                out, _ = block(out)
+                out = block(out)[0]
             outputs[f"stages.{i}"] = out
         outputs["final_conv"] = self.final_conv(out)
         outputs["final_act"] = self.activation(outputs["final_conv"])
@@ -518,5 +579,5 @@ class TimmNFNet(ClassifierHead, nnx.Module):
         out = self.stem(x)
         for stage in self.stages:
             for block in stage:
-                out, _ = block(out)
+                out = block(out)[0]
         return self.activation(self.final_conv(out))
