@@ -26,7 +26,10 @@ from agc_optax.training import trainer as trainer_lib
         (["--model-arg", "widths=oops"], "(read as text: widths='oops')"),
         (["--model-arg", "depths=(1,1)"], "`depths`: expected 4 entries"),
         (["--model-arg", "foo=1"], "unexpected keyword argument 'foo'; NFResNet takes width, "),
-        (["--model-arg", "scan_blocks=True"], "unexpected keyword argument 'scan_blocks'"),
+        (
+            ["--model", "resnet50", "--model-arg", "scan_blocks=True"],
+            "unexpected keyword argument 'scan_blocks'; ResNet takes ",
+        ),
         (["--model", "nfnet_f0", "--model-arg", "width=0.01"], "below `group_size` 128"),
     ],
 )
