@@ -730,19 +730,6 @@ def nf_residual(
 # ----------------------------------------------------------------------------- stacked blocks
 
 
-def check_scan_blocks(value: Any) -> bool:
-    """Validates a family's ``scan_blocks`` argument (True or False).
-
-    Raises:
-      ValueError: naming ``scan_blocks`` for anything but a bool.
-    """
-    if not isinstance(value, bool | np.bool_):
-        raise ValueError(
-            f"`scan_blocks`: expected True or False, got {value!r} ({type(value).__name__})"
-        )
-    return bool(value)
-
-
 class BlockStack(nnx.Module):
     """A run of residual blocks of one structure, stacked on a leading layer axis and applied
     with ``nnx.scan``: XLA compiles the block once instead of ``num_layers`` times.
@@ -854,6 +841,7 @@ def residual_run(
     *,
     scan: bool,
     rngs: nnx.Rngs,
+    stacked_kwargs: dict[str, Any] | None = None,
 ) -> list[nnx.Module]:
     """Blocks of one structure (a stage's identity-shortcut blocks), unrolled or stacked.
 
@@ -866,6 +854,9 @@ def residual_run(
       scan: stack a run of two or more blocks into one `BlockStack` (a single block stays a
         block); otherwise build one block each, in order.
       rngs: the model's streams.
+      stacked_kwargs: more keywords of ``make_block`` for a stacked block only, e.g. the
+        families' ``conv=CanonicalGradWSConv`` (`agc_optax.models.canonical_conv`: same
+        parameters and outputs, gradients that XLA:CPU keeps on its fast path inside a loop).
 
     Returns:
       The blocks: ``[BlockStack]`` when stacked, else one block per ``beta``.
@@ -887,7 +878,9 @@ def residual_run(
     template_rate = max(rates)  # 0: no layer drops, and the template has no stochastic depth
 
     def template(layer_rngs: nnx.Rngs) -> nnx.Module:
-        return make_block(beta=betas[0], stochdepth_rate=template_rate, rngs=layer_rngs)
+        return make_block(
+            beta=betas[0], stochdepth_rate=template_rate, rngs=layer_rngs, **(stacked_kwargs or {})
+        )
 
     inputs = {"beta": betas, "stochdepth_rate": rates}
     return [BlockStack(template, inputs, rngs=rngs)]

@@ -35,6 +35,8 @@ from flax import nnx
 
 from agc_optax.models import layers
 from agc_optax.models._config import check_num_classes, check_stages, resolve_config
+from agc_optax.models.canonical_conv import CanonicalGradWSConv
+from agc_optax.models.nfnet import resolve_scan_blocks
 from agc_optax.models.weights import HaikuNames
 
 Initializer = Callable[..., jax.Array]
@@ -117,6 +119,9 @@ class NFRegNetBlock(nnx.Module):
       alpha: the residual-branch scale.
       activation: the (gamma-scaled) nonlinearity.
       stochdepth_rate: stochastic-depth drop rate; none is used outside ``(0, 1)``.
+      conv: the conv class (`NFRegNet` passes
+        `agc_optax.models.canonical_conv.CanonicalGradWSConv` to stacked blocks: same
+        parameters and outputs, gradients that stay fast in a loop on CPU).
       dtype: computation dtype.
       param_dtype: parameter dtype.
       rngs: random keys.
@@ -135,6 +140,7 @@ class NFRegNetBlock(nnx.Module):
         alpha: float = 0.2,
         activation: Callable[[jax.Array], jax.Array],
         stochdepth_rate: float | None = None,
+        conv: type[layers.WSConv] = layers.WSConv,
         dtype: Any = None,
         param_dtype: Any = jnp.float32,
         rngs: nnx.Rngs,
@@ -152,16 +158,16 @@ class NFRegNetBlock(nnx.Module):
             )
         self.width = group_size * self.groups
         common = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.conv0 = layers.WSConv(in_features, self.width, 1, **common)
-        self.conv1 = layers.WSConv(
+        self.conv0 = conv(in_features, self.width, 1, **common)
+        self.conv1 = conv(
             self.width, self.width, 3, strides=stride, feature_group_count=self.groups, **common
         )
         self.se = layers.SqueezeExcite(self.width, self.width, se_ratio, **common)
-        self.conv2 = layers.WSConv(self.width, out_features, 1, **common)
+        self.conv2 = conv(self.width, out_features, 1, **common)
         self.use_projection = stride > 1 or in_features != out_features
         # Unlike NF-ResNet, the projection is unstrided: striding is done by the average pool.
         self.conv_shortcut = (
-            layers.WSConv(in_features, out_features, 1, **common) if self.use_projection else None
+            conv(in_features, out_features, 1, **common) if self.use_projection else None
         )
         self.stoch_depth = layers.optional_stochastic_depth(stochdepth_rate, rngs)
         self.skip_gain = nnx.Param(jnp.zeros((), param_dtype))
@@ -229,6 +235,8 @@ class NFRegNet(layers.ClassifierHead, nnx.Module):
         unchanged; those leaves gain a leading layer axis (``blocks/<i>/block/conv1/kernel``),
         so AGC needs the unit rules of ``agc_unit_axes`` (the training code passes them on),
         and `agc_optax.models.load_haiku_params` fills them from DeepMind's per-block names.
+        ``"auto"`` resolves per backend as NFNet's does (`agc_optax.models.nfnet.
+        resolve_scan_blocks`); the attribute holds the resolved bool.
       in_features: input channels.
       dtype: computation dtype (e.g. ``jnp.bfloat16``); weight standardization stays float32.
       param_dtype: parameter dtype.
@@ -260,7 +268,7 @@ class NFRegNet(layers.ClassifierHead, nnx.Module):
         *,
         widths: Sequence[int] | None = None,
         depths: Sequence[int] | None = None,
-        scan_blocks: bool = False,
+        scan_blocks: bool | str = False,
         in_features: int = 3,
         dtype: Any = None,
         param_dtype: Any = jnp.float32,
@@ -279,7 +287,7 @@ class NFRegNet(layers.ClassifierHead, nnx.Module):
             raise ValueError(f"`drop_rate`={drop_rate} must be in [0, 1)")
         self.activation = _activation(activation)
         self.alpha = alpha
-        self.scan_blocks = layers.check_scan_blocks(scan_blocks)
+        self.scan_blocks = resolve_scan_blocks(scan_blocks)
         common = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
         ch = self.widths[0]
@@ -321,7 +329,12 @@ class NFRegNet(layers.ClassifierHead, nnx.Module):
                 NFRegNetBlock, ch, ch, expansion=expansion, stride=1, **block_kw
             )
             blocks += layers.residual_run(
-                identity, run_betas, run_rates, scan=self.scan_blocks, rngs=rngs
+                identity,
+                run_betas,
+                run_rates,
+                scan=self.scan_blocks,
+                rngs=rngs,
+                stacked_kwargs=dict(conv=CanonicalGradWSConv),
             )
         self.blocks = nnx.List(blocks)
         # EfficientNet-B0's head widens 320 -> 1280; DeepMind keeps that ratio relative to 440.

@@ -33,6 +33,8 @@ from flax import nnx
 
 from agc_optax.models import layers
 from agc_optax.models._config import check_num_classes, check_stages, resolve_config
+from agc_optax.models.canonical_conv import CanonicalGradWSConv
+from agc_optax.models.nfnet import resolve_scan_blocks
 from agc_optax.models.weights import HaikuNames
 
 Initializer = Callable[..., jax.Array]
@@ -99,13 +101,15 @@ def _conv(
     *,
     strides: int = 1,
     scaled: bool,
+    conv: type[layers.WSConv] = layers.WSConv,
     dtype: Any,
     param_dtype: Any,
     rngs: nnx.Rngs,
 ) -> nnx.Module:
-    """A weight-standardized conv, or a plain He-initialized conv for the unscaled baseline."""
+    """A weight-standardized conv (of class ``conv``), or a plain He-initialized conv for the
+    unscaled baseline."""
     if scaled:
-        return layers.WSConv(
+        return conv(
             in_features,
             out_features,
             kernel_size,
@@ -147,6 +151,9 @@ class NFResBlock(nnx.Module):
       se_ratio: squeeze-excite hidden ratio.
       bottleneck_ratio: bottleneck width over ``out_features``.
       scaled: ``False`` builds the unscaled, unnormalized variant (plain convs).
+      conv: the weight-standardized conv class (`NFResNet` passes
+        `agc_optax.models.canonical_conv.CanonicalGradWSConv` to stacked blocks: same
+        parameters and outputs, gradients that stay fast in a loop on CPU).
       dtype: computation dtype.
       param_dtype: parameter dtype.
       rngs: random keys.
@@ -167,6 +174,7 @@ class NFResBlock(nnx.Module):
         se_ratio: float = 0.25,
         bottleneck_ratio: float = 0.25,
         scaled: bool = True,
+        conv: type[layers.WSConv] = layers.WSConv,
         dtype: Any = None,
         param_dtype: Any = jnp.float32,
         rngs: nnx.Rngs,
@@ -181,7 +189,7 @@ class NFResBlock(nnx.Module):
                 f"`bottleneck_ratio`={bottleneck_ratio} gives a bottleneck of {self.width} "
                 f"channels for {out_features} output channels; use wider stages"
             )
-        conv = dict(scaled=scaled, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        conv = dict(scaled=scaled, conv=conv, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.use_projection = stride > 1 or in_features != out_features
         self.conv_shortcut = (
             _conv(in_features, out_features, 1, strides=stride, **conv)
@@ -283,6 +291,8 @@ class NFResNet(layers.ClassifierHead, nnx.Module):
         unchanged; those leaves gain a leading layer axis (``blocks/<i>/block/conv0/kernel``),
         so AGC needs the unit rules of ``agc_unit_axes`` (the training code passes them on),
         and `agc_optax.models.load_haiku_params` fills them from DeepMind's per-block names.
+        ``"auto"`` resolves per backend as NFNet's does (`agc_optax.models.nfnet.
+        resolve_scan_blocks`); the attribute holds the resolved bool.
       in_features: input channels.
       dtype: computation dtype (e.g. ``jnp.bfloat16``); weight standardization stays float32.
       param_dtype: parameter dtype.
@@ -316,7 +326,7 @@ class NFResNet(layers.ClassifierHead, nnx.Module):
         depths: Sequence[int] | None = None,
         stem_width: int | None = None,
         scaled: bool = True,
-        scan_blocks: bool = False,
+        scan_blocks: bool | str = False,
         in_features: int = 3,
         dtype: Any = None,
         param_dtype: Any = jnp.float32,
@@ -334,7 +344,7 @@ class NFResNet(layers.ClassifierHead, nnx.Module):
         if not 0.0 <= self.drop_rate < 1.0:
             raise ValueError(f"`drop_rate`={drop_rate} must be in [0, 1)")
         self.scaled = scaled
-        self.scan_blocks = layers.check_scan_blocks(scan_blocks)
+        self.scan_blocks = resolve_scan_blocks(scan_blocks)
         self.activation = layers.scaled_activation(activation) if scaled else _plain(activation)
         if not scaled:
             alpha = 1.0
@@ -381,7 +391,12 @@ class NFResNet(layers.ClassifierHead, nnx.Module):
                 ch = block_width
             identity = functools.partial(NFResBlock, ch, ch, **block_kw)
             blocks += layers.residual_run(
-                identity, run_betas, run_rates, scan=self.scan_blocks, rngs=rngs
+                identity,
+                run_betas,
+                run_rates,
+                scan=self.scan_blocks,
+                rngs=rngs,
+                stacked_kwargs=dict(conv=CanonicalGradWSConv),
             )
         self.blocks = nnx.List(blocks)
         self.dropout = nnx.Dropout(self.drop_rate, rngs=rngs)

@@ -48,6 +48,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from agc_optax.models._config import check_num_classes, check_stages, resolve_config
+from agc_optax.models.canonical_conv import CanonicalGradWSConv
 from agc_optax.models.layers import (
     GAMMAS,
     ClassifierHead,
@@ -56,12 +57,12 @@ from agc_optax.models.layers import (
     StochasticDepth,
     WSConv,
     block_locations,
-    check_scan_blocks,
     nf_residual,
     pooled_shortcut,
     residual_run,
     stacked_unit_axes,
 )
+from agc_optax.models.nfnet import resolve_scan_blocks
 from agc_optax.models.weights import TimmNames
 
 Array = jax.Array
@@ -220,14 +221,19 @@ SCANNED_UNIT_AXES = stacked_unit_axes(r"stages/\d+/\d+/block/", ["attn_last/kern
 class _ConvFactory:
     """Builds the scaled-WS convs of one model: its epsilon, gamma placement and padding."""
 
-    def __init__(self, config: TimmNFNetConfig, **kw: Any):
+    def __init__(self, config: TimmNFNetConfig, conv_class: type[WSConv] = WSConv, **kw: Any):
         self.config = config
+        self.conv_class = conv_class
         self.gamma = 1.0 if config.gamma_in_activation else GAMMAS[config.activation]
         self.kw = kw
 
     def with_rngs(self, rngs: nnx.Rngs) -> _ConvFactory:
         """The same factory drawing from ``rngs`` (a stacked block's per-layer streams)."""
-        return _ConvFactory(self.config, **{**self.kw, "rngs": rngs})
+        return _ConvFactory(self.config, self.conv_class, **{**self.kw, "rngs": rngs})
+
+    def with_class(self, conv_class: type[WSConv]) -> _ConvFactory:
+        """The same factory building ``conv_class`` (a `WSConv` subclass)."""
+        return _ConvFactory(self.config, conv_class, **self.kw)
 
     def __call__(
         self, in_features: int, out_features: int, kernel: int, stride: int = 1, groups: int = 1
@@ -237,7 +243,7 @@ class _ConvFactory:
         else:
             pad = ((stride - 1) + (kernel - 1)) // 2
             padding = ((pad, pad), (pad, pad))
-        return WSConv(
+        return self.conv_class(
             in_features,
             out_features,
             kernel,
@@ -410,7 +416,8 @@ class TimmNFNet(ClassifierHead, nnx.Module):
         (``stages/<s>/1/block/conv2/kernel`` holds timm's ``stages.<s>.1`` ...
         ``stages.<s>.<depth - 1>``), so AGC needs the unit rules of ``agc_unit_axes`` (the
         training code passes them on), and `agc_optax.models.load_timm_state_dict` fills them
-        from timm's per-block keys.
+        from timm's per-block keys. ``"auto"`` resolves per backend as NFNet's does
+        (`agc_optax.models.nfnet.resolve_scan_blocks`); the attribute holds the resolved bool.
       in_features: input channels.
       dtype: computation dtype (e.g. ``jnp.bfloat16``); weight standardization stays float32.
       param_dtype: parameter dtype.
@@ -448,7 +455,7 @@ class TimmNFNet(ClassifierHead, nnx.Module):
         num_features: int | None = None,
         drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
-        scan_blocks: bool = False,
+        scan_blocks: bool | str = False,
         in_features: int = 3,
         dtype: Dtype | None = None,
         param_dtype: Dtype = jnp.float32,
@@ -469,7 +476,7 @@ class TimmNFNet(ClassifierHead, nnx.Module):
         self.config = config
         self.train_imsize, self.test_imsize = config.train_imsize, config.test_imsize
         self.drop_rate = float(drop_rate)
-        self.scan_blocks = check_scan_blocks(scan_blocks)
+        self.scan_blocks = resolve_scan_blocks(scan_blocks)
         self.activation = _activation(config)
         self.dtype, self.param_dtype = dtype, param_dtype
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -511,7 +518,16 @@ class TimmNFNet(ClassifierHead, nnx.Module):
                 expected_var += config.alpha**2
                 ch, index = out_ch, index + 1
             identity = functools.partial(_identity_block, ch, **block_kw)
-            rest = residual_run(identity, run_betas, run_rates, scan=self.scan_blocks, rngs=rngs)
+            # Stacked blocks build CanonicalGradWSConv: same parameters and outputs, gradients
+            # that stay fast in a loop on CPU (`agc_optax.models.canonical_conv`).
+            rest = residual_run(
+                identity,
+                run_betas,
+                run_rates,
+                scan=self.scan_blocks,
+                rngs=rngs,
+                stacked_kwargs=dict(conv=conv.with_class(CanonicalGradWSConv)),
+            )
             stages.append(nnx.List([first, *rest]))
         self.stages = nnx.List(stages)
         self.num_features = make_divisible(config.num_features)
