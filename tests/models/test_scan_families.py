@@ -31,6 +31,7 @@ from agc_optax.models import (
     load_timm_state_dict,
 )
 from agc_optax.models.layers import BlockStack, StochasticDepth, residual_run
+from agc_optax.models.nfnet import resolve_scan_blocks
 from agc_optax.models.timm_nfnet import TIMM_NFNET_VARIANTS
 from agc_optax.models.weights import materialize_abstract_state
 
@@ -461,8 +462,12 @@ def test_create_model_takes_scan_blocks(name, extra):
             (0, None), (1, None), (2, None), (3, 0), (3, 1), (4, None), (5, None)
         ]  # fmt: skip
     assert any("/block/" in path for path in _flat(model))
-    with pytest.raises(ValueError, match="`scan_blocks`: expected True or False, got 'yes'"):
+    with pytest.raises(ValueError, match='`scan_blocks`: expected True, False or "auto", got \'y'):
         create_model(name, 10, scan_blocks="yes", rngs=nnx.Rngs(0), **extra)
+    auto = nnx.eval_shape(
+        lambda: create_model(name, 10, scan_blocks="auto", rngs=nnx.Rngs(0), **extra)
+    )
+    assert auto.scan_blocks is resolve_scan_blocks("auto")  # NFNet's rule, per backend
 
 
 def test_timms_reference_file_loads_into_a_scanned_model():
