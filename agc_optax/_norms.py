@@ -166,56 +166,63 @@ def clip_scale(
     return scale, clip, jnp.where(w_finite, ratio, jnp.nan)
 
 
-def scaled_unit_norms(
+def _rescale_exponent(dtype: Any) -> int:
+    """``k`` such that a unit norm of ``x * 2**-k`` cannot overflow when raised to its power:
+    three quarters of the dtype's exponent range (96 for float32, whose largest number times
+    ``2**-96`` is 4.3e9). Entries below ``2**(k - 126)`` (1e-9 in float32) then vanish, which
+    changes no norm large enough to have overflowed (> 1.8e19)."""
+    return 3 * jnp.finfo(dtype).maxexp // 4
+
+
+def scaled_powered_norms(
     x: jax.Array, unit_axes: tuple[int, ...], norm: NormOrder
-) -> tuple[jax.Array, jax.Array]:
-    """Each unit's L1 or L2 norm as ``(e, r)`` with ``norm = r * 2**e``, without overflow.
+) -> tuple[jax.Array, int]:
+    """The powered unit norms of ``x * 2**-k`` and ``k``: ``||x|| = 2**k * norm**(1/power)``.
 
-    ``2**e`` is the power of two just above the unit's largest magnitude, so ``r`` (the norm of
-    ``x / 2**e``, a division that is exact) lies in ``[0.5, sqrt(n)]`` for L2 and ``[0.5, n]``
-    for L1: finite for every finite unit, while the norm itself may exceed float32's range. A
-    zero unit gives ``r = 0``; a unit holding an Inf or NaN gives a non-finite ``r``. Two passes
-    over ``x``, so only used where the one-pass powered norm overflowed.
+    Finite for every finite unit, while the norm of ``x`` itself may exceed float32's range once
+    powered; the multiplication by a power of two is exact. One pass over ``x``, so only used
+    where the one-pass powered norm overflowed. (A power-of-two constant, not a per-unit
+    ``frexp``/``ldexp`` rescaling: those expand into dozens of bit operations per leaf, which made
+    this rarely taken branch most of the optimizer's compile time.)
     """
-    axes = reduction_axes(unit_axes, x.ndim)
-    magnitude = jnp.abs(x)
-    magnitude = magnitude.astype(jnp.promote_types(magnitude.dtype, jnp.float32))
-    _, e = jnp.frexp(jax.lax.stop_gradient(jnp.max(magnitude, axis=axes, keepdims=True)))
-    e = jnp.where(jnp.isfinite(magnitude).all(axis=axes, keepdims=True), e, 0)
-    # Scale in two steps: 2**-e alone may be subnormal (XLA:CPU flushes those to zero) or, for
-    # e = 128, not representable.
-    half = e // 2
-    one = jnp.ones((), magnitude.dtype)
-    unit = magnitude * jnp.ldexp(one, -half) * jnp.ldexp(one, half - e)
-    if norm == 2:
-        r = jnp.sqrt(jnp.sum(jnp.square(unit), axis=axes, keepdims=True))
-    else:
-        r = jnp.sum(unit, axis=axes, keepdims=True)
-    return e, r
+    acc = jnp.promote_types(jnp.real(x).dtype if jnp.iscomplexobj(x) else x.dtype, jnp.float32)
+    acc_real = jnp.finfo(acc).dtype
+    k = _rescale_exponent(acc_real)
+    scaled = x.astype(acc) * jnp.asarray(2.0**-k, acc_real)
+    return powered_unit_norms(scaled, unit_axes, norm), k
 
 
-def _rescaled_clip_scale(g, w, unit_axes, overflowed, fast, clipping, eps, norm):
-    # Scale and ratio are formed from the (e, r) parts, applying the power of two last, so no
-    # intermediate leaves float32's range; units whose inputs are not finite keep the fast
-    # path's answer (NaN for non-finite weights).
+def _rescaled_clip_scale(g, w, unit_axes, g_pow, w_pow, fast, clipping, eps, norm):
+    # Where a powered norm overflowed, take the norm of the input times 2**-k instead, and put
+    # the power of two back last, after the ratio of the two norms: no intermediate leaves the
+    # float range (a final value that does rounds to 0 or +inf, the right answer for the
+    # scale's min(1, .)). Units whose inputs are not finite keep the fast path's answer.
     scale, clip, ratio = fast
-    g_e, g_r = scaled_unit_norms(g, unit_axes, norm)
-    w_e, w_r = scaled_unit_norms(w, unit_axes, norm)
-    use = overflowed & jnp.isfinite(g_r) & jnp.isfinite(w_r)
-    weight_wins = (jnp.ldexp(w_r, w_e) >= eps) & (w_r > 0)  # ldexp may round to +inf: fine
-    # max(||W||, eps) as (e, r) too.
-    floor_e = jnp.where(weight_wins, w_e, 0)
-    floor_r = jnp.where(weight_wins, w_r, eps)
-    has_grad = g_r > 0
-    safe_g_r = jnp.where(has_grad, g_r, 1)
+    power = norm_power(norm)
+    root = jnp.sqrt if power == 2 else (lambda v: v)
+    g_big, w_big = jnp.isposinf(g_pow), jnp.isposinf(w_pow)
+    g_scaled, k = scaled_powered_norms(g, unit_axes, norm)
+    w_scaled, _ = scaled_powered_norms(w, unit_axes, norm)
+    g_norm = root(jnp.where(g_big, g_scaled, g_pow))  # in units of 2**(k * g_big)
+    w_norm = root(jnp.where(w_big, w_scaled, w_pow))  # in units of 2**(k * w_big)
+    use = (g_big | w_big) & jnp.isfinite(g_norm) & jnp.isfinite(w_norm)
+    # max(||W||, eps): a weight norm that overflowed is far above any eps.
+    floor = jnp.where(w_big, w_norm, jnp.maximum(w_norm, eps))
+    shift = w_big.astype(jnp.int32) - g_big.astype(jnp.int32)  # -1, 0 or 1
+    one = jnp.ones((), g_norm.dtype)
+    factor = jnp.where(shift > 0, 2.0**k, jnp.where(shift < 0, 2.0**-k, one)).astype(g_norm.dtype)
+    has_grad = g_norm > 0
+    safe_g = jnp.where(has_grad, g_norm, 1)
     # clipping * max(||W||, eps) / ||G||: the scale when it is below 1 (then the unit clips).
-    bound_over_g = jnp.ldexp(clipping * floor_r / safe_g_r, floor_e - g_e)
+    bound_over_g = floor / safe_g * factor * clipping
+    bound_over_g = jnp.where(jnp.isnan(bound_over_g), 0, bound_over_g)  # clipping 0 times +inf
+    # A scale below the smallest normal number becomes 0 on every backend (XLA:CPU flushes such
+    # values anyway; kept, their few significant bits could overshoot the bound).
+    bound_over_g = jnp.where(bound_over_g < jnp.finfo(bound_over_g.dtype).tiny, 0, bound_over_g)
     new_clip = has_grad & (bound_over_g < 1)
     new_scale = jnp.where(new_clip, bound_over_g, 1)
     # ||G|| / max(||W||, eps), for the statistics only (+inf when it exceeds float32).
-    new_ratio = jnp.where(
-        floor_r > 0, jnp.ldexp(g_r / jnp.where(floor_r > 0, floor_r, 1), g_e - floor_e), jnp.inf
-    )
+    new_ratio = jnp.where(floor > 0, safe_g / jnp.where(floor > 0, floor, 1) / factor, jnp.inf)
     new_ratio = jnp.where(has_grad, new_ratio, 0)
     return (
         jnp.where(use, new_scale.astype(scale.dtype), scale),
@@ -236,7 +243,7 @@ def unit_clip_scales(
     one-pass reduction (XLA or Pallas). In float32 the squared L2 norm overflows once
     ``||x|| > ~1.8e19``; such a unit would be clipped to zero (a huge gradient) or get a NaN
     scale (huge weights). One ``lax.cond`` on a single flag for the whole tree recomputes, only
-    when some unit overflowed, the norms of every leaf as ``(power of two, scaled norm)`` pairs
+    when some unit overflowed, the norms of every leaf scaled by a power of two
     and forms the scales from those. Then every finite unit obeys
     ``||G_i|| <= clipping * max(||W_i||, eps)`` to float rounding. The common case pays for the
     flag (a reduction over the unit norms, not over the leaves) and nothing else. XLA's
@@ -247,14 +254,16 @@ def unit_clip_scales(
     checked = [i for i, (g, *_) in enumerate(leaves) if norm != math.inf and g.size > 0]
     if not checked:
         return fast
-    overflowed = [jnp.isposinf(leaves[i][3]) | jnp.isposinf(leaves[i][4]) for i in checked]
-    any_overflow = jnp.any(jnp.stack([jnp.any(o) for o in overflowed]))
+    flags = [jnp.any(jnp.isposinf(leaves[i][3]) | jnp.isposinf(leaves[i][4])) for i in checked]
+    any_overflow = jnp.any(jnp.stack(flags))
 
     def rescaled():
         out = list(fast)
-        for i, o in zip(checked, overflowed, strict=True):
-            g, w, unit_axes, _, _ = leaves[i]
-            out[i] = _rescaled_clip_scale(g, w, unit_axes, o, fast[i], clipping, eps, norm)
+        for i in checked:
+            g, w, unit_axes, g_pow, w_pow = leaves[i]
+            out[i] = _rescaled_clip_scale(
+                g, w, unit_axes, g_pow, w_pow, fast[i], clipping, eps, norm
+            )
         return out
 
     return jax.lax.cond(any_overflow, rescaled, lambda: fast)
