@@ -10,8 +10,9 @@ AGC unit rules, state donated):
   a plain `WSConv`), whose gradient convolutions XLA:CPU leaves off its fast path in a loop.
 * ``scanned``: ``scan_blocks=True`` as shipped (canonical gradient convolutions on CPU).
 
-Compile seconds are one ``lower + compile`` each (interleaved per model, not repeated); step
-times are interleaved medians. ``copies`` counts the ``copy`` ops of the optimized HLO and the
+Compile seconds are one ``lower + compile`` each (not repeated); step times are medians,
+interleaved for F0 and one contender after another for F3 and F6 (`SEQUENTIAL`: their states do
+not fit in memory three at a time). ``copies`` counts the ``copy`` ops of the optimized HLO and the
 MiB they write once (a copy inside the scanned loop runs once per layer).
 """
 
@@ -89,6 +90,11 @@ VARIANTS = {  # label -> (scan_blocks, JAX's own conv gradients)
 }
 
 
+# Models whose contenders are timed one after another (each freed before the next is built)
+# rather than interleaved: three F3 / F6 train states with their steps' temporaries took 20 GB.
+SEQUENTIAL = ("nfnet_f3", "nfnet_f6")
+
+
 def run(
     repeats: int = 5,
     small: bool = False,
@@ -101,12 +107,15 @@ def run(
         models, batch_size, resolution = ("nfnet_f0",), 2, 32
     rows = []
     for name in models:
-        thunks, facts = {}, {}
+        thunks, facts, times = {}, {}, {}
         for label, (scan, jax_grads) in VARIANTS.items():
             thunks[label], facts[label] = _contender(
                 name, scan, jax_grads, small, batch_size, resolution
             )
-        times = common.time_interleaved(thunks, repeats=repeats, warmup=1)
+            if name in SEQUENTIAL:  # time it now and free its state before the next one
+                times |= common.time_interleaved(thunks, repeats=repeats, warmup=1)
+                thunks = {}
+        times |= common.time_interleaved(thunks, repeats=repeats, warmup=1) if thunks else {}
         base_time, base_compile = times["unrolled"], facts["unrolled"][0]
         for label in VARIANTS:
             seconds, nbytes, (n_copies, copied) = facts[label]

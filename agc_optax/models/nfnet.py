@@ -146,11 +146,14 @@ SCANNED_UNIT_AXES: list[tuple[str, tuple[int, ...]]] = [
 
 
 # What ``scan_blocks="auto"`` becomes on each backend, read from `jax.default_backend()` when the
-# model is built. CPU, measured (benchmarks/RESULTS.md, "scan_blocks"): F0-F6 scanned train
-# steps compile no faster, or not enough to pay for a slower step, so "auto" unrolls. GPU and TPU,
-# not measured here: scanning repeated layers is the usual way to bound compile time there (MaxText
-# defaults to ``scan_layers: True``; big_vision's large-model configs set ``scan=True``), and
-# their compilers lay out the gradient convolutions of a loop body freely, so "auto" scans.
+# model is built. CPU, measured (benchmarks/RESULTS.md, "scan_blocks on CPU"): with the canonical
+# gradient convs the scanned F0 step is faster (0.62x at batch 8, 128 px) but compiles no faster,
+# and F3's compiles 8x faster but its step was up to 1.27x slower at 64 px: neither is "faster
+# compile without a slower step", so "auto" unrolls (ask for True on CPU when compile time
+# dominates, F3 and deeper). GPU and TPU, not measured here: scanning repeated layers is the usual
+# way to bound compile time there (MaxText defaults to ``scan_layers: True``; big_vision's
+# large-model configs set ``scan=True``), and the CPU problem the canonical convs work around is a
+# CPU compiler pass's scope, so "auto" scans.
 SCAN_BLOCKS_AUTO: dict[str, bool] = {"cpu": False, "gpu": True, "tpu": True}
 
 
@@ -401,18 +404,19 @@ class NFNet(ClassifierHead, nnx.Module):
       scan_blocks: run each stage's identity-shortcut blocks (all but the first) with
         ``nnx.scan`` (`NFBlockStack`), which compiles each stage's block once instead of once
         per layer. ``"auto"`` picks per backend when the model is built (`resolve_scan_blocks`,
-        `SCAN_BLOCKS_AUTO`: unrolled on CPU, where it was measured not to pay; scanned on GPU
-        and TPU, not measured here); the attribute ``scan_blocks`` holds the resolved bool. The
-        default stays False: scanning changes the parameter tree (stacked leaves, other AGC
-        unit rules, other checkpoint paths), which should not depend on the machine a model is
-        built on unless asked for. Outputs and parameter counts are unchanged, but the stacked
-        blocks' leaves gain a leading layer axis (paths ``blocks/<j>/block/...``): for adaptive
-        gradient clipping, the unit of a stacked kernel is ``(layer, output channel)``, so such
-        leaves need the unit axes ``(0, -1)``, and the stacked gains, biases and ``skip_gain``
-        need ``(0,)``. `SCANNED_UNIT_AXES` holds these rules as ``(regex, axes)`` pairs, and
-        ``agc_unit_axes`` returns them when the resolved ``scan_blocks`` is True.
-        `agc_optax.models.load_haiku_params` fills stacked leaves from DeepMind's per-block
-        names.
+        `SCAN_BLOCKS_AUTO`: unrolled on CPU, where it was measured not to pay both ways;
+        scanned on GPU and TPU, not measured here); the attribute ``scan_blocks`` holds the
+        resolved bool. The default stays False: scanning changes the parameter tree (stacked
+        leaves, other AGC unit rules, other checkpoint paths), which should not depend on the
+        machine a model is built on unless asked for. Outputs and parameter counts are
+        unchanged, but the stacked blocks' leaves gain a leading layer axis (paths
+        ``blocks/<j>/block/...``): for adaptive gradient clipping, the unit of a stacked kernel
+        is ``(layer, output channel)``, so such leaves need the unit axes ``(0, -1)``, and the
+        stacked gains, biases and ``skip_gain`` need ``(0,)``. `SCANNED_UNIT_AXES` holds these
+        rules as ``(regex, axes)`` pairs, and ``agc_unit_axes`` returns them when the resolved
+        ``scan_blocks`` is True. `agc_optax.models.load_haiku_params` fills stacked leaves from
+        DeepMind's per-block names. The stacked blocks' convs have a custom VJP (fast on CPU,
+        see `agc_optax.models.conv_canonical_grads`): reverse-mode differentiation only.
       dtype: computation dtype (e.g. ``jnp.bfloat16``); weight standardization
         always runs in float32.
       param_dtype: parameter dtype.
