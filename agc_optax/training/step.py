@@ -155,29 +155,36 @@ def make_train_step(
       dtype: compute dtype of the inputs (the model's own ``dtype`` sets its activations).
       pmap: the step runs under ``jax.pmap`` over axis ``data``: average gradients, loss and batch
         statistics with ``lax.pmean`` (once); under ``jit`` XLA inserts that reduction itself.
-      skip_nonfinite: the divergence guard. When the loss or the new parameters' norm is not
-        finite, the step keeps the parameters, batch statistics, optimizer state and EMA as they
-        were (as ``optax.apply_if_finite`` does) and only ``step`` advances, so the next step
-        draws the next batch. A NaN or Inf in the gradients or the update reaches the new
-        parameters (AGC and the optimizers pass NaN on and turn Inf into NaN), so their norm
-        catches it too. The decision is made on the averaged values, so every device and process
-        takes the same branch. Off by default: the large-batch sweep
-        (:mod:`agc_optax.experiments`) studies divergence as it happens.
+      skip_nonfinite: the divergence guard. When the loss or a gradient is not finite, the
+        step keeps the parameters, batch statistics, optimizer state and EMA as they were (as
+        ``optax.apply_if_finite`` does) and only ``step`` advances, so the next step draws the
+        next batch. The check uses only values that exist before the update: the loss, and
+        AGC's ``max_ratio`` when the optimizer keeps AGC statistics (NaN or Inf exactly when
+        a clipped unit's gradient or weights are; no extra pass) or else one reduction over
+        the gradients. The select then joins the optimizer's own elementwise pass, so every
+        new weight is written once, in place, as without the guard. An update that is not
+        finite although the gradients are (an infinite learning rate, an overflow) is applied;
+        the weights it makes are not finite, so every later step is skipped (the trainer then
+        stops after ``max_bad_steps``, and a checkpoint is never written from such a state).
+        The decision is made on the averaged values, so every device and process takes the
+        same branch. Off by default: the large-batch sweep (:mod:`agc_optax.experiments`)
+        studies divergence as it happens.
       preprocess: ``(key, images, labels) -> (images, targets)`` applied to the batch on the
         device first (streaming data: normalisation of uint8 images, MixUp / CutMix); targets
         may be integer labels or rows of class probabilities.
       log_every: the norms below are computed only on steps whose number (after the step) is a
         multiple of ``log_every`` or equals ``total_steps``, inside a ``lax.cond`` of the one
-        compiled step; on other steps they read NaN. Each norm is a pass over a whole tree
-        (see ``benchmarks/RESULTS.md`` for what each costs); the trainer reads them only on
-        the steps it logs.
+        compiled step; on other steps they read NaN. Each norm is a pass over a whole tree; its
+        operands (the gradients, the old and the new weights) exist anyway, so a step that
+        skips the conditional pays nothing for it (see ``benchmarks/RESULTS.md``).
       total_steps: the run's last step, which is always logged.
 
     Returns:
       The step function. Metrics: ``loss``, ``accuracy``, ``grad_norm`` (of the averaged
-      gradients, before clipping), ``param_norm`` (of the parameters the update produced),
-      ``update_norm``, ``clip_fraction`` when the optimizer keeps AGC statistics, and with
-      ``skip_nonfinite`` ``skipped`` (1.0 when this step's update was dropped, else 0.0).
+      gradients, before clipping), ``param_norm`` (of the weights after the step),
+      ``update_norm`` (of the change the step made to them: 0 for a skipped step),
+      ``clip_fraction`` when the optimizer keeps AGC statistics, and with ``skip_nonfinite``
+      ``skipped`` (1.0 when this step's update was dropped, else 0.0).
     """
     if not isinstance(log_every, int) or log_every < 1:
         raise ValueError(f"`log_every` must be a positive integer, got {log_every!r}")
@@ -221,21 +228,22 @@ def make_train_step(
         else:
             d = ema_decay(state.step, ema)
             ema_params = jax.tree.map(lambda e, p: d * e + (1 - d) * p, state.ema_params, params)
-        metrics = {"loss": loss, "accuracy": accuracy}
-        param_sum_of_squares = _sum_of_squares(params) if skip_nonfinite else None
-        trees = {"grad": grads, "param": params, "update": updates}
-        metrics.update(_norms(state.step, log_every, total_steps, trees, param_sum_of_squares))
-        clip_fraction = optax.tree.get(opt_state, "clip_fraction", None)
-        if clip_fraction is not None:
-            metrics["clip_fraction"] = clip_fraction
         changed = (params, batch_stats, opt_state, ema_params)
+        metrics = {"loss": loss, "accuracy": accuracy}
         if skip_nonfinite:
-            # One pass over the new weights: a NaN or Inf in the gradients or the update
-            # reaches them, so this and the loss are the whole check.
-            finite = jnp.isfinite(loss) & jnp.isfinite(param_sum_of_squares)
+            # Decided from values that exist before the update (the loss, and the gradients'
+            # finiteness, free from AGC's statistics when the optimizer keeps them), so the
+            # select below joins the optimizer's and the EMA's own elementwise passes: each
+            # new weight is written once, in place, as in a step without the guard.
+            finite = jnp.isfinite(loss) & _gradients_finite(grads, opt_state)
             kept = (state.params, state.batch_stats, state.opt_state, state.ema_params)
             changed = jax.tree.map(lambda new, old: jnp.where(finite, new, old), changed, kept)
             metrics["skipped"] = 1.0 - finite.astype(jnp.float32)
+        trees = {"grad": grads, "param": changed[0], "update": (changed[0], state.params)}
+        metrics.update(_norms(state.step, log_every, total_steps, trees))
+        clip_fraction = optax.tree.get(opt_state, "clip_fraction", None)
+        if clip_fraction is not None:
+            metrics["clip_fraction"] = clip_fraction
         new_state = TrainState(state.step + 1, *changed)
         return new_state, metrics
 
@@ -246,33 +254,55 @@ def _sum_of_squares(tree: Any) -> jax.Array:
     return sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree))
 
 
+def _gradients_finite(grads: Any, opt_state: Any) -> jax.Array:
+    """Whether every gradient entry is finite, from AGC's statistics when the optimizer keeps
+    them (``max_ratio``, the largest ``||G_i|| / max(||W_i||, eps)`` over the clipped units, is
+    NaN or Inf exactly when some unit's gradient or weights are; the units' norms are computed
+    anyway, so this costs no pass over the tree), else from one reduction over the gradients.
+
+    Leaves AGC leaves alone (the classifier kernel) are not in ``max_ratio``; their gradients
+    are finite whenever the loss and the features are, and a non-finite feature makes the loss
+    non-finite.
+    """
+    max_ratio = optax.tree.get(opt_state, "max_ratio", None)
+    if max_ratio is not None:
+        # The square root (NaN and Inf stay so) makes XLA compute the max over every leaf's
+        # statistics once: it fuses cheap producers into each consumer, and a chain of
+        # maximums duplicated into every leaf's update made the step's program 1.9x larger and
+        # its compile 2.4x slower (NFNet-F0; see benchmarks/RESULTS.md). A root is "expensive"
+        # to XLA's fusion heuristics, so it is computed once and read as a scalar.
+        return jnp.isfinite(jnp.sqrt(max_ratio))
+    flags = [jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]
+    return jnp.all(jnp.stack(flags)) if flags else jnp.array(True)
+
+
+def _update_norm(pair: tuple[Any, Any]) -> jax.Array:
+    new, old = pair
+    deltas = jax.tree.map(lambda n, o: n.astype(jnp.float32) - o.astype(jnp.float32), new, old)
+    return jnp.sqrt(_sum_of_squares(deltas))
+
+
+_NORM_NAMES = ("grad_norm", "param_norm", "update_norm")
+
+
 def _norms(
-    step: jax.Array,
-    log_every: int,
-    total_steps: int | None,
-    trees: dict[str, Any],
-    param_sum_of_squares: jax.Array | None,
+    step: jax.Array, log_every: int, total_steps: int | None, trees: dict[str, Any]
 ) -> dict[str, jax.Array]:
-    """The norms of ``trees`` (``grad``, ``update``, ``param``): every step, or (``log_every >
-    1``) on logging steps only, NaN on the others. A ``param_sum_of_squares`` computed anyway
-    (for the guard) gives ``param_norm`` on every step."""
-    names = [k for k in trees if not (k == "param" and param_sum_of_squares is not None)]
+    """``grad_norm``, ``param_norm`` and ``update_norm`` (of the applied change ``new - old``):
+    every step, or (``log_every > 1``) on logging steps only, NaN on the others."""
 
     def norms() -> dict[str, jax.Array]:
-        return {f"{k}_norm": jnp.sqrt(_sum_of_squares(trees[k])) for k in names}
+        grad, param = (jnp.sqrt(_sum_of_squares(trees[k])) for k in ("grad", "param"))
+        return dict(zip(_NORM_NAMES, (grad, param, _update_norm(trees["update"])), strict=True))
 
     if log_every == 1:
-        out = norms()
-    else:
-        done = step + 1
-        should_log = done % log_every == 0
-        if total_steps is not None:
-            should_log |= done == total_steps
-        nan = jnp.full((), jnp.nan, jnp.float32)
-        out = jax.lax.cond(should_log, norms, lambda: {f"{k}_norm": nan for k in names})
-    if param_sum_of_squares is not None:
-        out["param_norm"] = jnp.sqrt(param_sum_of_squares)
-    return out
+        return norms()
+    done = step + 1
+    should_log = done % log_every == 0
+    if total_steps is not None:
+        should_log |= done == total_steps
+    nan = jnp.full((), jnp.nan, jnp.float32)
+    return jax.lax.cond(should_log, norms, lambda: dict.fromkeys(_NORM_NAMES, nan))
 
 
 def make_eval_step(

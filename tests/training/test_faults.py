@@ -23,6 +23,7 @@ import time
 import warnings
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -30,6 +31,7 @@ from cli_util import cli_command, cli_env, preempted_step, run_cli
 from flax import nnx
 from tiny_model import TinyNet, tiny_model
 
+import agc_optax
 from agc_optax.training import (
     PRESETS,
     MetricsWriter,
@@ -91,15 +93,47 @@ def test_a_nonfinite_step_leaves_the_state_unchanged_but_the_step_counter():
         _assert_same(getattr(after, field), getattr(good, field))
 
 
-def test_an_infinite_update_is_skipped_although_loss_and_gradients_are_finite():
-    split, tx, state = _setup(np.inf)
+class _NaNGradient(nnx.Module):
+    """Finite logits and loss, but d(loss)/d(p) = 0 * (1 / (2 sqrt(0))) = NaN."""
+
+    def __init__(self, rngs: nnx.Rngs):
+        self.dense = nnx.Linear(8 * 8 * 3, 10, rngs=rngs)
+        self.p = nnx.Param(jnp.zeros(()))
+
+    def __call__(self, x):
+        return self.dense(x.reshape(x.shape[0], -1)) + 0.0 * jnp.sqrt(self.p.value)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd_agc", "optax.sgd"])
+def test_nan_gradients_with_a_finite_loss_are_skipped(optimizer):
+    # sgd_agc: the guard reads AGC's max_ratio; optax.sgd: it reduces the gradients itself.
+    split, params, stats = split_model(_NaNGradient(nnx.Rngs(0)))
+    tx = agc_optax.sgd_agc(0.1, stats=True) if optimizer == "sgd_agc" else optax.sgd(0.1, 0.9)
+    state = init_state(params, stats, tx, ema=False)
     after, metrics = jax.jit(make_train_step(split, tx, seed=0, skip_nonfinite=True))(
         state, _batch()
     )
-    assert np.isfinite(float(metrics["loss"])) and np.isfinite(float(metrics["grad_norm"]))
-    assert not np.isfinite(float(metrics["update_norm"]))
+    assert np.isfinite(float(metrics["loss"])) and np.isnan(float(metrics["grad_norm"]))
     assert float(metrics["skipped"]) == 1.0
     _assert_same(after.params, state.params)
+    _assert_same(after.opt_state, state.opt_state)
+
+
+def test_an_infinite_update_poisons_the_weights_and_every_later_step_is_skipped():
+    # The guard decides before the update (so that it costs no pass of its own): a step whose
+    # loss and gradients are finite is applied, even if the update overflows. Its non-finite
+    # weights then make every later step's gradients (AGC's max_ratio) non-finite, so those
+    # steps change nothing and the trainer stops after --max-bad-steps (the CLI test below).
+    split, tx, state = _setup(np.inf)
+    step = jax.jit(make_train_step(split, tx, seed=0, skip_nonfinite=True))
+    poisoned, metrics = step(state, _batch())
+    assert np.isfinite(float(metrics["loss"])) and np.isfinite(float(metrics["grad_norm"]))
+    assert not np.isfinite(float(metrics["update_norm"])) and float(metrics["skipped"]) == 0.0
+    assert not all(np.isfinite(x).all() for x in _leaves(poisoned.params))
+    after, metrics = step(poisoned, _batch())
+    assert float(metrics["skipped"]) == 1.0 and int(after.step) == 2
+    for field in ("params", "opt_state"):
+        _assert_same(getattr(after, field), getattr(poisoned, field))
 
 
 def test_divergence_exits_3_naming_the_step_and_keeps_finite_checkpoints(
