@@ -147,13 +147,13 @@ SCANNED_UNIT_AXES: list[tuple[str, tuple[int, ...]]] = [
 
 # What ``scan_blocks="auto"`` becomes on each backend, read from `jax.default_backend()` when the
 # model is built. CPU, measured (benchmarks/RESULTS.md, "scan_blocks on CPU"): with the canonical
-# gradient convs the scanned F0 step is faster (0.62x at batch 8, 128 px) but compiles no faster,
-# and F3's compiles 8x faster but its step was up to 1.27x slower at 64 px: neither is "faster
-# compile without a slower step", so "auto" unrolls (ask for True on CPU when compile time
-# dominates, F3 and deeper). GPU and TPU, not measured here: scanning repeated layers is the usual
-# way to bound compile time there (MaxText defaults to ``scan_layers: True``; big_vision's
-# large-model configs set ``scan=True``), and the CPU problem the canonical convs work around is a
-# CPU compiler pass's scope, so "auto" scans.
+# gradient convs the scanned NFNet step is no slower (F0 0.62-0.91x, F3 0.93x) and F3 compiles
+# 3-8x faster, but F0's compile is a wash; and NF-ResNet, NF-RegNet and timm's NFNets resolve
+# "auto" here too while their stacks still use `WSConv` (slow scanned backward on CPU), so "auto"
+# unrolls on CPU for now (ask for True on CPU for F3 and deeper). GPU and TPU, not measured here:
+# scanning repeated layers is the usual way to bound compile time there (MaxText defaults to
+# ``scan_layers: True``; big_vision's large-model configs set ``scan=True``), and the CPU problem
+# the canonical convs work around is a CPU compiler pass's scope, so "auto" scans.
 SCAN_BLOCKS_AUTO: dict[str, bool] = {"cpu": False, "gpu": True, "tpu": True}
 
 
