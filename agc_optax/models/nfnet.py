@@ -29,6 +29,7 @@ References:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -48,12 +49,14 @@ from agc_optax.models.layers import (
     ClassifierHead,
     SqueezeExcite,
     WSConv,
+    block_locations,
     nf_residual,
     nf_schedule,
     optional_stochastic_depth,
     pooled_shortcut,
+    residual_run,
+    run_residual_blocks,
     scaled_activation,
-    signal_metrics,
 )
 from agc_optax.models.weights import HaikuNames, fetch_cached
 
@@ -226,7 +229,7 @@ class NFBlock(nnx.Module):
       use_two_convs: whether to have ``conv1b``.
       stochdepth_rate: drop-path rate; stochastic depth exists only when it is
         in (0, 1), as in DeepMind's code.
-      conv: the conv class (`NFBlockStack` passes
+      conv: the conv class (stacked runs pass
         `agc_optax.models.canonical_conv.CanonicalGradWSConv`, whose gradients stay fast in
         a loop on CPU; same parameters and outputs as the default `WSConv`).
       dtype: computation dtype.
@@ -316,72 +319,6 @@ class NFBlock(nnx.Module):
         return nf_residual(self, out, shortcut, stochdepth_rate)
 
 
-class NFBlockStack(nnx.Module):
-    """A run of identical NFBlocks (identity shortcut) applied with ``nnx.scan``.
-
-    Parameters carry a leading axis of length ``len(betas)``; ``beta`` and the
-    stochastic depth rate, which differ from block to block, are scanned inputs. The blocks'
-    convs are `agc_optax.models.canonical_conv.CanonicalGradWSConv`: XLA:CPU leaves the
-    gradient convolutions of a loop body off its fast path, and that conv writes them in the
-    form the fast path takes (the scanned backward was 3.6x slower than unrolled without it).
-    """
-
-    def __init__(
-        self,
-        features: int,
-        *,
-        betas: Sequence[float],
-        stochdepth_rates: Sequence[float],
-        rngs: nnx.Rngs,
-        **block_kwargs: Any,
-    ):
-        self.betas = tuple(float(b) for b in betas)
-        self.stochdepth_rates = tuple(float(r) for r in stochdepth_rates)
-        self.num_layers = len(self.betas)
-        # A rate of 0 must still get a StochasticDepth module so all layers share one
-        # structure; it is a no-op at rate 0 (floor(1 + U) == 1).
-        has_sd = any(0.0 < r < 1.0 for r in self.stochdepth_rates)
-        template_rate = max(self.stochdepth_rates) if has_sd else None
-
-        @nnx.split_rngs(splits=self.num_layers)
-        @nnx.vmap(in_axes=(0,), out_axes=0)
-        def make(r: nnx.Rngs) -> NFBlock:
-            return NFBlock(
-                features,
-                features,
-                stride=1,
-                stochdepth_rate=template_rate,
-                conv=CanonicalGradWSConv,
-                rngs=r,
-                **block_kwargs,
-            )
-
-        self.block = make(rngs)
-
-    def __call__(
-        self, x: Array, *, return_metrics: bool = True
-    ) -> tuple[Array, Array | None, Array]:
-        """Returns ``(output, per-layer metrics, per-layer res_avg_var)``.
-
-        The metrics, ``(num_layers, 2)`` holding each layer output's ``avg_sq_mean`` and
-        ``avg_var``, are ``None`` without ``return_metrics``: the loop then does not compute
-        them (two reductions over every layer's output).
-        """
-        betas = jnp.asarray(self.betas, jnp.float32)
-        rates = jnp.asarray(self.stochdepth_rates, jnp.float32)
-
-        @nnx.scan(in_axes=(nnx.Carry, 0, 0, 0), out_axes=(nnx.Carry, 0))
-        def body(h, block, beta, rate):
-            h, res_avg_var = block(h, beta=beta.astype(h.dtype), stochdepth_rate=rate)
-            if not return_metrics:
-                return h, (res_avg_var,)
-            m = signal_metrics(h, "")
-            return h, (res_avg_var, jnp.stack([m["avg_sq_mean_"], m["avg_var_"]]))
-
-        x, per_layer = body(x, self.block, betas, rates)
-        return x, (per_layer[1] if return_metrics else None), per_layer[0]
-
-
 class NFNet(ClassifierHead, nnx.Module):
     """Normalizer-Free Network with DeepMind's constructor and numerics.
 
@@ -402,7 +339,7 @@ class NFNet(ClassifierHead, nnx.Module):
       widths: override the variant's stage widths.
       depths: override the variant's stage depths.
       scan_blocks: run each stage's identity-shortcut blocks (all but the first) with
-        ``nnx.scan`` (`NFBlockStack`), which compiles each stage's block once instead of once
+        ``nnx.scan`` (a `layers.BlockStack`), which compiles each stage's block once instead of once
         per layer. ``"auto"`` picks per backend when the model is built (`resolve_scan_blocks`,
         `SCAN_BLOCKS_AUTO`: unrolled on CPU, where it was measured not to pay both ways;
         scanned on GPU and TPU, not measured here); the attribute ``scan_blocks`` holds the
@@ -510,31 +447,25 @@ class NFNet(ClassifierHead, nnx.Module):
             run_rates: list[float] = []
             for _ in range(depth):
                 block_index, beta, sd_rate, _ = next(schedule)
-                block_stride = stride if block_index == 0 else 1
-                identity = block_stride == 1 and ch == out_ch
-                if scan_blocks and identity and block_index > 0:
-                    run_betas.append(beta)
-                    run_rates.append(sd_rate)
-                else:
+                if block_index == 0:  # the transition block: stride, maybe a projection
                     blocks.append(
                         NFBlock(
-                            ch,
-                            out_ch,
-                            stride=block_stride,
-                            beta=beta,
-                            stochdepth_rate=sd_rate,
-                            **common,
+                            ch, out_ch, stride=stride, beta=beta, stochdepth_rate=sd_rate, **common
                         )
                     )
-                ch = out_ch
-            if len(run_betas) == 1:
-                blocks.append(
-                    NFBlock(ch, ch, beta=run_betas[0], stochdepth_rate=run_rates[0], **common)
-                )
-            elif run_betas:
-                blocks.append(
-                    NFBlockStack(ch, betas=run_betas, stochdepth_rates=run_rates, **common)
-                )
+                    ch = out_ch
+                else:  # identity shortcut: one run, stacked with scan_blocks
+                    run_betas.append(beta)
+                    run_rates.append(sd_rate)
+            block_kwargs = {k: v for k, v in common.items() if k != "rngs"}
+            blocks += residual_run(
+                functools.partial(NFBlock, ch, ch, **block_kwargs),
+                run_betas,
+                run_rates,
+                scan=self.scan_blocks,
+                rngs=rngs,
+                stacked_kwargs={"conv": CanonicalGradWSConv},
+            )
         self.blocks = nnx.List(blocks)
         self.num_blocks = sum(config.depths)
         self.depths = config.depths
@@ -553,15 +484,9 @@ class NFNet(ClassifierHead, nnx.Module):
         """Maps DeepMind's global block index to ``(position in blocks, layer)``.
 
         ``layer`` is ``None`` for an unrolled `NFBlock` and the index along the
-        stacked axis for an `NFBlockStack`.
+        stacked axis for a `BlockStack`.
         """
-        locations: list[tuple[int, int | None]] = []
-        for pos, item in enumerate(self.blocks):
-            if isinstance(item, NFBlockStack):
-                locations.extend((pos, layer) for layer in range(item.num_layers))
-            else:
-                locations.append((pos, None))
-        return locations
+        return block_locations(self.blocks)
 
     @property
     def agc_unit_axes(self) -> list[tuple[str, tuple[int, ...]]] | None:
@@ -574,26 +499,7 @@ class NFNet(ClassifierHead, nnx.Module):
 
     def _trunk(self, x: Array, return_metrics: bool) -> tuple[Array, dict[str, Array]]:
         """The final feature map, and DeepMind's signal metrics when asked for."""
-        outputs: dict[str, Array] = {}
-        out = self.stem(x)
-        if return_metrics:
-            outputs.update(signal_metrics(out, 0))
-        index = 0
-        for item in self.blocks:
-            if isinstance(item, NFBlockStack):
-                out, stats, res_vars = item(out, return_metrics=return_metrics)
-                for layer in range(item.num_layers):
-                    if return_metrics:
-                        outputs[f"avg_sq_mean_{index + 1}"] = stats[layer, 0]
-                        outputs[f"avg_var_{index + 1}"] = stats[layer, 1]
-                        outputs[f"res_avg_var_{index}"] = res_vars[layer]
-                    index += 1
-            else:
-                out, res_avg_var = item(out)
-                if return_metrics:
-                    outputs.update(signal_metrics(out, index + 1))
-                    outputs[f"res_avg_var_{index}"] = res_avg_var
-                index += 1
+        out, outputs = run_residual_blocks(self.stem(x), self.blocks, return_metrics)
         return self._finish(out), outputs
 
     def _finish(self, out: Array) -> Array:

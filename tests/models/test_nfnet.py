@@ -18,8 +18,8 @@ from agc_optax.models import (
     list_models,
     load_haiku_params,
 )
-from agc_optax.models.layers import GAMMAS, avg_pool_same
-from agc_optax.models.nfnet import NFNET_VARIANTS, SCANNED_UNIT_AXES, NFBlockStack
+from agc_optax.models.layers import GAMMAS, BlockStack, avg_pool_same
+from agc_optax.models.nfnet import NFNET_VARIANTS, SCANNED_UNIT_AXES
 from agc_optax.models.weights import materialize_abstract_state
 
 from .reference import num_params, param_shapes, reference_file
@@ -370,7 +370,7 @@ def test_scan_blocks_same_numbers_as_unrolled():
         for p, v in nnx.to_flat_state(nnx.state(unrolled, nnx.Param))
     }
     scanned = _tiny(seed=5, scan_blocks=True)
-    assert any(isinstance(b, NFBlockStack) for b in scanned.blocks)
+    assert any(isinstance(b, BlockStack) for b in scanned.blocks)
     assert len(scanned.blocks) == 5 and len(unrolled.blocks) == 6
     assert num_params(scanned) == num_params(unrolled)
     load_haiku_params(scanned, checkpoint)

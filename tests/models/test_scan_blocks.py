@@ -3,6 +3,7 @@ against the same blocks unrolled, and ``"auto"``."""
 
 from __future__ import annotations
 
+import functools
 import re
 
 import jax
@@ -12,12 +13,12 @@ import pytest
 from flax import nnx
 
 from agc_optax.models import conv_canonical_grads, create_model
-from agc_optax.models.layers import scaled_activation
+from agc_optax.models.canonical_conv import CanonicalGradWSConv
+from agc_optax.models.layers import residual_run, scaled_activation
 from agc_optax.models.nfnet import (
     SCAN_BLOCKS_AUTO,
     SCANNED_UNIT_AXES,
     NFBlock,
-    NFBlockStack,
     resolve_scan_blocks,
 )
 from agc_optax.training.config import parse_model_args
@@ -116,9 +117,14 @@ def test_scanned_stack_gradients_equal_unrolled_blocks():
     common = dict(expansion=0.5, group_size=2, alpha=0.2, activation=scaled_activation("gelu"))
     betas = (0.9, 0.7)
     stack = _filled(
-        lambda: NFBlockStack(
-            8, betas=betas, stochdepth_rates=(0.0, 0.0), rngs=nnx.Rngs(0), **common
-        ),
+        lambda: residual_run(
+            functools.partial(NFBlock, 8, 8, **common),
+            betas,
+            (0.0, 0.0),
+            scan=True,
+            rngs=nnx.Rngs(0),
+            stacked_kwargs={"conv": CanonicalGradWSConv},  # as NFNet(scan_blocks=True) builds it
+        )[0],
         seed=1,
     )
     assert stack.block.conv1.kernel.shape == (2, 3, 3, 2, 4)  # 2 groups of 2 channels, stacked.
@@ -142,8 +148,8 @@ def test_scanned_stack_gradients_equal_unrolled_blocks():
         return jnp.sum(jnp.sin(x)) + jnp.sum(jnp.stack(res_vars))
 
     def scanned(stack, x):
-        out, metrics, res_vars = stack(x, return_metrics=False)
-        assert metrics is None  # Not computed in the loop unless asked for.
+        out, res_vars, metrics = stack(x, return_metrics=False)
+        assert metrics == {}  # Not computed in the loop unless asked for.
         return jnp.sum(jnp.sin(out)) + jnp.sum(res_vars)
 
     def loss_and_grads(loss, module):
