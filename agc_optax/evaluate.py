@@ -94,6 +94,8 @@ def crop_box(
 
 
 def _parser() -> argparse.ArgumentParser:
+    from agc_optax.training.config import add_model_arg_flag
+
     p = argparse.ArgumentParser(
         prog="agc-eval",
         description="Top-1/top-5 accuracy and images/s of a model on an image dataset, with the "
@@ -122,13 +124,7 @@ def _parser() -> argparse.ArgumentParser:
     add("--batch-size", type=int, default=64, help="global batch size (default 64)")
     add("--workers", type=int, default=0, help="decoding threads (default 0: the main thread)")
     add("--limit", type=int, help="evaluate only the first N images")
-    add(
-        "--model-arg",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="model constructor override, repeatable, e.g. --model-arg 'widths=(32,64,128,256)'",
-    )
+    add_model_arg_flag(p)
     add("--resolution", type=int, help="override the model's test resolution")
     add("--crop-fraction", type=float, help="override the model's test crop fraction")
     add("--interpolation", choices=_FILTERS, help="override the model's resize filter")

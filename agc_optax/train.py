@@ -26,6 +26,7 @@ from agc_optax.training.config import (
     PRESETS,
     Config,
     ConfigError,
+    add_model_arg_flag,
     parse_model_args,
 )
 
@@ -45,13 +46,7 @@ def _parser() -> argparse.ArgumentParser:
         help=f"named configuration the other flags override (default {DEFAULT_PRESET})",
     )
     add("--model", help=f"a create_model name, e.g. nf_resnet26, nfnet_f0 (default {d.model})")
-    add(
-        "--model-arg",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="model constructor override, repeatable, e.g. --model-arg 'widths=(32,64,128,256)'",
-    )
+    add_model_arg_flag(p)
     add(
         "--dataset",
         help="digits (offline, bundled with scikit-learn), cifar10, tfds:<name>, or streamed: "

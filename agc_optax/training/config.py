@@ -113,6 +113,18 @@ class Config:
         return out
 
 
+def add_model_arg_flag(parser: Any) -> None:
+    """Adds the repeatable ``--model-arg KEY=VALUE`` flag (read by :func:`parse_model_args`) to an
+    ``argparse`` parser: one definition for ``agc-train`` and ``agc-eval``."""
+    parser.add_argument(
+        "--model-arg",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="model constructor override, repeatable, e.g. --model-arg 'widths=(32,64,128,256)'",
+    )
+
+
 def parse_model_args(items: list[str]) -> dict[str, Any]:
     """``--model-arg KEY=VALUE`` items as constructor keywords (values read as Python literals).
 

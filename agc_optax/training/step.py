@@ -239,8 +239,7 @@ def make_train_step(
             kept = (state.params, state.batch_stats, state.opt_state, state.ema_params)
             changed = jax.tree.map(lambda new, old: jnp.where(finite, new, old), changed, kept)
             metrics["skipped"] = 1.0 - finite.astype(jnp.float32)
-        trees = {"grad": grads, "param": changed[0], "update": (changed[0], state.params)}
-        metrics.update(_norms(state.step, log_every, total_steps, trees))
+        metrics.update(_norms(state.step, log_every, total_steps, grads, changed[0], state.params))
         clip_fraction = optax.tree.get(opt_state, "clip_fraction", None)
         if clip_fraction is not None:
             metrics["clip_fraction"] = clip_fraction
@@ -264,36 +263,39 @@ def _gradients_finite(grads: Any, opt_state: Any) -> jax.Array:
     are finite whenever the loss and the features are, and a non-finite feature makes the loss
     non-finite.
     """
-    max_ratio = optax.tree.get(opt_state, "max_ratio", None)
-    if max_ratio is not None:
-        # The square root (NaN and Inf stay so) makes XLA compute the max over every leaf's
-        # statistics once: it fuses cheap producers into each consumer, and a chain of
-        # maximums duplicated into every leaf's update made the step's program 1.9x larger and
-        # its compile 2.4x slower (NFNet-F0; see benchmarks/RESULTS.md). A root is "expensive"
-        # to XLA's fusion heuristics, so it is computed once and read as a scalar.
-        return jnp.isfinite(jnp.sqrt(max_ratio))
-    flags = [jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]
-    return jnp.all(jnp.stack(flags)) if flags else jnp.array(True)
-
-
-def _update_norm(pair: tuple[Any, Any]) -> jax.Array:
-    new, old = pair
-    deltas = jax.tree.map(lambda n, o: n.astype(jnp.float32) - o.astype(jnp.float32), new, old)
-    return jnp.sqrt(_sum_of_squares(deltas))
+    statistic = optax.tree.get(opt_state, "max_ratio", None)
+    if statistic is None:  # NaN as soon as one leaf holds a NaN or an Inf
+        leaves = jax.tree.leaves(grads)
+        statistic = sum(jnp.where(jnp.all(jnp.isfinite(g)), 0.0, jnp.nan) for g in leaves)
+    # The square root (NaN and Inf stay so) makes XLA compute the reduction over every leaf
+    # once: it fuses cheap producers into each consumer, and the chain of maximums behind the
+    # flag, copied into every leaf's update, made the F0 step's program 3x larger and its
+    # compile 2.4x slower (benchmarks/RESULTS.md). A root is "expensive" to XLA's fusion
+    # heuristics, so it is computed once and read as a scalar.
+    return jnp.isfinite(jnp.sqrt(statistic))
 
 
 _NORM_NAMES = ("grad_norm", "param_norm", "update_norm")
 
 
 def _norms(
-    step: jax.Array, log_every: int, total_steps: int | None, trees: dict[str, Any]
+    step: jax.Array,
+    log_every: int,
+    total_steps: int | None,
+    grads: Any,
+    new_params: Any,
+    old_params: Any,
 ) -> dict[str, jax.Array]:
-    """``grad_norm``, ``param_norm`` and ``update_norm`` (of the applied change ``new - old``):
-    every step, or (``log_every > 1``) on logging steps only, NaN on the others."""
+    """``grad_norm``, ``param_norm`` (of ``new_params``) and ``update_norm`` (of the applied change
+    ``new_params - old_params``): every step, or (``log_every > 1``) on logging steps only, NaN
+    on the others."""
 
     def norms() -> dict[str, jax.Array]:
-        grad, param = (jnp.sqrt(_sum_of_squares(trees[k])) for k in ("grad", "param"))
-        return dict(zip(_NORM_NAMES, (grad, param, _update_norm(trees["update"])), strict=True))
+        deltas = jax.tree.map(
+            lambda n, o: n.astype(jnp.float32) - o.astype(jnp.float32), new_params, old_params
+        )
+        values = (grads, new_params, deltas)
+        return {k: jnp.sqrt(_sum_of_squares(t)) for k, t in zip(_NORM_NAMES, values, strict=True)}
 
     if log_every == 1:
         return norms()

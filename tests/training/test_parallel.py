@@ -10,6 +10,7 @@ import os
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
 
 import numpy as np
 
@@ -101,27 +102,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_match_one_process(tmp_path):
-    single = _run(tmp_path, "single", "--devices", "4")
-    port = _free_port()
-    run_dir = tmp_path / "multi"
-    out = tmp_path / "multi.npz"
+def _run_two_processes(argv_of: Callable[[int], list[str]], timeout: float) -> None:
+    """Runs ``python argv_of(i)`` for processes 0 and 1 at once (they meet through
+    ``jax.distributed``), kills both on a timeout, and asserts both exited 0."""
     procs = [
         subprocess.Popen(
-            [
-                sys.executable,
-                WORKER,
-                str(out),
-                str(run_dir),
-                "--devices",
-                "2",
-                "--coordinator",
-                f"127.0.0.1:{port}",
-                "--num-processes",
-                "2",
-                "--process-id",
-                str(i),
-            ],
+            [sys.executable, *argv_of(i)],
             env=_env(),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -130,13 +116,36 @@ def test_two_processes_match_one_process(tmp_path):
         for i in range(2)
     ]
     try:
-        results = [p.communicate(timeout=600) for p in procs]
+        results = [p.communicate(timeout=timeout) for p in procs]
     finally:
         for p in procs:
             if p.poll() is None:
                 p.kill()
     for p, (_, err) in zip(procs, results, strict=True):
         assert p.returncode == 0, err[-3000:]
+
+
+def test_two_processes_match_one_process(tmp_path):
+    single = _run(tmp_path, "single", "--devices", "4")
+    port = _free_port()
+    run_dir = tmp_path / "multi"
+    out = tmp_path / "multi.npz"
+    _run_two_processes(
+        lambda i: [
+            WORKER,
+            str(out),
+            str(run_dir),
+            "--devices",
+            "2",
+            "--coordinator",
+            f"127.0.0.1:{port}",
+            "--num-processes",
+            "2",
+            "--process-id",
+            str(i),
+        ],
+        timeout=600,
+    )
     multi = dict(np.load(out))
     assert int(multi["__devices__"]) == 4
     assert _max_rel_diff(single, multi) < RTOL
@@ -165,24 +174,10 @@ def test_two_processes_stream_disjoint_train_shards_and_exact_eval_totals(tmp_pa
     port = _free_port()
     worker = os.path.join(os.path.dirname(WORKER), "streaming_worker.py")
     outs = [tmp_path / f"process{i}.json" for i in range(2)]
-    procs = [
-        subprocess.Popen(
-            [sys.executable, worker, str(out), str(tmp_path / "data"), f"127.0.0.1:{port}", str(i)],
-            env=_env(),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for i, out in enumerate(outs)
-    ]
-    try:
-        results = [p.communicate(timeout=300) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for p, (_, err) in zip(procs, results, strict=True):
-        assert p.returncode == 0, err[-3000:]
+    _run_two_processes(
+        lambda i: [worker, str(outs[i]), str(tmp_path / "data"), f"127.0.0.1:{port}", str(i)],
+        timeout=300,
+    )
     first, second = (json.loads(out.read_text()) for out in outs)
     # An epoch is 12 // 4 = 3 steps of 2 rows per process: the two shards are disjoint, and
     # together they are every train image once.
