@@ -34,7 +34,6 @@ from flax import nnx
 from agc_optax.models import layers
 from agc_optax.models._config import check_num_classes, check_stages, resolve_config
 from agc_optax.models.canonical_conv import CanonicalGradWSConv
-from agc_optax.models.nfnet import resolve_scan_blocks
 from agc_optax.models.weights import HaikuNames
 
 Initializer = Callable[..., jax.Array]
@@ -291,8 +290,8 @@ class NFResNet(layers.ClassifierHead, nnx.Module):
         unchanged; those leaves gain a leading layer axis (``blocks/<i>/block/conv0/kernel``),
         so AGC needs the unit rules of ``agc_unit_axes`` (the training code passes them on),
         and `agc_optax.models.load_haiku_params` fills them from DeepMind's per-block names.
-        ``"auto"`` resolves per backend as NFNet's does (`agc_optax.models.nfnet.
-        resolve_scan_blocks`); the attribute holds the resolved bool.
+        ``"auto"`` resolves per backend as for every family
+        (`agc_optax.models.layers.resolve_scan_blocks`); the attribute holds the resolved bool.
       in_features: input channels.
       dtype: computation dtype (e.g. ``jnp.bfloat16``); weight standardization stays float32.
       param_dtype: parameter dtype.
@@ -344,7 +343,7 @@ class NFResNet(layers.ClassifierHead, nnx.Module):
         if not 0.0 <= self.drop_rate < 1.0:
             raise ValueError(f"`drop_rate`={drop_rate} must be in [0, 1)")
         self.scaled = scaled
-        self.scan_blocks = resolve_scan_blocks(scan_blocks)
+        self.scan_blocks = layers.resolve_scan_blocks(scan_blocks)
         self.activation = layers.scaled_activation(activation) if scaled else _plain(activation)
         if not scaled:
             alpha = 1.0

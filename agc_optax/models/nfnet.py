@@ -37,7 +37,6 @@ from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from agc_optax.models._config import check_num_classes, check_stages, resolve_config
@@ -55,6 +54,7 @@ from agc_optax.models.layers import (
     optional_stochastic_depth,
     pooled_shortcut,
     residual_run,
+    resolve_scan_blocks,
     run_residual_blocks,
     scaled_activation,
 )
@@ -146,43 +146,6 @@ SCANNED_UNIT_AXES: list[tuple[str, tuple[int, ...]]] = [
     (r"^blocks/\d+/block/.*kernel$", (0, -1)),  # One unit per (layer, output channel).
     (r"^blocks/\d+/block/", (0,)),  # Gains, biases, skip_gain: one unit per layer.
 ]
-
-
-# What ``scan_blocks="auto"`` becomes on each backend, read from `jax.default_backend()` when the
-# model is built. CPU, measured (benchmarks/RESULTS.md, "scan_blocks on CPU"): with the canonical
-# gradient convs the scanned NFNet step is no slower (F0 0.62-0.91x, F3 0.93x) and F3 compiles
-# 3-8x faster, but F0's compile is a wash; and NF-ResNet, NF-RegNet and timm's NFNets resolve
-# "auto" here too while their stacks still use `WSConv` (slow scanned backward on CPU), so "auto"
-# unrolls on CPU for now (ask for True on CPU for F3 and deeper). GPU and TPU, not measured here:
-# scanning repeated layers is the usual way to bound compile time there (MaxText defaults to
-# ``scan_layers: True``; big_vision's large-model configs set ``scan=True``), and the CPU problem
-# the canonical convs work around is a CPU compiler pass's scope, so "auto" scans.
-SCAN_BLOCKS_AUTO: dict[str, bool] = {"cpu": False, "gpu": True, "tpu": True}
-
-
-def resolve_scan_blocks(scan_blocks: bool | str, backend: str | None = None) -> bool:
-    """``scan_blocks`` as a bool: ``True``/``False`` as given, ``"auto"`` per backend.
-
-    Args:
-      scan_blocks: ``True``, ``False`` or ``"auto"``.
-      backend: the backend ``"auto"`` is resolved for (default `jax.default_backend()`);
-        backends not in `SCAN_BLOCKS_AUTO` unroll.
-
-    Raises:
-      ValueError: naming ``scan_blocks`` for any other value.
-
-    Example:
-      >>> resolve_scan_blocks("auto", backend="cpu"), resolve_scan_blocks("auto", "tpu")
-      (False, True)
-    """
-    if isinstance(scan_blocks, bool | np.bool_):
-        return bool(scan_blocks)
-    if isinstance(scan_blocks, str) and scan_blocks == "auto":
-        return SCAN_BLOCKS_AUTO.get(backend or jax.default_backend(), False)
-    raise ValueError(
-        f'`scan_blocks`: expected True, False or "auto", got {scan_blocks!r} '
-        f"({type(scan_blocks).__name__})"
-    )
 
 
 class Stem(nnx.Module):
@@ -338,22 +301,22 @@ class NFNet(ClassifierHead, nnx.Module):
       use_two_convs: whether blocks have the second grouped conv ``conv1b``.
       widths: override the variant's stage widths.
       depths: override the variant's stage depths.
-      scan_blocks: run each stage's identity-shortcut blocks (all but the first) with
-        ``nnx.scan`` (a `layers.BlockStack`), which compiles each stage's block once instead of once
-        per layer. ``"auto"`` picks per backend when the model is built (`resolve_scan_blocks`,
-        `SCAN_BLOCKS_AUTO`: unrolled on CPU, where it was measured not to pay both ways;
-        scanned on GPU and TPU, not measured here); the attribute ``scan_blocks`` holds the
-        resolved bool. The default stays False: scanning changes the parameter tree (stacked
-        leaves, other AGC unit rules, other checkpoint paths), which should not depend on the
-        machine a model is built on unless asked for. Outputs and parameter counts are
-        unchanged, but the stacked blocks' leaves gain a leading layer axis (paths
-        ``blocks/<j>/block/...``): for adaptive gradient clipping, the unit of a stacked kernel
-        is ``(layer, output channel)``, so such leaves need the unit axes ``(0, -1)``, and the
-        stacked gains, biases and ``skip_gain`` need ``(0,)``. `SCANNED_UNIT_AXES` holds these
-        rules as ``(regex, axes)`` pairs, and ``agc_unit_axes`` returns them when the resolved
-        ``scan_blocks`` is True. `agc_optax.models.load_haiku_params` fills stacked leaves from
-        DeepMind's per-block names. The stacked blocks' convs have a custom VJP (fast on CPU,
-        see `agc_optax.models.conv_canonical_grads`): reverse-mode differentiation only.
+      scan_blocks: run each stage's identity-shortcut blocks (all but the first) with ``nnx.scan``
+        (a `layers.BlockStack`), which compiles each stage's block once instead of once per layer.
+        ``"auto"`` picks per backend when the model is built (`layers.resolve_scan_blocks`,
+        `layers.SCAN_BLOCKS_AUTO`: unrolled on CPU, where it was measured not to pay both ways;
+        scanned on GPU and TPU, not measured here); the attribute ``scan_blocks`` holds the resolved
+        bool. The default stays False: scanning changes the parameter tree (stacked leaves, other
+        AGC unit rules, other checkpoint paths), which should not depend on the machine a model is
+        built on unless asked for. Outputs and parameter counts are unchanged, but the stacked
+        blocks' leaves gain a leading layer axis (paths ``blocks/<j>/block/...``): for adaptive
+        gradient clipping, the unit of a stacked kernel is ``(layer, output channel)``, so such
+        leaves need the unit axes ``(0, -1)``, and the stacked gains, biases and ``skip_gain`` need
+        ``(0,)``. `SCANNED_UNIT_AXES` holds these rules as ``(regex, axes)`` pairs, and
+        ``agc_unit_axes`` returns them when the resolved ``scan_blocks`` is True.
+        `agc_optax.models.load_haiku_params` fills stacked leaves from DeepMind's per-block names.
+        The stacked blocks' convs have a custom VJP (fast on CPU, see
+        `agc_optax.models.conv_canonical_grads`): reverse-mode differentiation only.
       dtype: computation dtype (e.g. ``jnp.bfloat16``); weight standardization
         always runs in float32.
       param_dtype: parameter dtype.

@@ -60,9 +60,9 @@ from agc_optax.models.layers import (
     nf_residual,
     pooled_shortcut,
     residual_run,
+    resolve_scan_blocks,
     stacked_unit_axes,
 )
-from agc_optax.models.nfnet import resolve_scan_blocks
 from agc_optax.models.weights import TimmNames
 
 Array = jax.Array
@@ -417,7 +417,7 @@ class TimmNFNet(ClassifierHead, nnx.Module):
         ``stages.<s>.<depth - 1>``), so AGC needs the unit rules of ``agc_unit_axes`` (the
         training code passes them on), and `agc_optax.models.load_timm_state_dict` fills them
         from timm's per-block keys. ``"auto"`` resolves per backend as NFNet's does
-        (`agc_optax.models.nfnet.resolve_scan_blocks`); the attribute holds the resolved bool.
+        (`agc_optax.models.layers.resolve_scan_blocks`); the attribute holds the resolved bool.
       in_features: input channels.
       dtype: computation dtype (e.g. ``jnp.bfloat16``); weight standardization stays float32.
       param_dtype: parameter dtype.

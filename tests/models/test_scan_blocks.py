@@ -14,13 +14,13 @@ from flax import nnx
 
 from agc_optax.models import conv_canonical_grads, create_model
 from agc_optax.models.canonical_conv import CanonicalGradWSConv
-from agc_optax.models.layers import residual_run, scaled_activation
-from agc_optax.models.nfnet import (
+from agc_optax.models.layers import (
     SCAN_BLOCKS_AUTO,
-    SCANNED_UNIT_AXES,
-    NFBlock,
+    residual_run,
     resolve_scan_blocks,
+    scaled_activation,
 )
+from agc_optax.models.nfnet import SCANNED_UNIT_AXES, NFBlock
 from agc_optax.training.config import parse_model_args
 
 

@@ -30,8 +30,12 @@ from agc_optax.models import (
     load_haiku_params,
     load_timm_state_dict,
 )
-from agc_optax.models.layers import BlockStack, StochasticDepth, residual_run
-from agc_optax.models.nfnet import resolve_scan_blocks
+from agc_optax.models.layers import (
+    BlockStack,
+    StochasticDepth,
+    residual_run,
+    resolve_scan_blocks,
+)
 from agc_optax.models.timm_nfnet import TIMM_NFNET_VARIANTS
 from agc_optax.models.weights import materialize_abstract_state
 
@@ -467,7 +471,7 @@ def test_create_model_takes_scan_blocks(name, extra):
     auto = nnx.eval_shape(
         lambda: create_model(name, 10, scan_blocks="auto", rngs=nnx.Rngs(0), **extra)
     )
-    assert auto.scan_blocks is resolve_scan_blocks("auto")  # NFNet's rule, per backend
+    assert auto.scan_blocks is resolve_scan_blocks("auto")  # one rule, per backend
 
 
 def test_timms_reference_file_loads_into_a_scanned_model():
