@@ -1,5 +1,6 @@
 """agc_optax: Adaptive Gradient Clipping for optax, and normalizer-free networks for Flax NNX."""
 
+from agc_optax._guard import SkipNonfiniteState
 from agc_optax._norms import unitwise_norm
 from agc_optax._plan import UnitInfo, UnitTable, describe
 from agc_optax.adagc import AdaGCState, adagc
@@ -42,6 +43,7 @@ __all__ = [
     "AdamWAgcState",
     "AdaptiveGradClipState",
     "SgdAgcState",
+    "SkipNonfiniteState",
     "UnitInfo",
     "UnitTable",
     "ZClipState",

@@ -6,9 +6,10 @@ with the one function :func:`clip_scale`, so they clip alike.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -192,20 +193,20 @@ def scaled_powered_norms(
     return powered_unit_norms(scaled, unit_axes, norm), k
 
 
-def _rescaled_clip_scale(g, w, unit_axes, g_pow, w_pow, fast, clipping, eps, norm):
-    # Where a powered norm overflowed, take the norm of the input times 2**-k instead, and put
-    # the power of two back last, after the ratio of the two norms: no intermediate leaves the
-    # float range (a final value that does rounds to 0 or +inf, the right answer for the
-    # scale's min(1, .)). Units whose inputs are not finite keep the fast path's answer.
+def _rescaled_clip_scale(g_pow, w_pow, g_scaled, w_scaled, k, fast, clipping, eps, norm):
+    # Where a powered norm overflowed, take the norm of the input times 2**-k instead (g_scaled,
+    # w_scaled), and put the power of two back last, after the ratio of the two norms: no
+    # intermediate leaves the float range (a final value that does rounds to 0 or +inf, the
+    # right answer for the scale's min(1, .)). Units whose inputs are not finite keep the fast
+    # path's answer. Returns (scale, clip, ratio, every unit's inputs finite).
     scale, clip, ratio = fast
     power = norm_power(norm)
     root = jnp.sqrt if power == 2 else (lambda v: v)
     g_big, w_big = jnp.isposinf(g_pow), jnp.isposinf(w_pow)
-    g_scaled, k = scaled_powered_norms(g, unit_axes, norm)
-    w_scaled, _ = scaled_powered_norms(w, unit_axes, norm)
     g_norm = root(jnp.where(g_big, g_scaled, g_pow))  # in units of 2**(k * g_big)
     w_norm = root(jnp.where(w_big, w_scaled, w_pow))  # in units of 2**(k * w_big)
-    use = (g_big | w_big) & jnp.isfinite(g_norm) & jnp.isfinite(w_norm)
+    finite = jnp.isfinite(g_norm) & jnp.isfinite(w_norm)
+    use = (g_big | w_big) & finite
     # max(||W||, eps): a weight norm that overflowed is far above any eps.
     floor = jnp.where(w_big, w_norm, jnp.maximum(w_norm, eps))
     shift = w_big.astype(jnp.int32) - g_big.astype(jnp.int32)  # -1, 0 or 1
@@ -228,7 +229,25 @@ def _rescaled_clip_scale(g, w, unit_axes, g_pow, w_pow, fast, clipping, eps, nor
         jnp.where(use, new_scale.astype(scale.dtype), scale),
         jnp.where(use, new_clip, clip),
         jnp.where(use, new_ratio.astype(ratio.dtype), ratio),
+        jnp.all(finite),
     )
+
+
+class UnitScales(NamedTuple):
+    """What :func:`unit_clip_scales` returns.
+
+    Attributes:
+      scales: each leaf's per-unit scale, shaped like its powered norms (keepdims).
+      clipped: whether each unit is clipped, all leaves' units in one vector.
+      ratios: each unit's ``||G_i|| / max(||W_i||, eps)`` (statistics), in the same order.
+      finite: a bool scalar: every unit's gradient and weight norm is finite (no NaN or Inf
+        entry in any clipped leaf's gradient or weights).
+    """
+
+    scales: list[jax.Array]
+    clipped: jax.Array
+    ratios: jax.Array
+    finite: jax.Array
 
 
 def unit_clip_scales(
@@ -236,37 +255,77 @@ def unit_clip_scales(
     clipping: Any,
     eps: Any,
     norm: NormOrder = 2,
-) -> list[tuple[jax.Array, jax.Array, jax.Array]]:
+) -> UnitScales:
     """:func:`clip_scale` for every clipped leaf, exact also where a powered norm overflowed.
 
     ``leaves`` holds ``(g, w, unit_axes, g_pow, w_pow)`` per leaf, the powered norms from the
-    one-pass reduction (XLA or Pallas). In float32 the squared L2 norm overflows once
-    ``||x|| > ~1.8e19``; such a unit would be clipped to zero (a huge gradient) or get a NaN
-    scale (huge weights). One ``lax.cond`` on a single flag for the whole tree recomputes, only
-    when some unit overflowed, the norms of every leaf scaled by a power of two
-    and forms the scales from those. Then every finite unit obeys
-    ``||G_i|| <= clipping * max(||W_i||, eps)`` to float rounding. The common case pays for the
-    flag (a reduction over the unit norms, not over the leaves) and nothing else. XLA's
+    one-pass reduction (XLA or Pallas). The scales are computed on one vector holding every
+    leaf's units (one per norm dtype), so the program has one copy of the scale arithmetic, not
+    one per leaf: per leaf, it was most of the optimizer's compile time, and the statistics
+    and the finiteness flag are single reductions over that vector.
+
+    In float32 the squared L2 norm overflows once ``||x|| > ~1.8e19``; such a unit would be
+    clipped to zero (a huge gradient) or get a NaN scale (huge weights). One ``lax.cond`` on a
+    single flag for the whole tree recomputes, only when some unit overflowed, the norms of
+    every leaf scaled by a power of two and forms the scales from those. Then every finite unit
+    obeys ``||G_i|| <= clipping * max(||W_i||, eps)`` to float rounding. The common case pays for
+    the flag (a reduction over the unit norms, not over the leaves) and nothing else. XLA's
     ``cost_analysis()`` counts the branch that does not run as if it did.
     """
-    fast = [clip_scale(g_pow, w_pow, clipping, eps, norm) for _, _, _, g_pow, w_pow in leaves]
-    # A max never overflows; an empty unit has norm 0.
-    checked = [i for i, (g, *_) in enumerate(leaves) if norm != math.inf and g.size > 0]
-    if not checked:
-        return fast
-    flags = [jnp.any(jnp.isposinf(leaves[i][3]) | jnp.isposinf(leaves[i][4])) for i in checked]
-    any_overflow = jnp.any(jnp.stack(flags))
+    groups: dict[Any, list[int]] = {}
+    for i, (*_, g_pow, w_pow) in enumerate(leaves):
+        groups.setdefault(jnp.result_type(g_pow, w_pow), []).append(i)
+    scales: list[Any] = [None] * len(leaves)
+    clipped, ratios, finite = [], [], []
+    for dtype, members in groups.items():
 
-    def rescaled():
-        out = list(fast)
-        for i in checked:
-            g, w, unit_axes, g_pow, w_pow = leaves[i]
-            out[i] = _rescaled_clip_scale(
-                g, w, unit_axes, g_pow, w_pow, fast[i], clipping, eps, norm
+        def joined(values, members=members, dtype=dtype):
+            return jnp.concatenate([jnp.ravel(v).astype(dtype) for v in values])
+
+        g_all = joined([leaves[i][3] for i in members])
+        w_all = joined([leaves[i][4] for i in members])
+        fast = clip_scale(g_all, w_all, clipping, eps, norm)
+        fast_finite = jnp.all(jnp.isfinite(g_all) & jnp.isfinite(w_all))
+        if norm == math.inf:  # a max never overflows
+            scale, clip, ratio, ok = *fast, fast_finite
+        else:
+
+            def rescaled(members=members, g_all=g_all, w_all=w_all, fast=fast):
+                scaled = [
+                    scaled_powered_norms(x, leaves[i][2], norm)
+                    if leaves[i][0].size
+                    else (leaves[i][3 + j], 0)  # an empty unit has norm 0
+                    for i in members
+                    for j, x in enumerate(leaves[i][:2])
+                ]
+                k = max(k for _, k in scaled)
+                g_scaled = joined([s for s, _ in scaled[0::2]])
+                w_scaled = joined([s for s, _ in scaled[1::2]])
+                return _rescaled_clip_scale(
+                    g_all, w_all, g_scaled, w_scaled, k, fast, clipping, eps, norm
+                )
+
+            overflow = jnp.any(jnp.isposinf(g_all) | jnp.isposinf(w_all))
+            scale, clip, ratio, ok = jax.lax.cond(
+                overflow, rescaled, lambda fast=fast, ok=fast_finite: (*fast, ok)
             )
-        return out
-
-    return jax.lax.cond(any_overflow, rescaled, lambda: fast)
+        offset = 0
+        for i in members:
+            shape = leaves[i][3].shape
+            size = math.prod(shape)
+            scales[i] = scale[offset : offset + size].reshape(shape)
+            offset += size
+        clipped.append(clip)
+        ratios.append(ratio)
+        finite.append(ok)
+    if not leaves:
+        return UnitScales([], jnp.zeros(0, bool), jnp.zeros(0, jnp.float32), jnp.array(True))
+    return UnitScales(
+        scales,
+        jnp.concatenate(clipped),
+        jnp.concatenate([r.astype(jnp.float32) for r in ratios]),
+        functools.reduce(jnp.logical_and, finite),
+    )
 
 
 def apply_scale(g: jax.Array, scale: jax.Array) -> jax.Array:

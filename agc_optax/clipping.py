@@ -8,6 +8,7 @@ transform's own leaf function, and assembles the statistics.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -76,6 +77,21 @@ def xla_unit_norms(norm: NormOrder) -> UnitNorms:
     return unit_norms
 
 
+class ClippedLeaves(NamedTuple):
+    """What :func:`clip_leaves` returns.
+
+    Attributes:
+      outputs: one tree per output of the leaf function.
+      stats: :class:`AdaptiveGradClipState`, or ``None`` unless ``stats``.
+      finite: with ``guard``, a bool scalar: the step is finite (see :func:`clip_leaves`);
+        else ``None``.
+    """
+
+    outputs: tuple[Any, ...]
+    stats: AdaptiveGradClipState | None
+    finite: jax.Array | None
+
+
 def clip_leaves(
     who: str,
     plans: PlanCache,
@@ -90,7 +106,9 @@ def clip_leaves(
     state: Sequence[Any | None] = (),
     num_outputs: int = 1,
     unit_norms: UnitNorms | None = None,
-) -> tuple[tuple[Any, ...], AdaptiveGradClipState | None]:
+    guard: bool = False,
+    value: Any = None,
+) -> ClippedLeaves:
     """Runs AGC and a transform's leaf function over every leaf; the driver of all AGC transforms.
 
     Args:
@@ -107,10 +125,14 @@ def clip_leaves(
         after the scale; ``None`` for a tree the transform does not keep (its leaves are None).
       num_outputs: how many values ``leaf_fn`` returns.
       unit_norms: how to compute a clipped leaf's unit norms; XLA reductions by default.
+      guard: decide, before any leaf's step, whether the step is finite, and pass that flag
+        to ``leaf_fn`` as the keyword ``finite``: every clipped unit's gradient and weight norm
+        is finite (read off the unit norms, which exist anyway), every entry of the gradients
+        of the leaves AGC leaves alone is finite (one reduction each), and so is ``value``.
+      value: the loss, checked by ``guard`` when given.
 
     Returns:
-      ``(outputs, stats)``: one tree per output of ``leaf_fn``, and the statistics (``None``
-      unless ``stats``).
+      :class:`ClippedLeaves`.
     """
     if params is None:
         raise ValueError(f"{who} needs the parameters: call `tx.update(grads, state, params)`.")
@@ -126,27 +148,32 @@ def clip_leaves(
         row, g, w, *leaf_state = leaves[i]
         check_float_leaf(row.path, g, "the gradient")
         norms.append((g, w, row.unit_axes, *unit_norms(row, g, w, *leaf_state)))
-    scales = dict(zip(clipped, unit_clip_scales(norms, clipping, eps, norm), strict=True))
-    outputs, clipped_counts, ratios = [], [], []
+    units = unit_clip_scales(norms, clipping, eps, norm)
+    scales = dict(zip(clipped, units.scales, strict=True))
+    finite = None
+    if guard:
+        flags = [units.finite]
+        flags += [jnp.all(jnp.isfinite(g)) for row, g, *_ in leaves if not row.clipped]
+        if value is not None:
+            flags.append(jnp.all(jnp.isfinite(value)))
+        finite = functools.reduce(jnp.logical_and, flags)
+    outputs = []
     for i, (row, g, w, *leaf_state) in enumerate(leaves):
-        scale = None
-        if row.clipped:
-            scale, clip, ratio = scales[i]
-            if stats and row.num_units > 0:  # a zero-size leaf may have no units at all
-                clipped_counts.append(jnp.sum(clip, dtype=jnp.int32))
-                ratios.append(jnp.max(ratio).astype(jnp.float32))
-        outputs.append(leaf_fn(row, g, w, scale, *leaf_state))
+        extra = {"finite": finite} if guard else {}
+        outputs.append(leaf_fn(row, g, w, scales.get(i), *leaf_state, **extra))
     trees = tuple(plan.unflatten([out[i] for out in outputs]) for i in range(num_outputs))
     if not stats:
-        return trees, None
+        return ClippedLeaves(trees, None, finite)
     zero = initial_stats(plan)
-    if not clipped_counts:  # no clipped units (e.g. only zero-size leaves): 0, not 0 / 0
-        return trees, zero
-    return trees, AdaptiveGradClipState(
-        clip_fraction=sum(clipped_counts).astype(jnp.float32) / zero.num_units.astype(jnp.float32),
-        max_ratio=jnp.max(jnp.stack(ratios)),
+    if units.ratios.size == 0:  # no clipped units (e.g. only zero-size leaves): 0, not 0 / 0
+        return ClippedLeaves(trees, zero, finite)
+    num_clipped = jnp.sum(units.clipped, dtype=jnp.int32)
+    agc_stats = AdaptiveGradClipState(
+        clip_fraction=num_clipped.astype(jnp.float32) / zero.num_units.astype(jnp.float32),
+        max_ratio=jnp.max(units.ratios),
         num_units=zero.num_units,
     )
+    return ClippedLeaves(trees, agc_stats, finite)
 
 
 def _whole_leaf(path: str, leaf: Any) -> tuple[int, ...]:
@@ -328,7 +355,7 @@ def adaptive_grad_clip(
         return (g if scale is None else apply_scale(g, scale),)
 
     def update_fn(updates: Any, state: optax.OptState, params: Any = None):
-        (clipped,), new_stats = clip_leaves(
+        (clipped,), new_stats, _ = clip_leaves(
             "adaptive_grad_clip",
             plans,
             updates,

@@ -19,6 +19,7 @@ import optax
 
 from agc_optax import kernels
 from agc_optax._checks import check_hyperparameter, check_static_flag, is_static_zero
+from agc_optax._guard import decay, initial_guard, kept, next_count, next_guard
 from agc_optax._norms import apply_scale
 from agc_optax._plan import PlanCache, UnitInfo
 from agc_optax.clipping import clip_leaves, initial_stats
@@ -40,20 +41,24 @@ def weight_decay_mask(params: Any) -> Any:
 
 
 class SgdAgcState(NamedTuple):
-    """State of :func:`sgd_agc`: step count, momentum buffers, AGC statistics (if kept)."""
+    """State of :func:`sgd_agc`: step count, momentum buffers, AGC statistics (if kept), and
+    the guard's record (``skip_nonfinite=True``; else empty)."""
 
     count: jax.Array
     momentum: Any
     agc: Any
+    guard: Any = optax.EmptyState()
 
 
 class AdamWAgcState(NamedTuple):
-    """State of :func:`adamw_agc`: step count, first and second moments, AGC statistics."""
+    """State of :func:`adamw_agc`: step count, first and second moments, AGC statistics, and
+    the guard's record (``skip_nonfinite=True``; else empty)."""
 
     count: jax.Array
     mu: Any
     nu: Any
     agc: Any
+    guard: Any = optax.EmptyState()
 
 
 def _check_learning_rate(learning_rate: optax.ScalarOrSchedule) -> None:
@@ -70,6 +75,15 @@ def _agc_state(plans: PlanCache, params: Any, stats: bool) -> Any:
     return initial_stats(plans(params)) if stats else optax.EmptyState()
 
 
+def _check_skip_nonfinite(skip_nonfinite: Any, implementation: str = "xla") -> None:
+    check_static_flag("skip_nonfinite", skip_nonfinite)
+    if skip_nonfinite and implementation == "pallas":
+        raise ValueError(
+            "`skip_nonfinite=True` runs on the XLA implementation only; pass "
+            "implementation='xla' (or 'auto', which then picks XLA)."
+        )
+
+
 def _sgd_elementwise(
     g: jax.Array,
     w: jax.Array | None,
@@ -81,6 +95,7 @@ def _sgd_elementwise(
     nesterov: bool,
     weight_decay: Any,
     barrier: bool = False,
+    finite: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array | None]:
     """The elementwise step of :func:`sgd_agc` for one leaf: (update, new momentum).
 
@@ -94,6 +109,9 @@ def _sgd_elementwise(
     update). Without multi-output fusion (XLA:CPU) XLA would write g' out and read it back, or
     copy the donated momentum buffer; recomputing g' from barrier'd inputs (no CSE across the
     barrier) keeps each of the two loops at one read per input.
+
+    ``finite``: the guard's flag (``skip_nonfinite``); when False the update is 0 and the
+    momentum keeps its value, without a select between the old and the new buffer.
     """
 
     def decayed(g, w, s):
@@ -103,14 +121,14 @@ def _sgd_elementwise(
     step = decayed(g, w, s)
     m_next = None
     if m is not None:
-        m_next = (step + momentum * m).astype(m.dtype)
+        m_next = (kept(finite, step) + decay(finite, momentum) * m).astype(m.dtype)
         if nesterov:
             if barrier:
                 g, w, s = jax.lax.optimization_barrier((g, w, s))
             step = decayed(g, w, s) + momentum * m_next
         else:
             step = m_next
-    return (neg_lr * step).astype(g.dtype), m_next
+    return kept(finite, neg_lr * step).astype(g.dtype), m_next
 
 
 def _sgd_agc_parts(
@@ -124,8 +142,9 @@ def _sgd_agc_parts(
     unit_axes: UnitAxesRule,
     stats: bool,
     implementation: str,
+    skip_nonfinite: bool,
 ) -> tuple[Callable, Callable]:
-    """``(init, update(updates, state, params, apply=False))`` of :func:`sgd_agc`.
+    """``(init, update(updates, state, params, apply=False, value=None))`` of :func:`sgd_agc`.
 
     With ``apply``, ``update`` returns the new params instead of the updates (for
     :func:`sgd_agc_step`).
@@ -140,6 +159,7 @@ def _sgd_agc_parts(
     for name, value in (("weight_decay", weight_decay), ("eps", eps)):
         check_hyperparameter(name, value)
     kernels.check_implementation(implementation)
+    _check_skip_nonfinite(skip_nonfinite, implementation)
     has_momentum = not is_static_zero(momentum)
     has_decay = not is_static_zero(weight_decay)
     plans = PlanCache(unit_axes, exclude)
@@ -153,18 +173,21 @@ def _sgd_agc_parts(
             count=jnp.zeros((), jnp.int32),
             momentum=buffers,
             agc=_agc_state(plans, params, stats),
+            guard=initial_guard(skip_nonfinite),
         )
 
-    def update(updates: Any, state: SgdAgcState, params: Any = None, apply: bool = False):
+    def update(
+        updates: Any, state: SgdAgcState, params: Any = None, apply: bool = False, value=None
+    ):
         neg_lr = -_learning_rate(learning_rate, state.count)
 
-        def xla_leaf(row: UnitInfo, g, w, scale, m):
+        def xla_leaf(row: UnitInfo, g, w, scale, m, finite=None):
             decay_w = w if row.weight_decay and has_decay else None
-            u, m_next = elementwise(g, decay_w, scale, m, neg_lr, barrier=True)
+            u, m_next = elementwise(g, decay_w, scale, m, neg_lr, barrier=True, finite=finite)
             return (optax.apply_updates(w, u) if apply else u), m_next
 
         leaf_fn, unit_norms = xla_leaf, None
-        if kernels.use_pallas(implementation):
+        if kernels.use_pallas(implementation) and not skip_nonfinite:
             from agc_optax.kernels import _sgd_agc_pallas
 
             unit_norms, leaf_fn = _sgd_agc_pallas.leaf_functions(
@@ -175,7 +198,7 @@ def _sgd_agc_parts(
                 decay=has_decay,
                 apply=apply,
             )
-        (out, new_momentum), agc = clip_leaves(
+        (out, new_momentum), agc, finite = clip_leaves(
             "sgd_agc",
             plans,
             updates,
@@ -187,11 +210,14 @@ def _sgd_agc_parts(
             state=(state.momentum if has_momentum else None,),
             num_outputs=2,
             unit_norms=unit_norms,
+            guard=skip_nonfinite,
+            value=value,
         )
         new_state = SgdAgcState(
-            count=optax.safe_increment(state.count),
+            count=next_count(finite, state.count),
             momentum=new_momentum if has_momentum else state.momentum,
             agc=agc if stats else optax.EmptyState(),
+            guard=next_guard(state.guard, finite),
         )
         return out, new_state
 
@@ -209,7 +235,8 @@ def sgd_agc(
     unit_axes: UnitAxesRule = None,
     stats: bool = False,
     implementation: str = "xla",
-) -> optax.GradientTransformation:
+    skip_nonfinite: bool = False,
+) -> optax.GradientTransformationExtraArgs:
     r"""The NFNet optimizer: AGC, then coupled L2 weight decay, then SGD with Nesterov momentum.
 
     DeepMind's order (Brock et al. 2021): AGC acts on the raw, device-averaged gradients, then
@@ -230,9 +257,8 @@ def sgd_agc(
     momentum become NaN while every other entry stays finite. A unit whose weights hold a NaN
     or an Inf gets a NaN update (see :func:`agc_optax.adaptive_grad_clip`); since
     ``apply_if_finite`` tests only the incoming gradients, check the updates to catch that.
-    Wrap the optimizer in
-    ``optax.apply_if_finite(sgd_agc(...), max_consecutive_errors)`` to skip such steps with the
-    state untouched.
+    ``skip_nonfinite=True`` skips such steps inside the fused update (below); or wrap the
+    optimizer in ``optax.apply_if_finite(sgd_agc(...), max_consecutive_errors)``.
 
     Args:
       learning_rate: a float or an optax schedule of the step count.
@@ -252,9 +278,20 @@ def sgd_agc(
         :mod:`agc_optax.kernels`); or ``"auto"``: Pallas on a single GPU or TPU, else XLA.
         The Pallas kernel is tested in interpret mode and cross-lowered for GPU and TPU, but
         has not yet been run or timed on real accelerators; ``"xla"`` is the proven path.
+      skip_nonfinite: the divergence guard, fused into the update. A step whose gradients or
+        weights hold a NaN or an Inf (or whose ``value``, the loss passed as
+        ``tx.update(grads, state, params, value=loss)``, is not finite) returns zero updates
+        and leaves the momentum and the count as they were, as ``optax.apply_if_finite``
+        would, but decided before the update from the AGC unit norms (no extra pass over the
+        tree; one reduction per leaf AGC leaves alone) and without selecting between old and
+        new buffers, which would cost a copy of each. The AGC statistics describe the skipped
+        step's gradients (``max_ratio`` is then NaN or Inf); ``state.guard``
+        (:class:`agc_optax.SkipNonfiniteState`) records ``last_finite`` and ``total_notfinite``. XLA
+        implementation only (``"auto"`` picks it).
 
     Returns:
-      An ``optax.GradientTransformation``; ``update`` needs ``params``.
+      An ``optax.GradientTransformationExtraArgs``; ``update`` needs ``params`` and takes the
+      loss as the optional keyword ``value`` (read only by ``skip_nonfinite``).
 
     References:
       Brock, De, Smith, Simonyan 2021, arXiv:2102.06171, sec. 4 and appendix.
@@ -278,12 +315,16 @@ def sgd_agc(
         unit_axes,
         stats,
         implementation,
+        skip_nonfinite,
     )
 
-    def update_fn(updates: Any, state: SgdAgcState, params: Any = None):
-        return update(updates, state, params)
+    def update_fn(
+        updates: Any, state: SgdAgcState, params: Any = None, *, value: Any = None, **extra_args
+    ):
+        del extra_args  # other transforms' (optax.chain passes every extra argument to all)
+        return update(updates, state, params, value=value)
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def sgd_agc_step(learning_rate: optax.ScalarOrSchedule, **kwargs: Any) -> Callable:
@@ -303,7 +344,8 @@ def sgd_agc_step(learning_rate: optax.ScalarOrSchedule, **kwargs: Any) -> Callab
         ``"xla"``, as there).
 
     Returns:
-      ``step(params, state, grads) -> (new_params, new_state)``.
+      ``step(params, state, grads, value=None) -> (new_params, new_state)``; ``value``, the
+      loss, as in :func:`sgd_agc`.
 
     Example:
       >>> import jax, jax.numpy as jnp, agc_optax
@@ -316,8 +358,10 @@ def sgd_agc_step(learning_rate: optax.ScalarOrSchedule, **kwargs: Any) -> Callab
     bound.apply_defaults()
     _, update = _sgd_agc_parts(**bound.arguments)
 
-    def step(params: Any, state: SgdAgcState, grads: Any) -> tuple[Any, SgdAgcState]:
-        return update(grads, state, params, apply=True)
+    def step(
+        params: Any, state: SgdAgcState, grads: Any, value: Any = None
+    ) -> tuple[Any, SgdAgcState]:
+        return update(grads, state, params, apply=True, value=value)
 
     return step
 
@@ -334,7 +378,8 @@ def adamw_agc(
     exclude: ExcludeRule = HEAD_PATTERN,
     unit_axes: UnitAxesRule = None,
     stats: bool = False,
-) -> optax.GradientTransformation:
+    skip_nonfinite: bool = False,
+) -> optax.GradientTransformationExtraArgs:
     r"""AdamW with AGC on the raw gradients before the moments.
 
     .. math::
@@ -349,6 +394,7 @@ def adamw_agc(
     agc_eps, ...), optax.adamw(learning_rate, b1, b2, eps, eps_root, weight_decay,
     mask=weight_decay_mask))``, computed in one elementwise pass per leaf. Non-finite gradients
     behave as in that chain (see :func:`sgd_agc`; here the moments take the NaN entries), and
+    ``skip_nonfinite=True`` (as in :func:`sgd_agc`) or
     ``optax.apply_if_finite(adamw_agc(...), max_consecutive_errors)`` skips such steps.
 
     Args:
@@ -363,9 +409,13 @@ def adamw_agc(
       exclude: leaves AGC leaves alone; by default the classifier kernel ``head/kernel``.
       unit_axes: AGC unit rule.
       stats: keep AGC statistics in the state.
+      skip_nonfinite: the divergence guard fused into the update, as in :func:`sgd_agc`: a
+        non-finite step returns zero updates and keeps both moments and the count (so the bias
+        correction does not advance).
 
     Returns:
-      An ``optax.GradientTransformation``; ``update`` needs ``params``.
+      An ``optax.GradientTransformationExtraArgs``; ``update`` needs ``params`` and takes the
+      loss as the optional keyword ``value``, as :func:`sgd_agc`.
 
     References:
       Brock et al. 2021, arXiv:2102.06171; Loshchilov & Hutter 2019, arXiv:1711.05101.
@@ -378,6 +428,7 @@ def adamw_agc(
     """
 
     check_static_flag("stats", stats)
+    _check_skip_nonfinite(skip_nonfinite)
     _check_learning_rate(learning_rate)
     for name, value in (("b1", b1), ("b2", b2)):
         check_hyperparameter(name, value, below=1, why=f": 1 - {name}**t would divide by zero")
@@ -398,25 +449,34 @@ def adamw_agc(
             mu=jax.tree.map(jnp.zeros_like, params),
             nu=jax.tree.map(jnp.zeros_like, params),
             agc=_agc_state(plans, params, stats),
+            guard=initial_guard(skip_nonfinite),
         )
 
-    def update_fn(updates: Any, state: AdamWAgcState, params: Any = None):
+    def update_fn(
+        updates: Any,
+        state: AdamWAgcState,
+        params: Any = None,
+        *,
+        value: Any = None,
+        **extra_args: Any,
+    ):
+        del extra_args  # other transforms' (optax.chain passes every extra argument to all)
         lr = _learning_rate(learning_rate, state.count)
         count = optax.safe_increment(state.count)
         correction1, correction2 = 1 - b1**count, 1 - b2**count
 
-        def leaf(row: UnitInfo, g, w, scale, mu, nu):
+        def leaf(row: UnitInfo, g, w, scale, mu, nu, finite=None):
             clipped = g if scale is None else apply_scale(g, scale)
-            mu = (1 - b1) * clipped + b1 * mu
-            nu = (1 - b2) * jnp.square(clipped) + b2 * nu
+            mu = kept(finite, (1 - b1) * clipped) + decay(finite, b1) * mu
+            nu = kept(finite, (1 - b2) * jnp.square(clipped)) + decay(finite, b2) * nu
             mu_hat = mu / correction1.astype(mu.dtype)
             nu_hat = nu / correction2.astype(nu.dtype)
             step = mu_hat / (jnp.sqrt(nu_hat + eps_root) + eps)
             if row.weight_decay and has_decay:
                 step = step + weight_decay * w
-            return (-lr * step).astype(g.dtype), mu, nu
+            return kept(finite, -lr * step).astype(g.dtype), mu, nu
 
-        (out, mu, nu), agc = clip_leaves(
+        (out, mu, nu), agc, finite = clip_leaves(
             "adamw_agc",
             plans,
             updates,
@@ -427,10 +487,16 @@ def adamw_agc(
             stats=stats,
             state=(state.mu, state.nu),
             num_outputs=3,
+            guard=skip_nonfinite,
+            value=value,
         )
         new_state = AdamWAgcState(
-            count=count, mu=mu, nu=nu, agc=agc if stats else optax.EmptyState()
+            count=next_count(finite, state.count),
+            mu=mu,
+            nu=nu,
+            agc=agc if stats else optax.EmptyState(),
+            guard=next_guard(state.guard, finite),
         )
         return out, new_state
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -28,11 +29,22 @@ def run_on_cpu_devices(
     return proc.stdout
 
 
+def assert_no_leaf_gathered(hlo: str) -> None:
+    """No sharded leaf of rank >= 2 was gathered whole, nor shuffled by an all-to-all, in the
+    compiled program ``hlo``. AGC computes its scales on one vector of all units' norms, so the
+    unit norms of leaves sharded along their unit axis (one number per unit, rank 1) do travel;
+    a gathered kernel, momentum or gradient would have rank >= 2."""
+    assert "all-to-all" not in hlo
+    gathered = re.findall(r"= \w+\[([\d,]*)\]\S* all-gather\(", hlo)
+    assert all(dims.count(",") == 0 for dims in gathered), f"gathered shapes: {gathered}"
+
+
 #: Prepended to a script by ``run_on_cpu_devices(script, sharded_tree=True)``: an 8-device mesh
 #: axis ``model``, a small tree of conv, dense and embedding leaves (``params``, random), each
 #: sharded along the axis that indexes its units (FSDP style, so unit norms stay local), and the
 #: checks every sharded test makes.
 SHARDED_TREE = """
+from tests.multidevice import assert_no_leaf_gathered
 import numpy as np, jax.numpy as jnp, optax, agc_optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -57,8 +69,7 @@ def assert_same_values_and_shardings(plain, sharded):
         assert leaf.sharding.is_equivalent_to(NamedSharding(mesh, spec), leaf.ndim), spec
 
 def assert_no_gather(jitted, *args):
-    hlo = jitted.lower(*args).compile().as_text()
-    assert "all-gather" not in hlo and "all-to-all" not in hlo
+    assert_no_leaf_gathered(jitted.lower(*args).compile().as_text())
 
 # A params-free stateful transform on plain and on sharded gradients (x100 at spike_step):
 # same updates, shardings and states, no gather. Returns the sharded state.

@@ -125,6 +125,7 @@ def test_needs_params():
 
 
 FSDP_SCRIPT = """
+from tests.multidevice import assert_no_leaf_gathered
 import numpy as np, jax.numpy as jnp, optax, agc_optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -154,7 +155,7 @@ for tx in (agc_optax.sgd_agc(0.1, stats=True), agc_optax.adamw_agc(1e-3, clippin
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
     for leaf in jax.tree.leaves(new_p):
         assert leaf.sharding.is_equivalent_to(NamedSharding(mesh, spec(leaf)), leaf.ndim)
-    assert "all-gather" not in hlo and "all-to-all" not in hlo, "full leaves were gathered"
+    assert_no_leaf_gathered(hlo)
 print("FSDP_OK")
 """
 
@@ -268,6 +269,82 @@ def test_apply_if_finite_skips_the_step_and_keeps_the_state(fused, _):
     got, _ = jax.jit(safe.update)(clean, skipped, params)
     want, _ = fused().update(clean, fused().init(params), params)
     assert ref.max_rel_diff(got, want) <= 1e-6
+
+
+GUARDED = {
+    "sgd_agc": lambda **kw: agc_optax.sgd_agc(0.1, weight_decay=1e-2, stats=True, **kw),
+    "sgd_agc_plain": lambda **kw: agc_optax.sgd_agc(0.1, momentum=0.0, nesterov=False, **kw),
+    "adamw_agc": lambda **kw: agc_optax.adamw_agc(1e-2, clipping=0.05, stats=True, **kw),
+}
+
+
+def _poison(tree, path, entry, value):
+    """``tree`` with one entry of the leaf at ``path`` (keys) set to ``value``."""
+    tree = jax.tree.map(jnp.asarray, tree)
+    node = tree
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]] = node[path[-1]].at[entry].set(value)
+    return tree
+
+
+@pytest.mark.parametrize("name", GUARDED)
+def test_skip_nonfinite_skips_inside_the_update_and_otherwise_changes_nothing(name):
+    # Reference: the unguarded optimizer run on the finite steps only. Bad steps, each caught
+    # by a different part of the check: a NaN in a clipped gradient, an Inf in the gradient of
+    # the leaf AGC leaves alone (head/kernel), a NaN weight (then the weights are restored),
+    # and a NaN loss passed as `value` with finite gradients.
+    guarded, plain = GUARDED[name](skip_nonfinite=True), GUARDED[name]()
+    params = _random_tree(0)
+    clean = _grads_seq(3, 1.0)
+    nan, inf, loss = jnp.float32(jnp.nan), jnp.float32(jnp.inf), jnp.float32(1.5)
+    bad = [
+        (_poison(clean[0], ("blocks", "0", "conv0", "kernel"), (0, 0, 1, 2), nan), params, loss),
+        (_poison(clean[0], ("head", "kernel"), (1, 1), inf), params, loss),
+        (clean[0], _poison(params, ("stem", "conv", "gain"), 3, nan), loss),
+        (clean[0], params, nan),
+    ]
+    update = jax.jit(lambda g, s, p, v: guarded.update(g, s, p, value=v))
+    update_plain = jax.jit(plain.update)
+    g_state, p_state = guarded.init(params), plain.init(params)
+    for i, grads in enumerate(clean):
+        if i == 1:
+            for g, w, value in bad:
+                before = g_state
+                updates, g_state = update(g, g_state, w, value)
+                assert all(not np.any(np.asarray(u)) for u in jax.tree.leaves(updates))
+                assert not bool(g_state.guard.last_finite)
+                assert int(g_state.guard.total_notfinite) == int(before.guard.total_notfinite) + 1
+                chex.assert_trees_all_equal(
+                    g_state._replace(agc=0, guard=0), before._replace(agc=0, guard=0)
+                )
+        updates, g_state = update(grads, g_state, params, loss)
+        want, p_state = update_plain(grads, p_state, params)
+        guard = g_state.guard
+        assert bool(guard.last_finite)
+        if name == "adamw_agc":  # unguarded, XLA fuses (1 - b1) * g + b1 * mu into an FMA
+            got = (updates, g_state._replace(guard=optax.EmptyState()))
+            assert ref.max_rel_diff(got, (want, p_state)) <= 1e-6
+            g_state = p_state._replace(guard=guard)  # go on from the same state
+        else:  # bit for bit
+            chex.assert_trees_all_equal((updates, g_state), (want, p_state._replace(guard=guard)))
+    assert int(g_state.guard.total_notfinite) == len(bad)
+
+
+def test_skip_nonfinite_statistics_describe_the_skipped_step():
+    tx = agc_optax.sgd_agc(0.1, stats=True, skip_nonfinite=True)
+    params = _random_tree(0)
+    grads = _poison(_random_tree(1), ("blocks", "0", "conv0", "kernel"), (0, 0, 1, 2), jnp.nan)
+    _, state = tx.update(grads, tx.init(params), params)
+    assert np.isnan(float(state.agc.max_ratio)) and not bool(state.guard.last_finite)
+    assert optax.tree.get(state, "total_notfinite") == 1  # as with optax.apply_if_finite
+
+
+def test_skip_nonfinite_needs_the_xla_implementation():
+    with pytest.raises(ValueError, match=r"`skip_nonfinite=True` runs on the XLA implementation"):
+        agc_optax.sgd_agc(0.1, skip_nonfinite=True, implementation="pallas")
+    with pytest.raises(TypeError, match="skip_nonfinite"):
+        agc_optax.adamw_agc(1e-3, skip_nonfinite=jnp.array(True))
 
 
 @pytest.mark.parametrize(
