@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from agc_optax._guard import decay, find_guard, kept
 from agc_optax.training.parallel import DATA_AXIS
 
 
@@ -168,7 +169,13 @@ def make_train_step(
         stops after ``max_bad_steps``, and a checkpoint is never written from such a state).
         The decision is made on the averaged values, so every device and process takes the
         same branch. Off by default: the large-batch sweep (:mod:`agc_optax.experiments`)
-        studies divergence as it happens.
+        studies divergence as it happens. When the optimizer guards itself
+        (``sgd_agc(..., skip_nonfinite=True)`` or ``adamw_agc``'s, which the trainer uses; it
+        is handed the loss as ``value``), the step follows its decision
+        (:class:`agc_optax.SkipNonfiniteState`, with or without this flag): the optimizer
+        already kept the momentum and returned zero updates, so the step only keeps the
+        batch statistics and the EMA, and no whole-tree select remains (each would cost a
+        copy of its buffers).
       preprocess: ``(key, images, labels) -> (images, targets)`` applied to the batch on the
         device first (streaming data: normalisation of uint8 images, MixUp / CutMix); targets
         may be integer labels or rows of class probabilities.
@@ -183,8 +190,9 @@ def make_train_step(
       The step function. Metrics: ``loss``, ``accuracy``, ``grad_norm`` (of the averaged
       gradients, before clipping), ``param_norm`` (of the weights after the step),
       ``update_norm`` (of the change the step made to them: 0 for a skipped step),
-      ``clip_fraction`` when the optimizer keeps AGC statistics, and with ``skip_nonfinite``
-      ``skipped`` (1.0 when this step's update was dropped, else 0.0).
+      ``clip_fraction`` when the optimizer keeps AGC statistics, and with ``skip_nonfinite`` or
+      an optimizer that guards itself ``skipped`` (1.0 when this step's update was dropped,
+      else 0.0).
     """
     if not isinstance(log_every, int) or log_every < 1:
         raise ValueError(f"`log_every` must be a positive integer, got {log_every!r}")
@@ -216,8 +224,28 @@ def make_train_step(
             grads, loss, accuracy, batch_stats = jax.lax.pmean(
                 (grads, loss, accuracy, batch_stats), DATA_AXIS
             )
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        # The loss goes to optimizers that take it (optax's extra-args protocol): a fused
+        # optimizer with skip_nonfinite=True checks it along with the gradients.
+        extra = {"value": loss} if isinstance(tx, optax.GradientTransformationExtraArgs) else {}
+        updates, opt_state = tx.update(grads, state.opt_state, state.params, **extra)
         params = optax.apply_updates(state.params, updates)
+        guard = find_guard(opt_state)
+        finite = None
+        if guard is not None:  # the optimizer skipped (zero updates, buffers kept) by itself
+            finite = guard.last_finite
+        elif skip_nonfinite:
+            # Decided from values that exist before the update (the loss, and the gradients'
+            # finiteness, free from AGC's statistics when the optimizer keeps them), so the
+            # selects below join the optimizer's and the EMA's own elementwise passes.
+            finite = jnp.isfinite(loss) & _gradients_finite(grads, opt_state)
+            keep_old = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
+            params, opt_state = jax.tree.map(
+                keep_old, (params, opt_state), (state.params, state.opt_state)
+            )
+        if finite is not None:
+            batch_stats = jax.tree.map(
+                lambda new, old: jnp.where(finite, new, old), batch_stats, state.batch_stats
+            )
         if ema is None:
             ema_params = state.ema_params
         elif state.ema_params is None:
@@ -227,23 +255,19 @@ def make_train_step(
             )
         else:
             d = ema_decay(state.step, ema)
-            ema_params = jax.tree.map(lambda e, p: d * e + (1 - d) * p, state.ema_params, params)
-        changed = (params, batch_stats, opt_state, ema_params)
+            ema_params = jax.tree.map(
+                lambda e, p: decay(finite, d) * e + kept(finite, (1 - d) * p),
+                state.ema_params,
+                params,
+            )
         metrics = {"loss": loss, "accuracy": accuracy}
-        if skip_nonfinite:
-            # Decided from values that exist before the update (the loss, and the gradients'
-            # finiteness, free from AGC's statistics when the optimizer keeps them), so the
-            # select below joins the optimizer's and the EMA's own elementwise passes: each
-            # new weight is written once, in place, as in a step without the guard.
-            finite = jnp.isfinite(loss) & _gradients_finite(grads, opt_state)
-            kept = (state.params, state.batch_stats, state.opt_state, state.ema_params)
-            changed = jax.tree.map(lambda new, old: jnp.where(finite, new, old), changed, kept)
+        if finite is not None:
             metrics["skipped"] = 1.0 - finite.astype(jnp.float32)
-        metrics.update(_norms(state.step, log_every, total_steps, grads, changed[0], state.params))
+        metrics.update(_norms(state.step, log_every, total_steps, grads, params, state.params))
         clip_fraction = optax.tree.get(opt_state, "clip_fraction", None)
         if clip_fraction is not None:
             metrics["clip_fraction"] = clip_fraction
-        new_state = TrainState(state.step + 1, *changed)
+        new_state = TrainState(state.step + 1, params, batch_stats, opt_state, ema_params)
         return new_state, metrics
 
     return step_fn

@@ -62,11 +62,36 @@ def _assert_same(a, b) -> None:
         np.testing.assert_array_equal(x, y)
 
 
+def _assert_optimizer_kept(after, before) -> None:
+    """The optimizer's buffers and count are as before; a fused optimizer's AGC statistics and
+    guard record describe the skipped step instead."""
+    if isinstance(before, agc_optax.SgdAgcState):
+        _assert_same((after.count, after.momentum), (before.count, before.momentum))
+        if isinstance(before.guard, agc_optax.SkipNonfiniteState):
+            assert not bool(after.guard.last_finite)
+            assert int(after.guard.total_notfinite) == int(before.guard.total_notfinite) + 1
+            assert not np.isfinite(float(after.agc.max_ratio))
+    else:
+        _assert_same(after, before)
+
+
 # --- Divergence ----------------------------------------------------------------------------------
 
 
-def _setup(learning_rate):
-    split, params, stats = split_model(TinyNet(10, rngs=nnx.Rngs(0)))
+class _WithBatchNorm(nnx.Module):
+    """conv -> BatchNorm -> relu -> mean-pool -> head: a model with batch statistics."""
+
+    def __init__(self, rngs: nnx.Rngs):
+        self.conv = nnx.Conv(3, 8, (3, 3), rngs=rngs)
+        self.norm = nnx.BatchNorm(8, rngs=rngs)
+        self.head = nnx.Linear(8, 10, rngs=rngs)
+
+    def __call__(self, x):
+        return self.head(jax.nn.relu(self.norm(self.conv(x))).mean(axis=(1, 2)))
+
+
+def _setup(learning_rate, model=None):
+    split, params, stats = split_model(model or TinyNet(10, rngs=nnx.Rngs(0)))
     tx = build_optimizer(PRESETS["smoke"], optax.constant_schedule(learning_rate))  # AGC on
     return split, tx, init_state(params, stats, tx)
 
@@ -76,21 +101,27 @@ def _batch():
     return rng.normal(size=(8, 8, 8, 3)).astype(np.float32), np.arange(8) % 10
 
 
-def test_a_nonfinite_step_leaves_the_state_unchanged_but_the_step_counter():
-    split, tx, state = _setup(0.1)
-    step = jax.jit(make_train_step(split, tx, seed=0, ema=0.9, skip_nonfinite=True))
+@pytest.mark.parametrize("step_flag", [True, False], ids=["skip_nonfinite", "optimizer_only"])
+def test_a_nonfinite_step_leaves_the_state_unchanged_but_the_step_counter(step_flag):
+    # The trainer's sgd_agc guards itself (skip_nonfinite=True): the step follows its decision
+    # for the batch statistics and the EMA, with or without its own flag.
+    split, tx, state = _setup(0.1, _WithBatchNorm(nnx.Rngs(0)))
+    assert isinstance(state.opt_state.guard, agc_optax.SkipNonfiniteState)
+    assert state.batch_stats  # BatchNorm's statistics: kept on a skipped step too
+    step = jax.jit(make_train_step(split, tx, seed=0, ema=0.9, skip_nonfinite=step_flag))
     images, labels = _batch()
     good, metrics = step(state, (images, labels))
     assert float(metrics["skipped"]) == 0.0 and int(good.step) == 1
     assert not np.array_equal(_leaves(good.params)[0], _leaves(state.params)[0])
 
     poisoned = images.copy()
-    poisoned[3, 2, 2, 0] = np.nan  # one pixel: NaN loss and gradients
+    poisoned[3, 2, 2, 0] = np.nan  # one pixel: NaN gradients
     after, metrics = step(good, (poisoned, labels))
-    assert float(metrics["skipped"]) == 1.0 and np.isnan(float(metrics["loss"]))
+    assert float(metrics["skipped"]) == 1.0 and np.isnan(float(metrics["grad_norm"]))
     assert int(after.step) == 2  # the batch is consumed; the next step draws the next one
-    for field in ("params", "batch_stats", "opt_state", "ema_params"):
+    for field in ("params", "batch_stats", "ema_params"):
         _assert_same(getattr(after, field), getattr(good, field))
+    _assert_optimizer_kept(after.opt_state, good.opt_state)
 
 
 class _NaNGradient(nnx.Module):
@@ -104,11 +135,19 @@ class _NaNGradient(nnx.Module):
         return self.dense(x.reshape(x.shape[0], -1)) + 0.0 * jnp.sqrt(self.p.value)
 
 
-@pytest.mark.parametrize("optimizer", ["sgd_agc", "optax.sgd"])
+OPTIMIZERS = {
+    "sgd_agc": lambda: agc_optax.sgd_agc(0.1, stats=True),
+    "sgd_agc(skip_nonfinite)": lambda: agc_optax.sgd_agc(0.1, stats=True, skip_nonfinite=True),
+    "optax.sgd": lambda: optax.sgd(0.1, 0.9),
+}
+
+
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
 def test_nan_gradients_with_a_finite_loss_are_skipped(optimizer):
-    # sgd_agc: the guard reads AGC's max_ratio; optax.sgd: it reduces the gradients itself.
+    # sgd_agc: the step's guard reads AGC's max_ratio; sgd_agc(skip_nonfinite): the optimizer
+    # decides from its unit norms; optax.sgd: the step reduces the gradients itself.
     split, params, stats = split_model(_NaNGradient(nnx.Rngs(0)))
-    tx = agc_optax.sgd_agc(0.1, stats=True) if optimizer == "sgd_agc" else optax.sgd(0.1, 0.9)
+    tx = OPTIMIZERS[optimizer]()
     state = init_state(params, stats, tx, ema=False)
     after, metrics = jax.jit(make_train_step(split, tx, seed=0, skip_nonfinite=True))(
         state, _batch()
@@ -116,7 +155,7 @@ def test_nan_gradients_with_a_finite_loss_are_skipped(optimizer):
     assert np.isfinite(float(metrics["loss"])) and np.isnan(float(metrics["grad_norm"]))
     assert float(metrics["skipped"]) == 1.0
     _assert_same(after.params, state.params)
-    _assert_same(after.opt_state, state.opt_state)
+    _assert_optimizer_kept(after.opt_state, state.opt_state)
 
 
 def test_an_infinite_update_poisons_the_weights_and_every_later_step_is_skipped():
@@ -132,8 +171,8 @@ def test_an_infinite_update_poisons_the_weights_and_every_later_step_is_skipped(
     assert not all(np.isfinite(x).all() for x in _leaves(poisoned.params))
     after, metrics = step(poisoned, _batch())
     assert float(metrics["skipped"]) == 1.0 and int(after.step) == 2
-    for field in ("params", "opt_state"):
-        _assert_same(getattr(after, field), getattr(poisoned, field))
+    _assert_same(after.params, poisoned.params)
+    _assert_optimizer_kept(after.opt_state, poisoned.opt_state)
 
 
 def test_divergence_exits_3_naming_the_step_and_keeps_finite_checkpoints(

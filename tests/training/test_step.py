@@ -52,7 +52,9 @@ def test_train_step_metrics_ema_and_agc_statistics():
         "param_norm",
         "update_norm",
         "clip_fraction",
+        "skipped",  # the recipe's sgd_agc skips non-finite steps itself; the step reports it
     }
+    assert float(metrics["skipped"]) == 0.0
     assert int(new.step) == 1 and 0.0 <= float(metrics["clip_fraction"]) <= 1.0
     # EMA at t=0 uses decay min(0.9, 1/10) = 0.1.
     want = jax.tree.map(lambda e, p: 0.1 * e + 0.9 * p, state.ema_params, new.params)
