@@ -55,8 +55,10 @@ def _copies(hlo_text: str) -> tuple[int, float]:
     return count, nbytes / 2**20
 
 
-def _contender(name: str, scan: bool, jax_grads: bool, small: bool, batch_size: int, res: int):
-    overrides = SMALL if small else {}
+def _contender(
+    name: str, scan: bool, jax_grads: bool, small: bool, batch_size: int, res: int, **model_kwargs
+):
+    overrides = (SMALL if small else {}) | model_kwargs
     model = create_model(name, 1000, rngs=nnx.Rngs(0), scan_blocks=scan, **overrides)
     tx = agc_optax.sgd_agc(0.1, unit_axes=model.agc_unit_axes)
     split, params, stats = split_model(model)
@@ -142,6 +144,53 @@ def run(
         "step / unrolled",
         "compile s",
         "compile / unrolled",
+        "XLA MiB",
+        "copies / MiB",
+    )
+    return title + common.markdown_table(header, rows)
+
+
+# Unrolled models, each at the batch and resolution of issue #16's comparison with DeepMind's step.
+CANONICAL_GRADS_MODELS = {"nfnet_f0": (8, 128), "nf_resnet50": (16, 128)}
+
+
+def run_canonical_grads(repeats: int = 7, small: bool = False) -> str:
+    """Unrolled train steps with ``canonical_conv_grads=True`` against the default (JAX's conv
+    gradients, canonicalized by XLA:CPU in the entry computation), interleaved per model."""
+    rows = []
+    models = {"nfnet_f0": (2, 32)} if small else CANONICAL_GRADS_MODELS
+    for name, (batch_size, resolution) in models.items():
+        thunks, facts = {}, {}
+        for label, canonical in (("default", False), ("canonical_conv_grads", True)):
+            thunks[label], facts[label] = _contender(
+                name, False, False, small, batch_size, resolution, canonical_conv_grads=canonical
+            )
+        times = common.time_interleaved(thunks, repeats=repeats, warmup=1)
+        for label in thunks:
+            seconds, nbytes, (n_copies, copied) = facts[label]
+            rows.append(
+                (
+                    f"{name} (batch {batch_size}, {resolution} px)",
+                    label,
+                    f"{times[label] * 1e3:.0f}",
+                    f"{times[label] / times['default']:.2f}",
+                    f"{seconds:.1f}",
+                    f"{seconds / facts['default'][0]:.2f}",
+                    f"{nbytes / 2**20:.0f}",
+                    f"{n_copies} / {copied:.0f}",
+                )
+            )
+    title = (
+        f"### Unrolled train step, canonical_conv_grads vs default (float32, sgd_agc, "
+        f"{jax.default_backend()})\n\n"
+    )
+    header = (
+        "model",
+        "variant",
+        "step ms",
+        "step / default",
+        "compile s",
+        "compile / default",
         "XLA MiB",
         "copies / MiB",
     )

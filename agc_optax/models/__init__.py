@@ -26,6 +26,7 @@ from agc_optax.models.registry import (
     default_config,
     get_config,
     list_models,
+    model_class,
     model_info,
 )
 from agc_optax.models.resnet import ResNet, ResNetConfig
@@ -77,6 +78,7 @@ __all__ = [
     "load_haiku_params",
     "load_params",
     "load_timm_state_dict",
+    "model_class",
     "model_info",
     "read_state_dict",
     "save_params",

@@ -19,9 +19,19 @@ it supports reverse mode (``jax.grad``, also nested) but not forward mode (``jax
 ``jax.jacfwd``).
 
 Outside loops it helps too: XLA:CPU turns JAX's grouped weight gradient into a 3-D convolution
-(``b012f_012io->b012f``), slower than the grouped 2-D one written here; NFNet-F0's unrolled train
-step (batch 8, 128 px) ran in 0.54x the time with these convs (benchmarks/RESULTS.md). NFNet's
-unrolled blocks still use `WSConv`, whose gradients keep forward mode.
+(``b012f_012io->b012f``), slower than the grouped 2-D one written here. With every conv a
+`CanonicalGradWSConv`, NFNet-F0's unrolled train step (batch 8, 128 px) took 0.53-0.66x the
+time; NF-ResNet-50's (no grouped convs; batch 16, 128 px) 0.96-1.04x, a wash
+(benchmarks/RESULTS.md, "canonical_conv_grads"). The model families build all their convs this
+way with ``canonical_conv_grads=True`` (`wsconv_class`), which ``agc-train`` sets; by default
+only the stacked blocks of ``scan_blocks=True`` do, and unrolled models keep `WSConv`, whose
+gradients allow forward mode too.
+
+Forward mode applied to these convs (``jax.jvp``, ``jax.jacfwd``) raises ``TypeError``:
+`FORWARD_MODE_ERROR` when the jvp meets the conv eagerly, JAX's own "can't apply forward-mode
+autodiff (jvp) to a custom_vjp function." when it meets it inside a ``jax.jit`` or a scan.
+Forward over reverse (``jax.hessian``, ``jax.jacfwd(jax.grad(f))``) works: it differentiates the
+plain JAX operations of the custom rule.
 """
 
 from __future__ import annotations
@@ -32,12 +42,24 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from agc_optax.models.layers import WSConv
 
-__all__ = ["CanonicalGradWSConv", "conv_canonical_grads"]
+__all__ = ["CanonicalGradWSConv", "conv_canonical_grads", "wsconv_class"]
 
 Array = jax.Array
+
+#: The ``TypeError`` forward-mode differentiation of `conv_canonical_grads` raises when the jvp
+#: meets it eagerly; inside ``jax.jit`` or a scan JAX raises its own "can't apply forward-mode
+#: autodiff (jvp) to a custom_vjp function." when the program is lowered (its traceback's
+#: "before transformation" part points into this module).
+FORWARD_MODE_ERROR = (
+    "conv_canonical_grads (the convs of a model built with canonical_conv_grads=True, or of its "
+    "scan_blocks=True stacks) supports reverse-mode differentiation only (jax.grad, jax.vjp); "
+    "for forward mode (jax.jvp, jax.jacfwd, jax.hessian) build the model with "
+    "canonical_conv_grads=False and scan_blocks=False"
+)
 _SPATIAL = "DHW"
 
 
@@ -140,12 +162,17 @@ def conv_canonical_grads(
     """
     pads = _explicit_padding(padding, w.shape[:-2])
     args = (pads, int(feature_group_count), precision)
-    return jax.lax.platform_dependent(
-        x,
-        w,
-        cpu=lambda x, w: _canonical_conv(x, w, *args),
-        default=lambda x, w: _plain_conv(x, w, *args),
-    )
+    try:
+        return jax.lax.platform_dependent(
+            x,
+            w,
+            cpu=lambda x, w: _canonical_conv(x, w, *args),
+            default=lambda x, w: _plain_conv(x, w, *args),
+        )
+    except TypeError as e:
+        if "forward-mode" not in str(e):
+            raise
+        raise TypeError(FORWARD_MODE_ERROR) from e
 
 
 class CanonicalGradWSConv(WSConv):
@@ -176,3 +203,29 @@ class CanonicalGradWSConv(WSConv):
             precision=self.precision,
         )
         return y + self.bias[...].astype(dtype)
+
+
+def wsconv_class(canonical_conv_grads: bool) -> type[WSConv]:
+    """The conv class of a model built with ``canonical_conv_grads`` (the families' option).
+
+    Args:
+      canonical_conv_grads: True for `CanonicalGradWSConv`, False for `WSConv`; the strings
+        ``"true"`` and ``"false"`` (any case) too, as ``--model-arg canonical_conv_grads=true``
+        passes them.
+
+    Raises:
+      ValueError: naming ``canonical_conv_grads`` for any other value.
+
+    Example:
+      >>> wsconv_class(True).__name__, wsconv_class("false").__name__
+      ('CanonicalGradWSConv', 'WSConv')
+    """
+    flag = canonical_conv_grads
+    if isinstance(flag, str) and flag.lower() in ("true", "false"):
+        flag = flag.lower() == "true"
+    if not isinstance(flag, bool | np.bool_):
+        raise ValueError(
+            f"`canonical_conv_grads`: expected True or False, got {canonical_conv_grads!r} "
+            f"({type(canonical_conv_grads).__name__})"
+        )
+    return CanonicalGradWSConv if flag else WSConv

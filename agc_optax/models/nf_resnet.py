@@ -33,7 +33,7 @@ from flax import nnx
 
 from agc_optax.models import layers
 from agc_optax.models._config import check_num_classes, check_stages, resolve_config
-from agc_optax.models.canonical_conv import CanonicalGradWSConv
+from agc_optax.models.canonical_conv import CanonicalGradWSConv, wsconv_class
 from agc_optax.models.weights import HaikuNames
 
 Initializer = Callable[..., jax.Array]
@@ -237,6 +237,7 @@ class Stem(nnx.Module):
         out_features: int,
         *,
         scaled: bool,
+        conv: type[layers.WSConv] = layers.WSConv,
         dtype: Any,
         param_dtype: Any,
         rngs: nnx.Rngs,
@@ -247,6 +248,7 @@ class Stem(nnx.Module):
             7,
             strides=2,
             scaled=scaled,
+            conv=conv,
             dtype=dtype,
             param_dtype=param_dtype,
             rngs=rngs,
@@ -292,6 +294,18 @@ class NFResNet(layers.ClassifierHead, nnx.Module):
         and `agc_optax.models.load_haiku_params` fills them from DeepMind's per-block names.
         ``"auto"`` resolves per backend as for every family
         (`agc_optax.models.layers.resolve_scan_blocks`); the attribute holds the resolved bool.
+      canonical_conv_grads: build every weight-standardized conv (stem, blocks, transitions,
+        ``final_conv``; unrolled or stacked) as `agc_optax.models.CanonicalGradWSConv`: same
+        parameters, names, outputs and weight loading, but on CPU the stride-1 convs' gradients are
+        written as canonical convolutions. The gain is in grouped convs, which NF-ResNet lacks:
+        NF-ResNet-50's train step took 0.96-1.04x the time (batch 16, 128 px; a wash,
+        ``benchmarks/RESULTS.md``); programs for other backends are unchanged. The trade:
+        reverse-mode differentiation only (``jax.grad``, ``jax.vjp``, ``jax.hessian``); ``jax.jvp``
+        or ``jax.jacfwd`` of the model raise ``TypeError`` ("... supports reverse-mode
+        differentiation only ...", or under ``jax.jit`` JAX's "can't apply forward-mode autodiff
+        (jvp) to a custom_vjp function."; see `agc_optax.models.canonical_conv`). ``agc-train``
+        turns it on for training (its ``--model-arg canonical_conv_grads=false`` keeps the default);
+        the attribute holds the bool.
       in_features: input channels.
       dtype: computation dtype (e.g. ``jnp.bfloat16``); weight standardization stays float32.
       param_dtype: parameter dtype.
@@ -326,6 +340,7 @@ class NFResNet(layers.ClassifierHead, nnx.Module):
         stem_width: int | None = None,
         scaled: bool = True,
         scan_blocks: bool | str = False,
+        canonical_conv_grads: bool = False,
         in_features: int = 3,
         dtype: Any = None,
         param_dtype: Any = jnp.float32,
@@ -344,6 +359,8 @@ class NFResNet(layers.ClassifierHead, nnx.Module):
             raise ValueError(f"`drop_rate`={drop_rate} must be in [0, 1)")
         self.scaled = scaled
         self.scan_blocks = layers.resolve_scan_blocks(scan_blocks)
+        conv = wsconv_class(canonical_conv_grads)
+        self.canonical_conv_grads = conv is CanonicalGradWSConv
         self.activation = layers.scaled_activation(activation) if scaled else _plain(activation)
         if not scaled:
             alpha = 1.0
@@ -351,7 +368,7 @@ class NFResNet(layers.ClassifierHead, nnx.Module):
         self.alpha = alpha
         ch = int(16 * width) if stem_width is None else int(stem_width)
         common = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.stem = Stem(in_features, ch, scaled=scaled, **common)
+        self.stem = Stem(in_features, ch, scaled=scaled, conv=conv, **common)
 
         blocks: list[nnx.Module] = []
         schedule = iter(layers.nf_schedule(self.depths, alpha, stochdepth_rate))
@@ -363,6 +380,7 @@ class NFResNet(layers.ClassifierHead, nnx.Module):
             use_se=use_se,
             se_ratio=se_ratio,
             scaled=scaled,
+            conv=conv,
             dtype=dtype,
             param_dtype=param_dtype,
         )

@@ -40,7 +40,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from agc_optax.models._config import check_num_classes, check_stages, resolve_config
-from agc_optax.models.canonical_conv import CanonicalGradWSConv
+from agc_optax.models.canonical_conv import CanonicalGradWSConv, wsconv_class
 from agc_optax.models.layers import (
     LINEAR_PARAMS,
     NF_BLOCK_LAYERS,
@@ -149,7 +149,8 @@ SCANNED_UNIT_AXES: list[tuple[str, tuple[int, ...]]] = [
 
 
 class Stem(nnx.Module):
-    """Four 3x3 WSConvs downsampling by 4: 16 s2 -> 32 -> 64 -> ``out_features`` s2."""
+    """Four 3x3 WSConvs (of class ``conv``) downsampling by 4: 16 s2 -> 32 -> 64 ->
+    ``out_features`` s2."""
 
     def __init__(
         self,
@@ -157,16 +158,17 @@ class Stem(nnx.Module):
         out_features: int,
         activation: Callable[[Array], Array],
         *,
+        conv: type[WSConv] = WSConv,
         dtype: Dtype | None = None,
         param_dtype: Dtype = jnp.float32,
         rngs: nnx.Rngs,
     ):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.activation = activation
-        self.conv0 = WSConv(in_features, 16, 3, strides=2, **kw)
-        self.conv1 = WSConv(16, 32, 3, **kw)
-        self.conv2 = WSConv(32, 64, 3, **kw)
-        self.conv3 = WSConv(64, out_features, 3, strides=2, **kw)
+        self.conv0 = conv(in_features, 16, 3, strides=2, **kw)
+        self.conv1 = conv(16, 32, 3, **kw)
+        self.conv2 = conv(32, 64, 3, **kw)
+        self.conv3 = conv(64, out_features, 3, strides=2, **kw)
 
     def __call__(self, x: Array) -> Array:
         x = self.activation(self.conv0(x))
@@ -192,9 +194,9 @@ class NFBlock(nnx.Module):
       use_two_convs: whether to have ``conv1b``.
       stochdepth_rate: drop-path rate; stochastic depth exists only when it is
         in (0, 1), as in DeepMind's code.
-      conv: the conv class (stacked runs pass
-        `agc_optax.models.canonical_conv.CanonicalGradWSConv`, whose gradients stay fast in
-        a loop on CPU; same parameters and outputs as the default `WSConv`).
+      conv: the class of every conv (stacked runs and ``NFNet(canonical_conv_grads=True)``
+        pass `agc_optax.models.canonical_conv.CanonicalGradWSConv`, whose gradients are fast
+        on CPU; same parameters and outputs as the default `WSConv`).
       dtype: computation dtype.
       param_dtype: parameter dtype.
       rngs: ``nnx.Rngs`` with ``params`` and (for training) ``dropout`` streams.
@@ -246,7 +248,7 @@ class NFBlock(nnx.Module):
         )
         self.conv2 = conv(self.width, out_features, 1, **kw)
         self.conv_shortcut = (
-            WSConv(in_features, out_features, 1, **kw) if self.use_projection else None
+            conv(in_features, out_features, 1, **kw) if self.use_projection else None
         )
         self.se = SqueezeExcite(out_features, out_features, se_ratio, **kw)
         self.stoch_depth = optional_stochastic_depth(stochdepth_rate, rngs)
@@ -317,6 +319,18 @@ class NFNet(ClassifierHead, nnx.Module):
         `agc_optax.models.load_haiku_params` fills stacked leaves from DeepMind's per-block names.
         The stacked blocks' convs have a custom VJP (fast on CPU, see
         `agc_optax.models.conv_canonical_grads`): reverse-mode differentiation only.
+      canonical_conv_grads: build every weight-standardized conv (stem, blocks, transitions,
+        ``final_conv``; unrolled or stacked) as `agc_optax.models.CanonicalGradWSConv`: same
+        parameters, names, outputs and weight loading, but on CPU the stride-1 convs' gradients
+        are written as canonical convolutions, which XLA:CPU runs faster (NFNet-F0's unrolled
+        train step: 0.53-0.66x the time at batch 8, 128 px, ``benchmarks/RESULTS.md``); programs for
+        other backends are unchanged. The trade: reverse-mode differentiation only
+        (``jax.grad``, ``jax.vjp``, ``jax.hessian``); ``jax.jvp`` or ``jax.jacfwd`` of the
+        model raise ``TypeError`` ("... supports reverse-mode differentiation only ...", or under
+        ``jax.jit`` JAX's "can't apply forward-mode autodiff (jvp) to a custom_vjp function.";
+        see `agc_optax.models.canonical_conv`). ``agc-train`` turns it on for training (its
+        ``--model-arg canonical_conv_grads=false`` keeps the default); the attribute holds the
+        bool.
       dtype: computation dtype (e.g. ``jnp.bfloat16``); weight standardization
         always runs in float32.
       param_dtype: parameter dtype.
@@ -364,6 +378,7 @@ class NFNet(ClassifierHead, nnx.Module):
         widths: Sequence[int] | None = None,
         depths: Sequence[int] | None = None,
         scan_blocks: bool | str = False,
+        canonical_conv_grads: bool = False,
         dtype: Dtype | None = None,
         param_dtype: Dtype = jnp.float32,
         rngs: nnx.Rngs,
@@ -378,10 +393,12 @@ class NFNet(ClassifierHead, nnx.Module):
         self.train_imsize, self.test_imsize = config.train_imsize, config.test_imsize
         self.activation = scaled_activation(activation)
         self.scan_blocks = scan_blocks = resolve_scan_blocks(scan_blocks)
+        conv = wsconv_class(canonical_conv_grads)
+        self.canonical_conv_grads = conv is CanonicalGradWSConv
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
         ch = config.widths[0] // 2
-        self.stem = Stem(3, ch, self.activation, **kw)
+        self.stem = Stem(3, ch, self.activation, conv=conv, **kw)
 
         blocks: list[nnx.Module] = []
         schedule = iter(nf_schedule(config.depths, alpha, stochdepth_rate))
@@ -404,6 +421,7 @@ class NFNet(ClassifierHead, nnx.Module):
                 activation=self.activation,
                 big_width=big_width,
                 use_two_convs=use_two_convs,
+                conv=conv,
                 **kw,
             )
             run_betas: list[float] = []
@@ -435,7 +453,7 @@ class NFNet(ClassifierHead, nnx.Module):
         self.widths = tuple(int(w * width) for w in config.widths)
 
         final_ch = final_conv_ch if final_conv_mult is None else int(final_conv_mult * ch)
-        self.final_conv = WSConv(ch, final_ch, 1, **kw)
+        self.final_conv = conv(ch, final_ch, 1, **kw)
         self.dropout = nnx.Dropout(self.drop_rate, rngs=rngs)
         self.num_features = final_ch
         self.dtype, self.param_dtype = dtype, param_dtype

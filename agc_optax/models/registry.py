@@ -91,6 +91,20 @@ def list_models() -> list[str]:
     return sorted(_CONFIGS)
 
 
+def model_class(name: str) -> type[nnx.Module]:
+    """The family class a registered name builds (what its ``**overrides`` are keywords of).
+
+    Raises:
+      TypeError, ValueError: for a name that is not registered (as `get_config`).
+
+    Example:
+      >>> from agc_optax.models import model_class
+      >>> model_class("nfnet_f0").__name__, model_class("dm_nfnet_f0").__name__
+      ('NFNet', 'TimmNFNet')
+    """
+    return _FAMILIES[type(get_config(name))]
+
+
 def get_config(name: str) -> Any:
     """Returns the frozen config dataclass registered under ``name``.
 
@@ -178,11 +192,11 @@ def create_model(
         num_classes = check_num_classes(num_classes)
     check_float_dtype(dtype, "dtype", allow_none=True)
     check_float_dtype(param_dtype, "param_dtype")
-    model_class = _FAMILIES[type(config)]
+    family = model_class(name)
 
     def build(classes: int, abstract: bool = False) -> nnx.Module:
         def make(streams: nnx.Rngs) -> nnx.Module:
-            return model_class(
+            return family(
                 classes, config, dtype=dtype, param_dtype=param_dtype, rngs=streams, **overrides
             )
 
@@ -204,7 +218,7 @@ def create_model(
         raise TypeError(
             f"`pretrained`: expected True/False or a file path, got {type(pretrained).__name__}"
         )
-    model = _load(build, model_class, path, num_classes, allow_pickle)
+    model = _load(build, family, path, num_classes, allow_pickle)
     if num_classes is not None and num_classes != model.num_classes:
         model.reset_classifier(num_classes, rngs=rngs)
     return model

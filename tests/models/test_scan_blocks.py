@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from agc_optax.models import conv_canonical_grads, create_model
+from agc_optax.models import WSConv, conv_canonical_grads, create_model
 from agc_optax.models.canonical_conv import CanonicalGradWSConv
 from agc_optax.models.layers import (
     SCAN_BLOCKS_AUTO,
@@ -98,6 +98,30 @@ def test_gradient_convolutions_in_a_scan_are_canonical_on_cpu():
 
     assert labels(plain) - {"b01f_01io->b01f"}  # The slow forms this fixes.
     assert labels(ours) == {"b01f_01io->b01f"}
+
+
+def test_forward_mode_is_a_clear_error_and_forward_over_reverse_works():
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((1, 5, 5, 4)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((3, 3, 2, 6)), jnp.float32)
+
+    def ours(w):
+        return jnp.sum(conv_canonical_grads(x, w, feature_group_count=2) ** 2)
+
+    def plain(w):
+        dn = ("NHWC", "HWIO", "NHWC")
+        y = jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=dn,
+                                         feature_group_count=2)  # fmt: skip
+        return jnp.sum(y**2)
+
+    with pytest.raises(TypeError, match="supports reverse-mode differentiation only"):
+        jax.jvp(ours, (w,), (w,))
+    # Met inside a jit, the jvp raises JAX's own message (the docstrings quote it).
+    with pytest.raises(TypeError, match=r"forward-mode autodiff \(jvp\) to a custom_vjp"):
+        jax.jvp(jax.jit(ours), (w,), (w,))
+    # Forward over reverse differentiates the rule's plain operations: the Hessian is exact.
+    hessians = [np.asarray(jax.jit(jax.hessian(f))(w)) for f in (ours, plain)]
+    np.testing.assert_allclose(hessians[0], hessians[1], rtol=1e-5, atol=1e-4)
 
 
 def _filled(module_fn, seed):
@@ -197,3 +221,35 @@ def test_bad_scan_blocks_values_name_the_argument(bad):
         resolve_scan_blocks(bad)
     with pytest.raises(ValueError, match="`scan_blocks`"):
         nnx.eval_shape(lambda: create_model("nfnet_f0", 10, rngs=nnx.Rngs(0), scan_blocks=bad))
+
+
+def test_canonical_conv_grads_from_the_command_line_builds_every_conv_canonical():
+    """``--model-arg canonical_conv_grads=true`` (read as the text "true") through the registry:
+    NFNet's stem, transitions (strided, projections), blocks and final conv, with the default
+    model's parameter leaves."""
+    kwargs = parse_model_args(["canonical_conv_grads=true", "depths=(1,2,1,1)"])
+    assert kwargs["canonical_conv_grads"] == "true"
+    model = nnx.eval_shape(lambda: create_model("nfnet_f0", 10, rngs=nnx.Rngs(0), **kwargs))
+    plain = nnx.eval_shape(
+        lambda: create_model("nfnet_f0", 10, rngs=nnx.Rngs(0), depths=(1, 2, 1, 1))
+    )
+    convs = {path: m for path, m in nnx.iter_graph(model) if isinstance(m, WSConv)}
+    assert model.canonical_conv_grads is True and plain.canonical_conv_grads is False
+    assert {type(m) for m in convs.values()} == {CanonicalGradWSConv}
+    assert {("stem", "conv0"), ("blocks", 1, "conv1"), ("final_conv",)} <= set(convs)
+    assert convs[("blocks", 1, "conv1")].strides == (2, 2)  # falls back to JAX's gradient
+    assert {type(m) for _, m in nnx.iter_graph(plain) if isinstance(m, WSConv)} == {WSConv}
+    flat = {p: v.get_value().shape for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    want = {p: v.get_value().shape for p, v in nnx.to_flat_state(nnx.state(plain, nnx.Param))}
+    assert flat == want
+    off = parse_model_args(["canonical_conv_grads=False", "depths=(1,1,1,1)"])
+    unset = nnx.eval_shape(lambda: create_model("nfnet_f0", 10, rngs=nnx.Rngs(0), **off))
+    assert unset.canonical_conv_grads is False
+
+
+@pytest.mark.parametrize("bad", ["yes", 1, None])
+def test_bad_canonical_conv_grads_values_name_the_argument(bad):
+    with pytest.raises(ValueError, match=r"`canonical_conv_grads`: expected True or False, got"):
+        nnx.eval_shape(
+            lambda: create_model("nf_resnet26", 10, rngs=nnx.Rngs(0), canonical_conv_grads=bad)
+        )

@@ -21,11 +21,13 @@ from flax import nnx
 
 import agc_optax
 from agc_optax.models import (
+    CanonicalGradWSConv,
     HaikuWeightsError,
     NFRegNet,
     NFResNet,
     TimmNFNet,
     TimmWeightsError,
+    WSConv,
     create_model,
     load_haiku_params,
     load_timm_state_dict,
@@ -78,13 +80,29 @@ FAMILIES = {
 }
 
 
-def _build(family: str, scan: bool) -> nnx.Module:
+def _build(family: str, scan: bool, **extra) -> nnx.Module:
     cls, kwargs, _ = FAMILIES[family]
     return nnx.eval_shape(
         lambda: cls(
-            10, depths=DEPTHS, scan_blocks=scan, rngs=nnx.Rngs(params=0, dropout=1), **kwargs
+            10,
+            depths=DEPTHS,
+            scan_blocks=scan,
+            rngs=nnx.Rngs(params=0, dropout=1),
+            **kwargs,
+            **extra,
         )
     )
+
+
+def _convs(model: nnx.Module) -> list[WSConv]:
+    return [m for _, m in nnx.iter_graph(model) if isinstance(m, WSConv)]
+
+
+def _param_shapes(model: nnx.Module) -> dict[str, tuple[int, ...]]:
+    return {
+        "/".join(map(str, p)): v.get_value().shape
+        for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))
+    }
 
 
 def _flat(model: nnx.Module) -> dict[str, np.ndarray]:
@@ -396,6 +414,59 @@ def test_stacked_gradients_equal_unrolled():
             _close(value[layer], want[unrolled_path], f"gradient of {unrolled_path}")
 
 
+@functools.cache
+def _canonical_twin(family: str) -> nnx.Module:
+    """The unrolled model of `_pair` rebuilt with ``canonical_conv_grads=True``, same weights."""
+    unrolled = _pair(family)[0]
+    abstract = _build(family, scan=False, canonical_conv_grads=True)
+    return nnx.merge(nnx.graphdef(abstract), nnx.state(unrolled))
+
+
+# NF-RegNet has grouped convs, strided ones among them; NF-ResNet a strided 7x7 stem and strided
+# projections. (timm's NFNets pass too, at 5-6 s each.)
+@pytest.mark.parametrize("family", ["nf_regnet", "nf_resnet"])
+def test_canonical_conv_grads_give_the_default_gradients(family):
+    """Every conv (strided stem and transitions, grouped convs) becomes a `CanonicalGradWSConv`;
+    the parameters are the same leaves, and the gradients of parameters and input are the
+    default model's."""
+    unrolled = _pair(family)[0]
+    canonical = _canonical_twin(family)
+    convs = _convs(canonical)
+    assert canonical.canonical_conv_grads and not unrolled.canonical_conv_grads
+    assert {type(c) for c in convs} == {CanonicalGradWSConv}
+    assert {type(c) for c in _convs(unrolled)} == {WSConv}
+    assert any(c.strides != (1, 1) for c in convs)
+    assert _param_shapes(canonical) == _param_shapes(unrolled)
+    unrolled.eval()
+    canonical.eval()
+    x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
+    target = jax.random.normal(jax.random.key(2), (2, 10))
+
+    def grads(model, x):
+        return nnx.grad(lambda m, x: jnp.sum(jnp.sin(m(x) * target)), argnums=(0, 1))(model, x)
+
+    (want, want_dx), (got, got_dx) = _run(grads, unrolled, x), _run(grads, canonical, x)
+    _close(got_dx, want_dx, "input gradient")
+    want, got = nnx.to_flat_state(want), dict(nnx.to_flat_state(got))
+    assert len(got) == len(want)
+    for path, value in want:
+        _close(got[path].get_value(), value.get_value(), "/".join(map(str, path)))
+
+
+def test_forward_mode_through_canonical_convs_is_a_clear_error():
+    canonical = _canonical_twin("nf_regnet")
+    canonical.eval()
+    graph, params, rest = nnx.split(canonical, nnx.Param, ...)
+    x = jnp.ones((1, 32, 32, 3))
+
+    def logits(params):
+        return nnx.merge(graph, params, rest)(x)
+
+    with pytest.raises(TypeError, match=r"supports reverse-mode differentiation only .* build the "
+                       r"model with canonical_conv_grads=False and scan_blocks=False"):  # fmt: skip
+        jax.jvp(logits, (params,), (params,))  # Eager; under jit, JAX's message (test_scan_blocks).
+
+
 def test_block_stack_draws_each_layers_rate_from_reseeded_streams():
     """A toy block whose branch is ``beta`` times ones: with ``beta = 2**layer`` the stack's
     output spells in binary which layers kept their branch, per example. The streams are
@@ -472,6 +543,15 @@ def test_create_model_takes_scan_blocks(name, extra):
         lambda: create_model(name, 10, scan_blocks="auto", rngs=nnx.Rngs(0), **extra)
     )
     assert auto.scan_blocks is resolve_scan_blocks("auto")  # one rule, per backend
+    # Every conv takes canonical gradients; the parameters stay the plain model's leaves.
+    canonical = nnx.eval_shape(
+        lambda: create_model(name, 10, canonical_conv_grads=True, rngs=nnx.Rngs(0), **extra)
+    )
+    assert canonical.canonical_conv_grads and not plain.canonical_conv_grads
+    assert {type(c) for c in _convs(canonical)} == {CanonicalGradWSConv}
+    assert {type(c) for c in _convs(plain)} == {WSConv}
+    assert _param_shapes(canonical) == _param_shapes(plain)
+    assert canonical.agc_unit_axes is None
 
 
 def test_timms_reference_file_loads_into_a_scanned_model():
