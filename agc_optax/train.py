@@ -113,6 +113,12 @@ def _parser() -> argparse.ArgumentParser:
     add("--eval-every", type=int, help="steps between evaluations (default: each epoch)")
     add("--log-every", type=int, help=f"steps between metric records (default {d.log_every})")
     add("--seed", type=int, help="seeds init, data order, augmentation and dropout (default 0)")
+    add(
+        "--update-norm",
+        action="store_true",
+        help="also record update_norm, the norm of each logged step's change to the weights "
+        "(costs a copy of every weight on every step)",
+    )
     add("--no-progress", action="store_true", help="no progress bar")
     add("--coordinator", metavar="HOST:PORT", help="multi-process: address of process 0")
     add("--num-processes", type=int, help="multi-process: number of processes")
@@ -175,6 +181,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
         changes["progress"] = False
     if args.shard_params:
         changes["shard_params"] = True
+    if args.update_norm:
+        changes["update_norm"] = True
     return config.replace(**changes)
 
 

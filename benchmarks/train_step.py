@@ -194,8 +194,12 @@ def run_vs_bare(repeats: int = 5, small: bool = False) -> str:
     on logging steps, with and without EMA) against the bare step with the optax chain, and the
     bare step with ``sgd_agc`` in place of the chain (what the fused optimizer alone saves).
 
-    Both are jitted with the state donated; step times come from interleaved rounds, so the
-    ratio stays comparable on a loaded machine even where the absolute times are not.
+    The library steps use the trainer's optimizer (``sgd_agc`` with AGC statistics and
+    ``skip_nonfinite=True``); "library, trainer's model" also builds the model as the trainer
+    does (``canonical_conv_grads=True``), while every other row runs the plain model, the one
+    DeepMind's program equals. All are jitted with the state donated; step times come from
+    interleaved rounds, so the ratio stays comparable on a loaded machine even where the
+    absolute times are not.
     """
     cases = (
         (("nf_resnet50", 16, 128), ("nfnet_f0", 8, 128)) if not small else (("nf_resnet50", 2, 32),)
@@ -205,18 +209,29 @@ def run_vs_bare(repeats: int = 5, small: bool = False) -> str:
         overrides = ({"widths": (16, 32, 48, 64), "depths": (1, 1, 1, 1)}) if small else {}
         model = create_model(name, 10 if small else 1000, rngs=nnx.Rngs(0), **overrides)
         split, params, stats = split_model(model)
-        # stats=True, as the trainer builds it: the divergence guard reads AGC's max_ratio.
-        tx = agc_optax.sgd_agc(0.1, unit_axes=getattr(model, "agc_unit_axes", None), stats=True)
+        unit_axes = getattr(model, "agc_unit_axes", None)
+        tx = agc_optax.sgd_agc(0.1, unit_axes=unit_axes, stats=True, skip_nonfinite=True)
         chain = _optax_chain(params)
         batch = _batch(batch_size, res)
         programs = {}
         bare_args = (jax.tree.map(jnp.copy, params), stats, chain.init(params), jnp.int32(0))
         programs["bare"] = (_bare_step(split, chain), bare_args)
-        fused_args = (jax.tree.map(jnp.copy, params), stats, tx.init(params), jnp.int32(0))
-        programs["bare, sgd_agc"] = (_bare_step(split, tx), fused_args)
-        for label, ema in (("library", None), ("library + EMA", 0.9999))[: 1 if small else 2]:
+        fused = agc_optax.sgd_agc(0.1, unit_axes=unit_axes)
+        fused_args = (jax.tree.map(jnp.copy, params), stats, fused.init(params), jnp.int32(0))
+        programs["bare, sgd_agc"] = (_bare_step(split, fused), fused_args)
+        trainers_model = create_model(
+            name, 10 if small else 1000, rngs=nnx.Rngs(0), canonical_conv_grads=True, **overrides
+        )
+        steps = (
+            ("library", split, None),
+            ("library + EMA", split, 0.9999),
+            ("library + EMA, trainer's model", split_model(trainers_model)[0], 0.9999),
+        )
+        for label, model_split, ema in steps[2:] if small else steps:
             state = init_state(jax.tree.map(jnp.copy, params), stats, tx, ema=ema is not None)
-            step = make_train_step(split, tx, seed=0, ema=ema, skip_nonfinite=True, log_every=100)
+            step = make_train_step(
+                model_split, tx, seed=0, ema=ema, skip_nonfinite=True, log_every=100
+            )
             programs[label] = (step, (state,))
         thunks, facts = {}, {}
         for label, (fn, args) in programs.items():

@@ -61,6 +61,9 @@ class Config:
       seed: seeds parameters, data order, augmentation and dropout.
       eval_every: steps between evaluations, default once per epoch.
       log_every: steps between metric records.
+      update_norm: also record ``update_norm``, the norm of each logged step's change to the
+        weights; off by default because it costs a copy of every weight on every step (see
+        :func:`agc_optax.training.make_train_step`).
       progress: show the progress bar.
       coordinator: ``host:port`` of process 0 for multi-process runs.
       num_processes: number of processes.
@@ -98,6 +101,7 @@ class Config:
     seed: int = 0
     eval_every: int | None = None
     log_every: int = 10
+    update_norm: bool = False
     progress: bool = True
     coordinator: str | None = None
     num_processes: int = 1

@@ -143,6 +143,7 @@ def make_train_step(
     preprocess: Callable[..., tuple[jax.Array, jax.Array]] | None = None,
     log_every: int = 1,
     total_steps: int | None = None,
+    update_norm: bool = True,
 ) -> Callable[[TrainState, tuple[jax.Array, jax.Array]], tuple[TrainState, dict[str, jax.Array]]]:
     """Builds the (not yet jitted) train step ``(state, (images, labels)) -> (state, metrics)``.
 
@@ -185,11 +186,17 @@ def make_train_step(
         operands (the gradients, the old and the new weights) exist anyway, so a step that
         skips the conditional pays nothing for it (see ``benchmarks/RESULTS.md``).
       total_steps: the run's last step, which is always logged.
+      update_norm: report ``update_norm``. Of the three norms it is the one that is not free
+        on the steps that skip it: it needs the old weights next to the new ones, which the
+        update writes in place of the old, so XLA copies every weight on every step (+273 MiB
+        and 181 copies per NFNet-F0 step, ``benchmarks/RESULTS.md``). ``grad_norm`` and
+        ``param_norm`` read only buffers that exist anyway.
 
     Returns:
       The step function. Metrics: ``loss``, ``accuracy``, ``grad_norm`` (of the averaged
       gradients, before clipping), ``param_norm`` (of the weights after the step),
-      ``update_norm`` (of the change the step made to them: 0 for a skipped step),
+      ``update_norm`` (with ``update_norm=True``: of the change the step made to them, 0 for
+      a skipped step),
       ``clip_fraction`` when the optimizer keeps AGC statistics, and with ``skip_nonfinite`` or
       an optimizer that guards itself ``skipped`` (1.0 when this step's update was dropped,
       else 0.0).
@@ -263,7 +270,8 @@ def make_train_step(
         metrics = {"loss": loss, "accuracy": accuracy}
         if finite is not None:
             metrics["skipped"] = 1.0 - finite.astype(jnp.float32)
-        metrics.update(_norms(state.step, log_every, total_steps, grads, params, state.params))
+        old_params = state.params if update_norm else None
+        metrics.update(_norms(state.step, log_every, total_steps, grads, params, old_params))
         clip_fraction = optax.tree.get(opt_state, "clip_fraction", None)
         if clip_fraction is not None:
             metrics["clip_fraction"] = clip_fraction
@@ -308,18 +316,24 @@ def _norms(
     total_steps: int | None,
     grads: Any,
     new_params: Any,
-    old_params: Any,
+    old_params: Any | None,
 ) -> dict[str, jax.Array]:
-    """``grad_norm``, ``param_norm`` (of ``new_params``) and ``update_norm`` (of the applied change
-    ``new_params - old_params``): every step, or (``log_every > 1``) on logging steps only, NaN
-    on the others."""
+    """``grad_norm``, ``param_norm`` (of ``new_params``) and, unless ``old_params`` is ``None``,
+    ``update_norm`` (of the applied change ``new_params - old_params``): every step, or
+    (``log_every > 1``) on logging steps only, NaN on the others."""
+    names = _NORM_NAMES if old_params is not None else _NORM_NAMES[:2]
 
     def norms() -> dict[str, jax.Array]:
-        deltas = jax.tree.map(
-            lambda n, o: n.astype(jnp.float32) - o.astype(jnp.float32), new_params, old_params
-        )
-        values = (grads, new_params, deltas)
-        return {k: jnp.sqrt(_sum_of_squares(t)) for k, t in zip(_NORM_NAMES, values, strict=True)}
+        values = [grads, new_params]
+        if old_params is not None:
+            values.append(
+                jax.tree.map(
+                    lambda n, o: n.astype(jnp.float32) - o.astype(jnp.float32),
+                    new_params,
+                    old_params,
+                )
+            )
+        return {k: jnp.sqrt(_sum_of_squares(t)) for k, t in zip(names, values, strict=True)}
 
     if log_every == 1:
         return norms()
@@ -328,7 +342,7 @@ def _norms(
     if total_steps is not None:
         should_log |= done == total_steps
     nan = jnp.full((), jnp.nan, jnp.float32)
-    return jax.lax.cond(should_log, norms, lambda: dict.fromkeys(_NORM_NAMES, nan))
+    return jax.lax.cond(should_log, norms, lambda: dict.fromkeys(names, nan))
 
 
 def make_eval_step(

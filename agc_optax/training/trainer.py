@@ -261,6 +261,7 @@ def train(
                 preprocess=dataset.device_preprocess(),  # streamed data: normalise, mix
                 log_every=config.log_every,  # the norms only on the steps logged
                 total_steps=total_steps,
+                update_norm=config.update_norm,
             ),
             pmap=placement.pmap,
         ),

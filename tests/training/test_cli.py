@@ -84,13 +84,14 @@ def test_help_explains_every_flag():
         "--coordinator",
         "--num-processes",
         "--process-id",
+        "--update-norm",
     ):
         assert flag in proc.stdout
 
 
 def test_smoke_run_writes_everything(tmp_path):
     run_dir = tmp_path / "run"
-    proc = run_cli("--preset", "smoke", "--run-dir", str(run_dir), "--no-progress")
+    proc = run_cli("--preset", "smoke", "--run-dir", str(run_dir), "--no-progress", "--update-norm")
     assert proc.returncode == 0, proc.stderr[-3000:]
     for name in ("metrics.jsonl", "metrics.png", "config.json", "summary.json"):
         assert (run_dir / name).is_file(), name
