@@ -195,7 +195,8 @@ def run_vs_bare(repeats: int = 5, small: bool = False) -> str:
     bare step with ``sgd_agc`` in place of the chain (what the fused optimizer alone saves).
 
     The library steps use the trainer's optimizer (``sgd_agc`` with AGC statistics and
-    ``skip_nonfinite=True``); "library, trainer's model" also builds the model as the trainer
+    ``skip_nonfinite=True``) and its metrics (no ``update_norm`` unless the label says so);
+    "library + EMA, trainer's model" also builds the model as the trainer
     does (``canonical_conv_grads=True``), while every other row runs the plain model, the one
     DeepMind's program equals. All are jitted with the state donated; step times come from
     interleaved rounds, so the ratio stays comparable on a loaded machine even where the
@@ -222,15 +223,22 @@ def run_vs_bare(repeats: int = 5, small: bool = False) -> str:
         trainers_model = create_model(
             name, 10 if small else 1000, rngs=nnx.Rngs(0), canonical_conv_grads=True, **overrides
         )
-        steps = (
-            ("library", split, None),
-            ("library + EMA", split, 0.9999),
-            ("library + EMA, trainer's model", split_model(trainers_model)[0], 0.9999),
+        steps = (  # (label, model, EMA decay, update_norm)
+            ("library", split, None, False),
+            ("library + update_norm", split, None, True),
+            ("library + EMA", split, 0.9999, False),
+            ("library + EMA, trainer's model", split_model(trainers_model)[0], 0.9999, False),
         )
-        for label, model_split, ema in steps[2:] if small else steps:
+        for label, model_split, ema, update_norm in steps[3:] if small else steps:
             state = init_state(jax.tree.map(jnp.copy, params), stats, tx, ema=ema is not None)
             step = make_train_step(
-                model_split, tx, seed=0, ema=ema, skip_nonfinite=True, log_every=100
+                model_split,
+                tx,
+                seed=0,
+                ema=ema,
+                skip_nonfinite=True,
+                log_every=100,
+                update_norm=update_norm,
             )
             programs[label] = (step, (state,))
         thunks, facts = {}, {}
