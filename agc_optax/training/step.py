@@ -281,8 +281,24 @@ def make_train_step(
     return step_fn
 
 
+#: Leaves up to this size are joined into one vector before :func:`_sum_of_squares` reduces it.
+_JOIN_BELOW = 1 << 16
+
+
 def _sum_of_squares(tree: Any) -> jax.Array:
-    return sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree))
+    """The sum of squares of every entry of ``tree``, in float32.
+
+    Small leaves (gains, biases: most of a network's leaves, a small share of its weights) are
+    joined and reduced once, and large ones reduced one by one: a reduction per leaf is a
+    fusion per leaf, which made the logging norms 14% of NFNet-F0's train step program, while
+    joining every leaf would write a copy of the whole tree on each logging step.
+    """
+    leaves = [x.astype(jnp.float32) for x in jax.tree.leaves(tree)]
+    small = [jnp.ravel(x) for x in leaves if x.size < _JOIN_BELOW]
+    parts = [jnp.sum(jnp.square(x)) for x in leaves if x.size >= _JOIN_BELOW]
+    if small:
+        parts.append(jnp.sum(jnp.square(jnp.concatenate(small))))
+    return sum(parts, jnp.zeros((), jnp.float32))
 
 
 def _gradients_finite(grads: Any, opt_state: Any) -> jax.Array:
