@@ -19,6 +19,7 @@ MiB they write once (a copy inside the scanned loop runs once per layer).
 from __future__ import annotations
 
 import contextlib
+import functools
 import re
 import time
 from collections.abc import Iterator
@@ -30,12 +31,29 @@ import numpy as np
 from flax import nnx
 
 import agc_optax
-from agc_optax.models import CanonicalGradWSConv, WSConv, create_model
+from agc_optax.models import CanonicalGradWSConv, WSConv, conv_canonical_grads, create_model
 from agc_optax.training import init_state, make_train_step, split_model
 from benchmarks import common
 
 _ITEM_BYTES = {"f64": 8, "f32": 4, "s32": 4, "u32": 4, "bf16": 2, "f16": 2, "s8": 1, "pred": 1}
 SMALL = {"widths": (256, 256, 256, 256), "depths": (1, 3, 1, 1)}
+
+
+_CANONICAL_CALL = CanonicalGradWSConv.__call__
+
+
+def _strided_as_wsconv(self, x):
+    if any(s != 1 for s in self.strides):
+        return WSConv.__call__(self, x)
+    return _CANONICAL_CALL(self, x)
+
+
+@contextlib.contextmanager
+def strided_jax_gradients() -> Iterator[None]:
+    """While active, strided `CanonicalGradWSConv` layers take JAX's own gradient rule, as before
+    `conv_canonical_grads` took strides."""
+    with mock.patch.object(CanonicalGradWSConv, "__call__", _strided_as_wsconv):
+        yield
 
 
 @contextlib.contextmanager
@@ -56,7 +74,13 @@ def _copies(hlo_text: str) -> tuple[int, float]:
 
 
 def _contender(
-    name: str, scan: bool, jax_grads: bool, small: bool, batch_size: int, res: int, **model_kwargs
+    name: str,
+    scan: bool,
+    jax_grads: bool | str,
+    small: bool,
+    batch_size: int,
+    res: int,
+    **model_kwargs,
 ):
     overrides = (SMALL if small else {}) | model_kwargs
     model = create_model(name, 1000, rngs=nnx.Rngs(0), scan_blocks=scan, **overrides)
@@ -67,7 +91,8 @@ def _contender(
     images = jnp.asarray(rng.standard_normal((batch_size, res, res, 3)), jnp.float32)
     batch = (images, jnp.asarray(rng.integers(0, 1000, batch_size), jnp.int32))
     step = jax.jit(make_train_step(split, tx, seed=0), donate_argnums=(0,))
-    with jax_gradients() if jax_grads else contextlib.nullcontext():
+    patch = {True: jax_gradients, "strided": strided_jax_gradients}.get(jax_grads)
+    with patch() if patch else contextlib.nullcontext():
         start = time.perf_counter()
         executable = step.lower(state, batch).compile()
         seconds = time.perf_counter() - start
@@ -152,6 +177,11 @@ def run(
 
 # Unrolled models, each at the batch and resolution of issue #16's comparison with DeepMind's step.
 CANONICAL_GRADS_MODELS = {"nfnet_f0": (8, 128), "nf_resnet50": (16, 128)}
+CANONICAL_GRADS_VARIANTS = {  # label -> (canonical_conv_grads, JAX's gradients for which convs)
+    "default": (False, False),
+    "canonical, strided with JAX grads": (True, "strided"),
+    "canonical_conv_grads": (True, False),
+}
 
 
 def run_canonical_grads(repeats: int = 7, small: bool = False) -> str:
@@ -161,9 +191,9 @@ def run_canonical_grads(repeats: int = 7, small: bool = False) -> str:
     models = {"nfnet_f0": (2, 32)} if small else CANONICAL_GRADS_MODELS
     for name, (batch_size, resolution) in models.items():
         thunks, facts = {}, {}
-        for label, canonical in (("default", False), ("canonical_conv_grads", True)):
+        for label, (on, jax_grads) in CANONICAL_GRADS_VARIANTS.items():
             thunks[label], facts[label] = _contender(
-                name, False, False, small, batch_size, resolution, canonical_conv_grads=canonical
+                name, False, jax_grads, small, batch_size, resolution, canonical_conv_grads=on
             )
         times = common.time_interleaved(thunks, repeats=repeats, warmup=1)
         for label in thunks:
@@ -194,6 +224,60 @@ def run_canonical_grads(repeats: int = 7, small: bool = False) -> str:
         "XLA MiB",
         "copies / MiB",
     )
+    return title + common.markdown_table(header, rows)
+
+
+# Strided convs of the two models (input shape, kernel shape, groups), at their train step's
+# batch and resolution: NFNet-F0's first stem conv and its stage-1 and stage-2 transition convs
+# (grouped, 128 channels per group), NF-ResNet-50's stem, stage-1 conv1 and projection.
+STRIDED_CONVS = {
+    "F0 stem conv0": ((8, 128, 128, 3), (3, 3, 3, 16), 1),
+    "F0 stage-1 conv1": ((8, 32, 32, 256), (3, 3, 128, 256), 2),
+    "F0 stage-2 conv1": ((8, 16, 16, 768), (3, 3, 128, 768), 6),
+    "NF-ResNet-50 stem": ((16, 128, 128, 3), (7, 7, 3, 64), 1),
+    "NF-ResNet-50 stage-1 conv1": ((16, 32, 32, 128), (3, 3, 128, 128), 1),
+    "NF-ResNet-50 stage-1 projection": ((16, 32, 32, 256), (1, 1, 256, 512), 1),
+}
+
+
+def run_strided_conv_grads(repeats: int = 20) -> str:
+    """Gradient of one stride-2 SAME conv, ``conv_canonical_grads`` against JAX's rule (both
+    jitted alone, in the entry computation), interleaved; also their largest difference."""
+    rows = []
+    rng = np.random.default_rng(0)
+    dn = ("NHWC", "HWIO", "NHWC")
+    for label, (x_shape, w_shape, groups) in STRIDED_CONVS.items():
+        x = jnp.asarray(rng.standard_normal(x_shape), jnp.float32)
+        w = jnp.asarray(0.1 * rng.standard_normal(w_shape), jnp.float32)
+
+        def plain(x, w, groups=groups):
+            return jax.lax.conv_general_dilated(
+                x, w, (2, 2), "SAME", dimension_numbers=dn, feature_group_count=groups
+            )
+
+        def ours(x, w, groups=groups):
+            return conv_canonical_grads(x, w, strides=2, feature_group_count=groups)
+
+        grads = {
+            name: jax.jit(jax.grad(lambda x, w, f=f: jnp.sum(jnp.sin(f(x, w))), (0, 1)))
+            for name, f in (("jax", plain), ("canonical", ours))
+        }
+        difference = common.max_relative_difference(grads["canonical"](x, w), grads["jax"](x, w))
+        times = common.time_interleaved(
+            {name: functools.partial(g, x, w) for name, g in grads.items()}, repeats=repeats
+        )
+        rows.append(
+            (
+                label,
+                f"{x_shape}, {w_shape[:2]} kernel, {groups} group(s)",
+                f"{times['jax'] * 1e3:.1f}",
+                f"{times['canonical'] * 1e3:.1f}",
+                f"{times['canonical'] / times['jax']:.2f}",
+                f"{difference:.1e}",
+            )
+        )
+    title = f"### Gradient of one stride-2 conv ({jax.default_backend()}, float32)\n\n"
+    header = ("conv", "input, kernel", "JAX ms", "canonical ms", "ratio", "max rel. diff")
     return title + common.markdown_table(header, rows)
 
 

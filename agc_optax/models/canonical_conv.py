@@ -19,13 +19,17 @@ it supports reverse mode (``jax.grad``, also nested) but not forward mode (``jax
 ``jax.jacfwd``).
 
 Outside loops it helps too: XLA:CPU turns JAX's grouped weight gradient into a 3-D convolution
-(``b012f_012io->b012f``), slower than the grouped 2-D one written here. With every conv a
-`CanonicalGradWSConv`, NFNet-F0's unrolled train step (batch 8, 128 px) took 0.53-0.66x the
-time; NF-ResNet-50's (no grouped convs; batch 16, 128 px) 0.96-1.04x, a wash
-(benchmarks/RESULTS.md, "canonical_conv_grads"). The model families build all their convs this
-way with ``canonical_conv_grads=True`` (`wsconv_class`), which ``agc-train`` sets; by default
-only the stacked blocks of ``scan_blocks=True`` do, and unrolled models keep `WSConv`, whose
-gradients allow forward mode too.
+(``b012f_012io->b012f``), slower than the grouped 2-D one written here. Strided convolutions get
+the same rule, with ``dy`` dilated by the strides (``lhs_dilation`` for the input gradient,
+``rhs_dilation`` for the weight gradient); alone, the gradient of an NFNet-F0 transition's
+grouped strided 3x3 conv took 0.28-0.53x the time of JAX's, an ungrouped one the same time.
+With every conv a `CanonicalGradWSConv`, NFNet-F0's unrolled train step (batch 8, 128 px) took
+0.46-0.49x the time (0.51-0.66x with the strided convs left to JAX's rule); NF-ResNet-50's (no
+grouped convs; batch 16, 128 px) 0.96-1.05x, a wash (benchmarks/RESULTS.md,
+"canonical_conv_grads"). The model families build all their convs this way with
+``canonical_conv_grads=True`` (`wsconv_class`), which ``agc-train`` sets; by default only the
+stacked blocks of ``scan_blocks=True`` do, and unrolled models keep `WSConv`, whose gradients
+allow forward mode too.
 
 Forward mode applied to these convs (``jax.jvp``, ``jax.jacfwd``) raises ``TypeError``:
 `FORWARD_MODE_ERROR` when the jvp meets the conv eagerly, JAX's own "can't apply forward-mode
@@ -69,58 +73,75 @@ def _dimension_numbers(rank: int) -> tuple[str, str, str]:
 
 
 def _explicit_padding(
-    padding: str | Sequence[tuple[int, int]], kernel_shape: Sequence[int]
+    padding: str | Sequence[tuple[int, int]],
+    in_size: Sequence[int],
+    kernel_shape: Sequence[int],
+    strides: Sequence[int],
 ) -> tuple[tuple[int, int], ...]:
-    """``(low, high)`` per spatial axis for stride 1 (``"SAME"`` puts the odd pad at the end)."""
-    if padding == "SAME":
-        return tuple(((k - 1) // 2, k // 2) for k in kernel_shape)
-    if padding == "VALID":
-        return tuple((0, 0) for _ in kernel_shape)
+    """``(low, high)`` per spatial axis, as ``conv_general_dilated`` resolves ``padding``."""
+    if isinstance(padding, str):
+        pads = jax.lax.padtype_to_pads(tuple(in_size), tuple(kernel_shape), tuple(strides), padding)
+        return tuple((int(lo), int(hi)) for lo, hi in pads)
     return tuple((int(lo), int(hi)) for lo, hi in padding)
 
 
-def _plain_conv(x, w, padding, groups, precision):
+def _plain_conv(x, w, strides, padding, groups, precision, lhs_dilation=None, rhs_dilation=None):
     return jax.lax.conv_general_dilated(
         x,
         w,
-        window_strides=(1,) * (w.ndim - 2),
+        window_strides=strides,
         padding=padding,
+        lhs_dilation=lhs_dilation,
+        rhs_dilation=rhs_dilation,
         dimension_numbers=_dimension_numbers(w.ndim - 2),
         feature_group_count=groups,
         precision=precision,
     )
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def _canonical_conv(x, w, padding, groups, precision):
-    return _plain_conv(x, w, padding, groups, precision)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
+def _canonical_conv(x, w, strides, padding, groups, precision):
+    return _plain_conv(x, w, strides, padding, groups, precision)
 
 
-def _canonical_conv_fwd(x, w, padding, groups, precision):
-    return _plain_conv(x, w, padding, groups, precision), (x, w)
+def _canonical_conv_fwd(x, w, strides, padding, groups, precision):
+    return _plain_conv(x, w, strides, padding, groups, precision), (x, w)
 
 
-def _canonical_conv_bwd(padding, groups, precision, residuals, dy):
+def _canonical_conv_bwd(strides, padding, groups, precision, residuals, dy):
     x, w = residuals
     rank = w.ndim - 2
     spatial = tuple(range(rank))
     *kernel, in_per_group, out = w.shape
     out_per_group = out // groups
-    # Input gradient: the correlation of dy with the spatially flipped kernel whose input and
-    # output channels are swapped within each group, in HWIO order.
+    n, *size, _ = x.shape
+    out_size = dy.shape[1:-1]
+    ones = (1,) * rank
+    # With strides, dy enters both gradients dilated by them (zeros between its entries, which
+    # XLA folds into the convolution's dilation); with stride 1 the programs are undilated.
+    dilation = tuple(strides) if any(s != 1 for s in strides) else None
+    axes = zip(kernel, size, out_size, strides, padding, strict=True)
+    # Input gradient: the correlation of dilated dy with the spatially flipped kernel whose input
+    # and output channels are swapped within each group, in HWIO order.
     w_t = jnp.flip(w, spatial).reshape(*kernel, in_per_group, groups, out_per_group)
     w_t = w_t.transpose(*spatial, rank + 2, rank + 1, rank)
     w_t = w_t.reshape(*kernel, out_per_group, groups * in_per_group)
-    pads_t = tuple((k - 1 - lo, k - 1 - hi) for k, (lo, hi) in zip(kernel, padding, strict=True))
-    dx = _plain_conv(dy, w_t, pads_t, groups, precision)
+    # Low: k - 1 - lo; high: what makes the output the input's size (k - 1 - hi for stride 1).
+    pads_t, pads_w = [], []
+    for k, size_i, out_i, stride, (lo, _) in axes:
+        span = stride * (out_i - 1)  # input positions between the first and last window
+        pads_t.append((k - 1 - lo, size_i - 1 + lo - span))
+        pads_w.append((lo, k + span - size_i - lo))  # negative: rows no window reads
+    dx = _plain_conv(dy, w_t, ones, tuple(pads_t), groups, precision, lhs_dilation=dilation)
     # Weight gradient: the input channels play the batch and the images the features, so the
-    # "batch" of images is contracted as canonical input features (grouped like the kernel).
-    n, *size, _ = x.shape
+    # "batch" of images is contracted as canonical input features (grouped like the kernel),
+    # and dilated dy is the kernel.
     x_t = x.reshape(n, *size, groups, in_per_group)
     x_t = x_t.transpose(rank + 2, *(a + 1 for a in spatial), rank + 1, 0)
     x_t = x_t.reshape(in_per_group, *size, groups * n)
     dy_t = dy.transpose(*(a + 1 for a in spatial), 0, rank + 1)
-    dw = _plain_conv(x_t, dy_t, padding, groups, precision)  # (in_per_group, *kernel, out)
+    dw = _plain_conv(x_t, dy_t, ones, tuple(pads_w), groups, precision, rhs_dilation=dilation)
+    # dw: (in_per_group, *kernel, out)
     return dx.astype(x.dtype), dw.transpose(*(a + 1 for a in spatial), 0, rank + 1).astype(w.dtype)
 
 
@@ -131,21 +152,23 @@ def conv_canonical_grads(
     x: Array,
     w: Array,
     *,
+    strides: int | Sequence[int] = 1,
     padding: str | Sequence[tuple[int, int]] = "SAME",
     feature_group_count: int = 1,
     precision: Any = None,
 ) -> Array:
-    """A stride-1 channels-last convolution whose gradients are canonical on CPU.
+    """A channels-last convolution whose gradients are canonical on CPU.
 
-    The value equals ``jax.lax.conv_general_dilated(x, w, (1,) * r, padding,
+    The value equals ``jax.lax.conv_general_dilated(x, w, strides, padding,
     dimension_numbers=("N...C", "...IO", "N...C"), feature_group_count=...)``; on CPU the
-    gradients are computed as canonical convolutions (see the module docstring), elsewhere by
-    JAX's own rule.
+    gradients are computed as canonical convolutions (see the module docstring; with strides,
+    of ``dy`` dilated by them), elsewhere by JAX's own rule.
 
     Args:
       x: input ``(N, *spatial, C_in)`` with 1 to 3 spatial axes.
       w: kernel ``(*kernel_size, C_in // groups, C_out)``.
-      padding: ``"SAME"``, ``"VALID"`` or ``(low, high)`` per spatial axis.
+      strides: window strides, one int for every spatial axis or one per axis.
+      padding: ``"SAME"``, ``"SAME_LOWER"``, ``"VALID"`` or ``(low, high)`` per spatial axis.
       feature_group_count: number of groups.
       precision: passed to ``jax.lax.conv_general_dilated``.
 
@@ -160,8 +183,10 @@ def conv_canonical_grads(
       ...                                              jax.grad(g, (0, 1))(x, w)))
       True
     """
-    pads = _explicit_padding(padding, w.shape[:-2])
-    args = (pads, int(feature_group_count), precision)
+    rank = w.ndim - 2
+    strides = (int(strides),) * rank if isinstance(strides, int) else tuple(map(int, strides))
+    pads = _explicit_padding(padding, x.shape[1:-1], w.shape[:-2], strides)
+    args = (strides, pads, int(feature_group_count), precision)
     try:
         return jax.lax.platform_dependent(
             x,
@@ -176,8 +201,9 @@ def conv_canonical_grads(
 
 
 class CanonicalGradWSConv(WSConv):
-    """`WSConv` (same parameters, same outputs) whose stride-1 convolutions take their gradients
-    from `conv_canonical_grads`: the conv of the blocks that ``scan_blocks`` runs in a loop.
+    """`WSConv` (same parameters, same outputs) whose convolutions take their gradients from
+    `conv_canonical_grads`: the conv of the blocks that ``scan_blocks`` runs in a loop, and of
+    every layer with ``canonical_conv_grads=True``.
 
     Example:
       >>> import jax.numpy as jnp
@@ -188,8 +214,6 @@ class CanonicalGradWSConv(WSConv):
     """
 
     def __call__(self, x: Array) -> Array:
-        if any(s != 1 for s in self.strides):
-            return super().__call__(x)
         rank = len(self.kernel_size)
         if x.ndim != rank + 2 or x.shape[-1] != self.in_features:
             return super().__call__(x)  # Its error message names the expected shape.
@@ -198,6 +222,7 @@ class CanonicalGradWSConv(WSConv):
         y = conv_canonical_grads(
             x.astype(dtype),
             w_hat,
+            strides=self.strides,
             padding=self.padding,
             feature_group_count=self.feature_group_count,
             precision=self.precision,

@@ -245,16 +245,16 @@ class NFRegNet(layers.ClassifierHead, nnx.Module):
         (`agc_optax.models.layers.resolve_scan_blocks`); the attribute holds the resolved bool.
       canonical_conv_grads: build every weight-standardized conv (stem, blocks, transitions,
         ``final_conv``; unrolled or stacked) as `agc_optax.models.CanonicalGradWSConv`: same
-        parameters, names, outputs and weight loading, but on CPU the stride-1 convs' gradients are
-        written as canonical convolutions, which XLA:CPU runs faster (NFNet-F0's train step took
-        0.53-0.66x the time, `agc_optax.models.NFNet`; NF-RegNet's grouped convs should gain
-        likewise; not measured yet); programs for other backends are unchanged. The trade:
-        reverse-mode differentiation only (``jax.grad``, ``jax.vjp``, ``jax.hessian``); ``jax.jvp``
-        or ``jax.jacfwd`` of the model raise ``TypeError`` ("... supports reverse-mode
-        differentiation only ...", or under ``jax.jit`` JAX's "can't apply forward-mode autodiff
-        (jvp) to a custom_vjp function."; see `agc_optax.models.canonical_conv`). ``agc-train``
-        turns it on for training (its ``--model-arg canonical_conv_grads=false`` keeps the default);
-        the attribute holds the bool.
+        parameters, names, outputs and weight loading, but on CPU their gradients (of strided and
+        grouped convs too) are written as canonical convolutions, which XLA:CPU runs faster
+        (NFNet-F0's train step took 0.46-0.49x the time, `agc_optax.models.NFNet`; NF-RegNet's
+        grouped convs should gain likewise; not measured yet); programs for other backends are
+        unchanged. The trade: reverse-mode differentiation only (``jax.grad``, ``jax.vjp``,
+        ``jax.hessian``); ``jax.jvp`` or ``jax.jacfwd`` of the model raise ``TypeError`` ("...
+        supports reverse-mode differentiation only ...", or under ``jax.jit`` JAX's "can't apply
+        forward-mode autodiff (jvp) to a custom_vjp function."; see
+        `agc_optax.models.canonical_conv`). ``agc-train`` turns it on for training (its
+        ``--model-arg canonical_conv_grads=false`` keeps the default); the attribute holds the bool.
       in_features: input channels.
       dtype: computation dtype (e.g. ``jnp.bfloat16``); weight standardization stays float32.
       param_dtype: parameter dtype.

@@ -24,51 +24,62 @@ from agc_optax.models.nfnet import SCANNED_UNIT_AXES, NFBlock
 from agc_optax.training.config import parse_model_args
 
 
-def _conv_and_grads_float64(x, w, dy, pads, groups):
-    """``y = conv(x, w)`` and the gradients of ``sum(y * dy)``, by explicit window sums."""
+def _conv_and_grads_float64(x, w, dy, pads, groups, strides=(1, 1)):
+    """``y = conv(x, w)`` and the gradients of ``sum(y * dy)``, by explicit window sums:
+    ``y[j] = sum_a x_padded[stride * j + a] w[a]`` per spatial axis."""
     x, w, dy = (np.asarray(a, np.float64) for a in (x, w, dy))
     kh, kw, in_g, out = w.shape
     out_g = out // groups
     xp = np.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))
     n, oh, ow = dy.shape[0], dy.shape[1], dy.shape[2]
+    sh, sw = strides
     y = np.zeros((n, oh, ow, out))
     dxp, dw = np.zeros_like(xp), np.zeros_like(w)
     for g in range(groups):
         ci, co = slice(g * in_g, (g + 1) * in_g), slice(g * out_g, (g + 1) * out_g)
         for a in range(kh):
             for b in range(kw):
-                window = xp[:, a : a + oh, b : b + ow, ci]
+                rows = slice(a, a + sh * (oh - 1) + 1, sh)
+                cols = slice(b, b + sw * (ow - 1) + 1, sw)
+                window = xp[:, rows, cols, ci]
                 y[..., co] += window @ w[a, b, :, co]
                 dw[a, b, :, co] = np.einsum("nhwi,nhwo->io", window, dy[..., co])
-                dxp[:, a : a + oh, b : b + ow, ci] += dy[..., co] @ w[a, b, :, co].T
+                dxp[:, rows, cols, ci] += dy[..., co] @ w[a, b, :, co].T
     dx = dxp[:, pads[0][0] : pads[0][0] + x.shape[1], pads[1][0] : pads[1][0] + x.shape[2]]
     return y, dx, dw
 
 
+# The input is 5 x 6: with strides, SAME pads unevenly and VALID leaves rows no window reads.
 @pytest.mark.parametrize(
-    ("kernel", "groups", "padding", "pads"),
+    ("kernel", "groups", "padding", "pads", "strides"),
     [
-        (3, 3, "SAME", ((1, 1), (1, 1))),
-        (1, 1, "SAME", ((0, 0), (0, 0))),
-        (2, 2, "SAME", ((0, 1), (0, 1))),  # Even kernel: the odd pad goes at the end.
-        (3, 1, "VALID", ((0, 0), (0, 0))),
-        (3, 2, ((2, 0), (1, 2)), ((2, 0), (1, 2))),
+        (3, 3, "SAME", ((1, 1), (1, 1)), (1, 1)),
+        (1, 1, "SAME", ((0, 0), (0, 0)), (1, 1)),
+        (2, 2, "SAME", ((0, 1), (0, 1)), (1, 1)),  # Even kernel: the odd pad goes at the end.
+        (3, 1, "VALID", ((0, 0), (0, 0)), (1, 1)),
+        (3, 2, ((2, 0), (1, 2)), ((2, 0), (1, 2)), (1, 1)),
+        (3, 2, "SAME", ((1, 1), (0, 1)), (2, 2)),  # An F0 transition: grouped, strided.
+        (3, 1, "VALID", ((0, 0), (0, 0)), (2, 2)),  # The last column is read by no window.
+        (1, 2, "SAME", ((0, 0), (0, 0)), (2, 1)),
+        (3, 3, ((1, 1), (2, 0)), ((1, 1), (2, 0)), (3, 2)),
     ],
 )
-def test_canonical_grads_match_float64_window_sums(kernel, groups, padding, pads):
+def test_canonical_grads_match_float64_window_sums(kernel, groups, padding, pads, strides):
     rng = np.random.default_rng(kernel * 10 + groups)
     x = rng.standard_normal((2, 5, 6, 4 * groups)).astype(np.float32)
     w = rng.standard_normal((kernel, kernel, 4, 3 * groups)).astype(np.float32)
-    oh = 5 + sum(pads[0]) - kernel + 1
-    ow = 6 + sum(pads[1]) - kernel + 1
+    oh = (5 + sum(pads[0]) - kernel) // strides[0] + 1
+    ow = (6 + sum(pads[1]) - kernel) // strides[1] + 1
     dy = rng.standard_normal((2, oh, ow, w.shape[-1])).astype(np.float32)
 
     def f(x, w):
-        return conv_canonical_grads(x, w, padding=padding, feature_group_count=groups)
+        return conv_canonical_grads(
+            x, w, strides=strides, padding=padding, feature_group_count=groups
+        )
 
     y, vjp = jax.vjp(f, jnp.asarray(x), jnp.asarray(w))
     dx, dw = vjp(jnp.asarray(dy))
-    want_y, want_dx, want_dw = _conv_and_grads_float64(x, w, dy, pads, groups)
+    want_y, want_dx, want_dw = _conv_and_grads_float64(x, w, dy, pads, groups, strides)
     np.testing.assert_allclose(np.asarray(y), want_y, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(np.asarray(dx), want_dx, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(np.asarray(dw), want_dw, rtol=1e-5, atol=1e-5)
@@ -237,7 +248,7 @@ def test_canonical_conv_grads_from_the_command_line_builds_every_conv_canonical(
     assert model.canonical_conv_grads is True and plain.canonical_conv_grads is False
     assert {type(m) for m in convs.values()} == {CanonicalGradWSConv}
     assert {("stem", "conv0"), ("blocks", 1, "conv1"), ("final_conv",)} <= set(convs)
-    assert convs[("blocks", 1, "conv1")].strides == (2, 2)  # falls back to JAX's gradient
+    assert convs[("blocks", 1, "conv1")].strides == (2, 2)  # strided and grouped
     assert {type(m) for _, m in nnx.iter_graph(plain) if isinstance(m, WSConv)} == {WSConv}
     flat = {p: v.get_value().shape for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
     want = {p: v.get_value().shape for p, v in nnx.to_flat_state(nnx.state(plain, nnx.Param))}

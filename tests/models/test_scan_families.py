@@ -80,12 +80,12 @@ FAMILIES = {
 }
 
 
-def _build(family: str, scan: bool, **extra) -> nnx.Module:
+def _build(family: str, scan: bool, depths=DEPTHS, **extra) -> nnx.Module:
     cls, kwargs, _ = FAMILIES[family]
     return nnx.eval_shape(
         lambda: cls(
             10,
-            depths=DEPTHS,
+            depths=depths,
             scan_blocks=scan,
             rngs=nnx.Rngs(params=0, dropout=1),
             **kwargs,
@@ -415,11 +415,12 @@ def test_stacked_gradients_equal_unrolled():
 
 
 @functools.cache
-def _canonical_twin(family: str) -> nnx.Module:
-    """The unrolled model of `_pair` rebuilt with ``canonical_conv_grads=True``, same weights."""
-    unrolled = _pair(family)[0]
-    abstract = _build(family, scan=False, canonical_conv_grads=True)
-    return nnx.merge(nnx.graphdef(abstract), nnx.state(unrolled))
+def _canonical_pair(family: str) -> tuple[nnx.Module, nnx.Module]:
+    """A one-block-per-stage model with random weights, and the same weights in the model built
+    with ``canonical_conv_grads=True``."""
+    plain = _random_weights(_build(family, scan=False, depths=(1, 1)))
+    abstract = _build(family, scan=False, depths=(1, 1), canonical_conv_grads=True)
+    return plain, nnx.merge(nnx.graphdef(abstract), nnx.state(plain))
 
 
 # NF-RegNet has grouped convs, strided ones among them; NF-ResNet a strided 7x7 stem and strided
@@ -429,8 +430,7 @@ def test_canonical_conv_grads_give_the_default_gradients(family):
     """Every conv (strided stem and transitions, grouped convs) becomes a `CanonicalGradWSConv`;
     the parameters are the same leaves, and the gradients of parameters and input are the
     default model's."""
-    unrolled = _pair(family)[0]
-    canonical = _canonical_twin(family)
+    unrolled, canonical = _canonical_pair(family)
     convs = _convs(canonical)
     assert canonical.canonical_conv_grads and not unrolled.canonical_conv_grads
     assert {type(c) for c in convs} == {CanonicalGradWSConv}
@@ -454,7 +454,7 @@ def test_canonical_conv_grads_give_the_default_gradients(family):
 
 
 def test_forward_mode_through_canonical_convs_is_a_clear_error():
-    canonical = _canonical_twin("nf_regnet")
+    canonical = _canonical_pair("nf_regnet")[1]
     canonical.eval()
     graph, params, rest = nnx.split(canonical, nnx.Param, ...)
     x = jnp.ones((1, 32, 32, 3))
