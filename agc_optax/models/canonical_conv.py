@@ -234,20 +234,16 @@ def wsconv_class(canonical_conv_grads: bool) -> type[WSConv]:
     """The conv class of a model built with ``canonical_conv_grads`` (the families' option).
 
     Args:
-      canonical_conv_grads: True for `CanonicalGradWSConv`, False for `WSConv`; the strings
-        ``"true"`` and ``"false"`` (any case) too, as ``--model-arg canonical_conv_grads=true``
-        passes them.
+      canonical_conv_grads: True for `CanonicalGradWSConv`, False for `WSConv`.
 
     Raises:
       ValueError: naming ``canonical_conv_grads`` for any other value.
 
     Example:
-      >>> wsconv_class(True).__name__, wsconv_class("false").__name__
+      >>> wsconv_class(True).__name__, wsconv_class(False).__name__
       ('CanonicalGradWSConv', 'WSConv')
     """
     flag = canonical_conv_grads
-    if isinstance(flag, str) and flag.lower() in ("true", "false"):
-        flag = flag.lower() == "true"
     if not isinstance(flag, bool | np.bool_):
         raise ValueError(
             f"`canonical_conv_grads`: expected True or False, got {canonical_conv_grads!r} "

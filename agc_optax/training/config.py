@@ -132,13 +132,21 @@ def add_model_arg_flag(parser: Any) -> None:
 def parse_model_args(items: list[str]) -> dict[str, Any]:
     """``--model-arg KEY=VALUE`` items as constructor keywords (values read as Python literals).
 
-    A value that is not a literal stays a string (a bare word such as an activation name).
+    ``true`` and ``false`` in any case are booleans, as a shell user writes them; a value that
+    is not a literal stays a string (a bare word such as an activation name).
+
+    Example:
+      >>> parse_model_args(["canonical_conv_grads=true", "widths=(16, 32)", "activation=gelu"])
+      {'canonical_conv_grads': True, 'widths': (16, 32), 'activation': 'gelu'}
     """
-    out = {}
+    out: dict[str, Any] = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key.isidentifier():
             raise ConfigError(f"`--model-arg {item}`: expected KEY=VALUE, e.g. stochdepth_rate=0.1")
+        if value.strip().lower() in ("true", "false"):
+            out[key] = value.strip().lower() == "true"
+            continue
         try:
             out[key] = ast.literal_eval(value)
         except (ValueError, SyntaxError):

@@ -235,11 +235,11 @@ def test_bad_scan_blocks_values_name_the_argument(bad):
 
 
 def test_canonical_conv_grads_from_the_command_line_builds_every_conv_canonical():
-    """``--model-arg canonical_conv_grads=true`` (read as the text "true") through the registry:
+    """``--model-arg canonical_conv_grads=true`` (read as True) through the registry:
     NFNet's stem, transitions (strided, projections), blocks and final conv, with the default
     model's parameter leaves."""
     kwargs = parse_model_args(["canonical_conv_grads=true", "depths=(1,2,1,1)"])
-    assert kwargs["canonical_conv_grads"] == "true"
+    assert kwargs["canonical_conv_grads"] is True
     model = nnx.eval_shape(lambda: create_model("nfnet_f0", 10, rngs=nnx.Rngs(0), **kwargs))
     plain = nnx.eval_shape(
         lambda: create_model("nfnet_f0", 10, rngs=nnx.Rngs(0), depths=(1, 2, 1, 1))
