@@ -110,10 +110,11 @@ def _contender(
     return go, facts
 
 
-VARIANTS = {  # label -> (scan_blocks, JAX's own conv gradients)
-    "unrolled": (False, False),
-    "scanned, JAX grads": (True, True),
-    "scanned": (True, False),
+VARIANTS = {  # label -> (scan_blocks, JAX's own conv gradients, canonical_conv_grads)
+    "unrolled": (False, False, False),
+    "unrolled, canonical_conv_grads": (False, False, True),  # as agc-train builds it on CPU
+    "scanned, JAX grads": (True, True, False),
+    "scanned": (True, False, False),
 }
 
 
@@ -135,9 +136,15 @@ def run(
     rows = []
     for name in models:
         thunks, facts, times = {}, {}, {}
-        for label, (scan, jax_grads) in VARIANTS.items():
+        for label, (scan, jax_grads, canonical) in VARIANTS.items():
             thunks[label], facts[label] = _contender(
-                name, scan, jax_grads, small, batch_size, resolution
+                name,
+                scan,
+                jax_grads,
+                small,
+                batch_size,
+                resolution,
+                canonical_conv_grads=canonical,
             )
             if name in SEQUENTIAL:  # time it now and free its state before the next one
                 times |= common.time_interleaved(thunks, repeats=repeats, warmup=1)
