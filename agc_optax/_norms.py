@@ -176,9 +176,12 @@ def _rescale_exponent(dtype: Any) -> int:
 
 
 def scaled_powered_norms(
-    x: jax.Array, unit_axes: tuple[int, ...], norm: NormOrder
+    x: jax.Array, unit_axes: tuple[int, ...], norm: NormOrder, at_least: Any = jnp.float32
 ) -> tuple[jax.Array, int]:
     """The powered unit norms of ``x * 2**-k`` and ``k``: ``||x|| = 2**k * norm**(1/power)``.
+
+    Accumulated in ``x``'s real dtype promoted with ``at_least``, which also sets ``k``: give
+    the gradient and the weight of a leaf the same ``at_least`` and they get the same ``k``.
 
     Finite for every finite unit, while the norm of ``x`` itself may exceed float32's range once
     powered; the multiplication by a power of two is exact. One pass over ``x``, so only used
@@ -186,9 +189,10 @@ def scaled_powered_norms(
     ``frexp``/``ldexp`` rescaling: those expand into dozens of bit operations per leaf, which made
     this rarely taken branch most of the optimizer's compile time.)
     """
-    acc = jnp.promote_types(jnp.real(x).dtype if jnp.iscomplexobj(x) else x.dtype, jnp.float32)
-    acc_real = jnp.finfo(acc).dtype
+    real = jnp.real(x).dtype if jnp.iscomplexobj(x) else x.dtype
+    acc_real = jnp.promote_types(real, at_least)
     k = _rescale_exponent(acc_real)
+    acc = jnp.promote_types(x.dtype, acc_real)  # a complex leaf stays complex
     scaled = x.astype(acc) * jnp.asarray(2.0**-k, acc_real)
     return powered_unit_norms(scaled, unit_axes, norm), k
 
@@ -275,40 +279,14 @@ def unit_clip_scales(
     groups: dict[Any, list[int]] = {}
     for i, (*_, g_pow, w_pow) in enumerate(leaves):
         groups.setdefault(jnp.result_type(g_pow, w_pow), []).append(i)
+    if not groups:
+        return UnitScales([], jnp.zeros(0, bool), jnp.zeros(0, jnp.float32), jnp.array(True))
     scales: list[Any] = [None] * len(leaves)
     clipped, ratios, finite = [], [], []
     for dtype, members in groups.items():
-
-        def joined(values, members=members, dtype=dtype):
-            return jnp.concatenate([jnp.ravel(v).astype(dtype) for v in values])
-
-        g_all = joined([leaves[i][3] for i in members])
-        w_all = joined([leaves[i][4] for i in members])
-        fast = clip_scale(g_all, w_all, clipping, eps, norm)
-        fast_finite = jnp.all(jnp.isfinite(g_all) & jnp.isfinite(w_all))
-        if norm == math.inf:  # a max never overflows
-            scale, clip, ratio, ok = *fast, fast_finite
-        else:
-
-            def rescaled(members=members, g_all=g_all, w_all=w_all, fast=fast):
-                scaled = [
-                    scaled_powered_norms(x, leaves[i][2], norm)
-                    if leaves[i][0].size
-                    else (leaves[i][3 + j], 0)  # an empty unit has norm 0
-                    for i in members
-                    for j, x in enumerate(leaves[i][:2])
-                ]
-                k = max(k for _, k in scaled)
-                g_scaled = joined([s for s, _ in scaled[0::2]])
-                w_scaled = joined([s for s, _ in scaled[1::2]])
-                return _rescaled_clip_scale(
-                    g_all, w_all, g_scaled, w_scaled, k, fast, clipping, eps, norm
-                )
-
-            overflow = jnp.any(jnp.isposinf(g_all) | jnp.isposinf(w_all))
-            scale, clip, ratio, ok = jax.lax.cond(
-                overflow, rescaled, lambda fast=fast, ok=fast_finite: (*fast, ok)
-            )
+        scale, clip, ratio, ok = _joined_clip_scales(
+            [leaves[i] for i in members], dtype, clipping, eps, norm
+        )
         offset = 0
         for i in members:
             shape = leaves[i][3].shape
@@ -316,16 +294,43 @@ def unit_clip_scales(
             scales[i] = scale[offset : offset + size].reshape(shape)
             offset += size
         clipped.append(clip)
-        ratios.append(ratio)
+        ratios.append(ratio.astype(jnp.float32))
         finite.append(ok)
-    if not leaves:
-        return UnitScales([], jnp.zeros(0, bool), jnp.zeros(0, jnp.float32), jnp.array(True))
     return UnitScales(
         scales,
         jnp.concatenate(clipped),
-        jnp.concatenate([r.astype(jnp.float32) for r in ratios]),
+        jnp.concatenate(ratios),
         functools.reduce(jnp.logical_and, finite),
     )
+
+
+def _joined_clip_scales(leaves, dtype, clipping, eps, norm):
+    """(scale, clip, ratio, every unit finite) of ``leaves`` (as in :func:`unit_clip_scales`),
+    on the vector of all their units in ``dtype``."""
+
+    def joined(values):
+        return jnp.concatenate([jnp.ravel(v).astype(dtype) for v in values])
+
+    g_all = joined([g_pow for *_, g_pow, _ in leaves])
+    w_all = joined([w_pow for *_, w_pow in leaves])
+    fast = clip_scale(g_all, w_all, clipping, eps, norm)
+    fast_finite = jnp.all(jnp.isfinite(g_all) & jnp.isfinite(w_all))
+    if norm == math.inf:  # a max never overflows
+        return (*fast, fast_finite)
+
+    def rescaled():
+        # One k (set by the joined dtype) for every gradient and weight.
+        scaled = [
+            scaled_powered_norms(x, unit_axes, norm, at_least=dtype)[0] if x.size else x_pow
+            for g, w, unit_axes, g_pow, w_pow in leaves
+            for x, x_pow in ((g, g_pow), (w, w_pow))  # an empty unit has norm 0
+        ]
+        k = _rescale_exponent(dtype)
+        g_scaled, w_scaled = joined(scaled[0::2]), joined(scaled[1::2])
+        return _rescaled_clip_scale(g_all, w_all, g_scaled, w_scaled, k, fast, clipping, eps, norm)
+
+    overflow = jnp.any(jnp.isposinf(g_all) | jnp.isposinf(w_all))
+    return jax.lax.cond(overflow, rescaled, lambda: (*fast, fast_finite))
 
 
 def apply_scale(g: jax.Array, scale: jax.Array) -> jax.Array:

@@ -277,6 +277,19 @@ def test_bound_holds_across_float32s_range(g_exp, w_exp, seed, clipping):
     _check_bound(out["k"], g, w, (1,), clipping, 1e-3, jnp.float32)
 
 
+def test_overflowing_complex_units_keep_their_imaginary_part():
+    # |1e20 (1 + i)|^2 overflows float32, so the rescaled branch computes these norms; it must
+    # scale the complex values, not their real parts (which once made the bound 1.41x too loose).
+    g = jnp.full((4, 3), 1e20 + 1e20j, jnp.complex64).at[:, 0].set(1e-3)
+    w = jnp.full((4, 3), 1.0 + 1.0j, jnp.complex64)
+    tx = agc_optax.adaptive_grad_clip(0.01, unit_axes=lambda path, leaf: (1,))
+    out, _ = jax.jit(tx.update)({"k": g}, tx.init({"k": w}), {"k": w})
+    norms = ref.unit_norms(np.abs(np.asarray(out["k"], np.complex128)), (1,))
+    bound = 0.01 * ref.unit_norms(np.abs(np.asarray(w, np.complex128)), (1,))
+    np.testing.assert_allclose(norms[..., 1:], bound[..., 1:], rtol=1e-6)  # clipped to the bound
+    np.testing.assert_array_equal(np.asarray(out["k"])[:, 0], np.asarray(g)[:, 0])  # untouched
+
+
 def test_overflow_fallback_runs_only_where_needed():
     """Ordinary leaves compile the cheap path only: the rescaled norms sit in a conditional."""
     params = {"k": jnp.ones((8, 4))}
