@@ -75,15 +75,6 @@ def _agc_state(plans: PlanCache, params: Any, stats: bool) -> Any:
     return initial_stats(plans(params)) if stats else optax.EmptyState()
 
 
-def _check_skip_nonfinite(skip_nonfinite: Any, implementation: str = "xla") -> None:
-    check_static_flag("skip_nonfinite", skip_nonfinite)
-    if skip_nonfinite and implementation == "pallas":
-        raise ValueError(
-            "`skip_nonfinite=True` runs on the XLA implementation only; pass "
-            "implementation='xla' (or 'auto', which then picks XLA)."
-        )
-
-
 def _sgd_elementwise(
     g: jax.Array,
     w: jax.Array | None,
@@ -159,7 +150,7 @@ def _sgd_agc_parts(
     for name, value in (("weight_decay", weight_decay), ("eps", eps)):
         check_hyperparameter(name, value)
     kernels.check_implementation(implementation)
-    _check_skip_nonfinite(skip_nonfinite, implementation)
+    check_static_flag("skip_nonfinite", skip_nonfinite)
     has_momentum = not is_static_zero(momentum)
     has_decay = not is_static_zero(weight_decay)
     plans = PlanCache(unit_axes, exclude)
@@ -187,7 +178,7 @@ def _sgd_agc_parts(
             return (optax.apply_updates(w, u) if apply else u), m_next
 
         leaf_fn, unit_norms = xla_leaf, None
-        if kernels.use_pallas(implementation) and not skip_nonfinite:
+        if kernels.use_pallas(implementation):
             from agc_optax.kernels import _sgd_agc_pallas
 
             unit_norms, leaf_fn = _sgd_agc_pallas.leaf_functions(
@@ -286,8 +277,8 @@ def sgd_agc(
         tree; one reduction per leaf AGC leaves alone) and without selecting between old and
         new buffers, which would cost a copy of each. The AGC statistics describe the skipped
         step's gradients (``max_ratio`` is then NaN or Inf); ``state.guard``
-        (:class:`agc_optax.SkipNonfiniteState`) records ``last_finite`` and ``total_notfinite``. XLA
-        implementation only (``"auto"`` picks it).
+        (:class:`agc_optax.SkipNonfiniteState`) records ``last_finite`` and ``total_notfinite``.
+        Both implementations: the Pallas kernel reads the flag as one more scalar input.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``; ``update`` needs ``params`` and takes the
@@ -428,7 +419,7 @@ def adamw_agc(
     """
 
     check_static_flag("stats", stats)
-    _check_skip_nonfinite(skip_nonfinite)
+    check_static_flag("skip_nonfinite", skip_nonfinite)
     _check_learning_rate(learning_rate)
     for name, value in (("b1", b1), ("b2", b2)):
         check_hyperparameter(name, value, below=1, why=f": 1 - {name}**t would divide by zero")

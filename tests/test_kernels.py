@@ -2,6 +2,7 @@
 
 import functools
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -256,6 +257,62 @@ def test_sgd_agc_step_equals_update_then_apply(small_leaves, implementation):
     assert ref.max_rel_diff(got_state.momentum, want_state.momentum) <= 1e-6
 
 
+def _with_entry(tree, path, entry, value):
+    """``tree`` with one entry of the leaf at ``path`` (keys) set to ``value``."""
+    tree = jax.tree.map(jnp.asarray, tree)
+    node = tree
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]] = node[path[-1]].at[entry].set(value)
+    return tree
+
+
+@pytest.mark.parametrize("nesterov", [True, False])
+def test_pallas_skip_nonfinite_equals_xla(small_leaves, nesterov):
+    # A NaN in a kernel leaf's gradient (caught by its unit norms), then an Inf in a leaf the
+    # kernel does not take, between finite steps: the kernel reads the guard's flag and skips
+    # exactly as the XLA path does.
+    params = _random_tree(0)
+    kwargs = dict(nesterov=nesterov, weight_decay=1e-2, clipping=0.05, skip_nonfinite=True)
+    pallas = agc_optax.sgd_agc(0.1, implementation="pallas", **kwargs)
+    xla = agc_optax.sgd_agc(0.1, implementation="xla", **kwargs)
+    grads = [_random_tree(10 + i, 0.1) for i in range(4)]
+    grads[1] = _with_entry(grads[1], ("stem", "conv", "kernel"), (0, 1, 2, 3), jnp.nan)
+    grads[2] = _with_entry(grads[2], ("embed", "embedding"), (1, 1), jnp.inf)
+    assert _count_pallas_calls(pallas.update, grads[0], pallas.init(params), params) == (
+        2 * KERNEL_LEAVES
+    )
+    a, pa, sa = ref.run_steps(pallas, params, grads)
+    b, pb, sb = ref.run_steps(xla, params, grads)
+    for step, (x, y) in enumerate(zip(a, b, strict=True)):
+        if step in (1, 2):  # skipped: zero updates on both paths, bit for bit
+            chex.assert_trees_all_equal(x, jax.tree.map(jnp.zeros_like, x))
+            chex.assert_trees_all_equal(y, x)
+        else:
+            assert ref.max_rel_diff(x, y) <= 1e-6
+    assert ref.max_rel_diff(pa, pb) <= 1e-6
+    assert ref.max_rel_diff(sa.momentum, sb.momentum) <= 1e-6
+    assert int(sa.guard.total_notfinite) == int(sb.guard.total_notfinite) == 2
+    assert int(sa.count) == int(sb.count) == 2
+
+
+def test_pallas_skipped_step_keeps_the_momentum_bit_for_bit(small_leaves):
+    params = _random_tree(0)
+    tx = agc_optax.sgd_agc(0.1, clipping=0.05, skip_nonfinite=True, implementation="pallas")
+    step = jax.jit(tx.update)
+    _, state = step(_random_tree(10, 0.1), tx.init(params), params)
+    bad = _with_entry(
+        _random_tree(11, 0.1), ("blocks", "0", "conv0", "kernel"), (0, 0, 5, 3), jnp.inf
+    )
+    updates, skipped = step(bad, state, params)
+    chex.assert_trees_all_equal(skipped.momentum, state.momentum)
+    chex.assert_trees_all_equal(updates, jax.tree.map(jnp.zeros_like, updates))
+    assert not bool(skipped.guard.last_finite)
+    # The loss passed as `value` is checked too, with finite gradients.
+    _, skipped = step(_random_tree(12, 0.1), state, params, value=jnp.float32(jnp.nan))
+    chex.assert_trees_all_equal(skipped.momentum, state.momentum)
+
+
 def test_large_leaves_only_by_default():
     params = _random_tree(0)
     tx = agc_optax.sgd_agc(0.1, implementation="pallas")
@@ -314,12 +371,17 @@ def test_kernels_lower_for_gpu_and_tpu(small_leaves, monkeypatch, platform):
         jax.export.DisabledSafetyCheck.custom_call(target)
         for target in ("__gpu$xla.gpu.triton", "tpu_custom_call")
     ]
-    for fn in (
-        agc_optax.sgd_agc_step(0.1, implementation="pallas"),
-        lambda p, s, g: agc_optax.sgd_agc(0.1, implementation="pallas").update(g, s, p),
+    guarded = agc_optax.sgd_agc(0.1, implementation="pallas", skip_nonfinite=True)
+    for fn, state in (
+        (agc_optax.sgd_agc_step(0.1, implementation="pallas"), tx.init(params)),
+        (
+            lambda p, s, g: agc_optax.sgd_agc(0.1, implementation="pallas").update(g, s, p),
+            tx.init(params),
+        ),
+        (lambda p, s, g: guarded.update(g, s, p, value=jnp.float32(1)), guarded.init(params)),
     ):
         exported = jax.export.export(jax.jit(fn), platforms=(platform,), disabled_checks=checks)(
-            params, tx.init(params), params
+            params, state, params
         )
         text = exported.mlir_module()
         target = "__gpu$xla.gpu.triton" if platform == "cuda" else "tpu_custom_call"

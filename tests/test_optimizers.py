@@ -340,9 +340,9 @@ def test_skip_nonfinite_statistics_describe_the_skipped_step():
     assert optax.tree.get(state, "total_notfinite") == 1  # as with optax.apply_if_finite
 
 
-def test_skip_nonfinite_needs_the_xla_implementation():
-    with pytest.raises(ValueError, match=r"`skip_nonfinite=True` runs on the XLA implementation"):
-        agc_optax.sgd_agc(0.1, skip_nonfinite=True, implementation="pallas")
+def test_skip_nonfinite_is_a_static_flag():
+    with pytest.raises(TypeError, match="skip_nonfinite"):
+        agc_optax.sgd_agc(0.1, skip_nonfinite=jnp.array(True))
     with pytest.raises(TypeError, match="skip_nonfinite"):
         agc_optax.adamw_agc(1e-3, skip_nonfinite=jnp.array(True))
 

@@ -181,6 +181,8 @@ def column_sums_of_squares(
       w: the weight, same shape.
       block_rows: rows per program; ``None`` picks :func:`default_blocks`.
       block_cols: columns per program; ``None`` picks :func:`default_blocks`.
+      finite: the divergence guard's bool scalar (``skip_nonfinite``), passed to ``elementwise``
+        as its ``finite``; ``None`` without a guard.
     """
     num_rows, num_cols = g.shape
     platform, block_rows, block_cols = _blocks(g.shape, 1, block_rows, block_cols)
@@ -213,13 +215,23 @@ optimizer's elementwise step, run inside the kernel and on the XLA fallback alik
 
 
 def _update_kernel(
-    *refs, elementwise: Elementwise, read_w: bool, decay: bool, has_m: bool, apply: bool
+    *refs,
+    elementwise: Elementwise,
+    read_w: bool,
+    decay: bool,
+    has_m: bool,
+    apply: bool,
+    guarded: bool,
 ):
     refs = list(refs)
     g_ref = refs.pop(0)
     w_ref = refs.pop(0) if read_w else None
     m_ref = refs.pop(0) if has_m else None
-    s_ref, lr_ref, out_ref = refs[:3]
+    s_ref, lr_ref = refs.pop(0), refs.pop(0)
+    # The guard's flag as a (1, 1) float (1: finite): a bool block is not portable across
+    # Triton and Mosaic, a float32 scalar block is (the learning rate travels the same way).
+    extra = {"finite": refs.pop(0)[...] > 0.5} if guarded else {}
+    out_ref = refs.pop(0)
     w = None if w_ref is None else w_ref[...]
     u, m_next = elementwise(
         g_ref[...],
@@ -227,11 +239,12 @@ def _update_kernel(
         s_ref[...],
         None if m_ref is None else m_ref[...],
         lr_ref[...],
+        **extra,
     )
     # optax.apply_updates: (p + u) in promoted dtype, cast back to p's.
     out_ref[...] = (w + u).astype(w.dtype) if apply else u
     if has_m:
-        refs[3][...] = m_next
+        refs.pop(0)[...] = m_next
 
 
 def fused_update(
@@ -246,6 +259,7 @@ def fused_update(
     apply: bool = False,
     block_rows: int | None = None,
     block_cols: int | None = None,
+    finite: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array | None]:
     """Phase 2 of the fused step on ``(rows, cols)`` arrays: (update or new weight, new momentum).
 
@@ -262,6 +276,8 @@ def fused_update(
         instead of the update, which saves writing the update and reading it back.
       block_rows: rows per program; ``None`` picks :func:`default_blocks`.
       block_cols: columns per program; ``None`` picks :func:`default_blocks`.
+      finite: the divergence guard's bool scalar (``skip_nonfinite``), passed to ``elementwise``
+        as its ``finite``; ``None`` without a guard.
     """
     num_rows, num_cols = g.shape
     platform, block_rows, block_cols = _blocks(g.shape, 2, block_rows, block_cols)
@@ -285,6 +301,9 @@ def fused_update(
     arrays = [g] + ([w] if read_w else []) + ([] if m is None else [m])
     inputs = arrays + [scale, neg_lr]
     in_specs = [tile] * len(arrays) + [row, scalar]
+    if finite is not None:
+        inputs.append(jnp.reshape(jnp.asarray(finite, jnp.float32), (1, 1)))
+        in_specs.append(scalar)
     out_shape = [jax.ShapeDtypeStruct(g.shape, w.dtype if apply else u_aval.dtype)]
     aliases = {}
     if apply:
@@ -303,6 +322,7 @@ def fused_update(
         decay=decay,
         has_m=m is not None,
         apply=apply,
+        guarded=finite is not None,
     )
     outs = pl.pallas_call(
         kernel,
@@ -343,8 +363,8 @@ def leaf_functions(
     """``(unit_norms, leaf_fn)`` for the AGC driver: the kernels on eligible leaves, else XLA.
 
     Args:
-      xla_leaf: the optimizer's own leaf function ``(row, g, w, scale, m) -> (out, new m)``,
-        used for every leaf the kernel cannot take.
+      xla_leaf: the optimizer's own leaf function ``(row, g, w, scale, m, finite=None) -> (out,
+        new m)``, used for every leaf the kernel cannot take.
       elementwise: the optimizer's elementwise step, run inside the kernel.
       neg_lr: minus this step's learning rate.
       scalars: hyperparameters baked into ``elementwise``; unless all are Python numbers (whose
@@ -365,9 +385,9 @@ def leaf_functions(
         keepdims = (1,) * (g.ndim - 1) + (g.shape[-1],)
         return gsq.reshape(keepdims), wsq.reshape(keepdims)
 
-    def leaf_fn(row, g, w, scale, m):
+    def leaf_fn(row, g, w, scale, m, finite=None):
         if scale is None or not takes_kernel(row, g, w, m):
-            return xla_leaf(row, g, w, scale, m)
+            return xla_leaf(row, g, w, scale, m, finite=finite)
         out, m_next = fused_update(
             _as_2d(g),
             _as_2d(w),
@@ -377,6 +397,7 @@ def leaf_functions(
             elementwise=elementwise,
             decay=decay and row.weight_decay,
             apply=apply,
+            finite=finite,
         )
         return out.reshape(g.shape), None if m_next is None else m_next.reshape(g.shape)
 
