@@ -1,11 +1,16 @@
-"""Benchmark 5: compile time of an NFNet train step, with and without scan over blocks."""
+"""Benchmark 5: compile time of an NFNet train step, with and without scan over blocks; and
+what XLA:CPU's compile time is made of (kernels shared between leaves of one shape)."""
 
 from __future__ import annotations
 
+import re
 import time
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+import optax
 from flax import nnx
 
 import agc_optax
@@ -52,5 +57,104 @@ def run(repeats: int = 1, small: bool = False) -> str:
     )
 
 
+def _seconds_to_compile(fn: Callable[..., Any], *args: Any) -> float:
+    lowered = jax.jit(fn).lower(*args)
+    start = time.perf_counter()
+    lowered.compile()
+    return time.perf_counter() - start
+
+
+def _sharing_programs(num_leaves: int, units: int) -> dict[str, tuple[Callable, tuple]]:
+    """Three programs that scale ``num_leaves`` same-shaped leaves by a per-unit factor, and
+    differ only in where each leaf's factors come from."""
+    leaves = [jnp.ones((3, 3, 16, units)) for _ in range(num_leaves)]
+    factors = [jnp.ones((units,)) for _ in range(num_leaves)]
+    joined = jnp.ones((num_leaves * units,))
+    offsets = jnp.arange(num_leaves, dtype=jnp.int32) * units
+
+    def own_arrays(leaves, factors):
+        return [x - 0.1 * x * f for x, f in zip(leaves, factors, strict=True)]
+
+    def static_slices(leaves, joined):
+        return [x - 0.1 * x * joined[i * units : (i + 1) * units] for i, x in enumerate(leaves)]
+
+    def runtime_offsets(leaves, joined, offsets):
+        return [
+            x - 0.1 * x * jax.lax.dynamic_slice(joined, (offsets[i],), (units,))
+            for i, x in enumerate(leaves)
+        ]
+
+    return {
+        "each leaf's factors its own array": (own_arrays, (leaves, factors)),
+        "static slices of one joined vector": (static_slices, (leaves, joined)),
+        "dynamic slices at offsets[i] of it": (runtime_offsets, (leaves, joined, offsets)),
+    }
+
+
+def _optimizer_programs(small: bool) -> dict[str, tuple[Callable, tuple]]:
+    """NFNet-F0's optimizer alone (jit of ``tx.update``, then ``optax.apply_updates``)."""
+    overrides = {"widths": (256, 256, 256, 256), "depths": (1, 1, 1, 1)} if small else {}
+    model = create_model("nfnet_f0", 1000, rngs=nnx.Rngs(0), **overrides)
+    _, params, _ = split_model(model)
+    grads = jax.tree.map(lambda p: 0.01 * p, params)
+    not_head = jax.tree_util.tree_map_with_path(
+        lambda path, _: not re.search(agc_optax.HEAD_PATTERN, jax.tree_util.keystr(path)), params
+    )
+    chain = optax.chain(
+        optax.masked(optax.adaptive_grad_clip(0.01, eps=1e-3), not_head),
+        optax.add_decayed_weights(2e-5, mask=agc_optax.weight_decay_mask),
+        optax.sgd(0.1, momentum=0.9, nesterov=True),
+    )
+    programs = {}
+    for label, tx in (
+        ("optax chain (AGC, weight decay, Nesterov SGD)", chain),
+        ("sgd_agc", agc_optax.sgd_agc(0.1, unit_axes=model.agc_unit_axes)),
+        (
+            "sgd_agc(stats=True, skip_nonfinite=True)",
+            agc_optax.sgd_agc(0.1, unit_axes=model.agc_unit_axes, stats=True, skip_nonfinite=True),
+        ),
+    ):
+
+        def step(params, state, grads, tx=tx):
+            updates, state = tx.update(grads, state, params)
+            return optax.apply_updates(params, updates), state
+
+        programs[label] = (step, (params, tx.init(params), grads))
+    return programs
+
+
+def run_kernel_sharing(repeats: int = 2, small: bool = False) -> str:
+    """Compile seconds (interleaved rounds, best of ``repeats``) of programs that differ only
+    in how many distinct kernels XLA must generate.
+
+    XLA:CPU compiles a fused kernel once per distinct fused computation: leaves of one shape
+    that run the same elementwise code share it. A slice at a constant offset is part of the
+    kernel that reads it, so each leaf that cuts its values out of a joined vector gets a kernel
+    of its own; the second table shows what that costs ``sgd_agc``, whose per-unit scales are
+    computed on one vector of all units (one copy of the scale arithmetic) and sliced per leaf
+    by the updates.
+    """
+    num_leaves, units = (16, 32) if small else (200, 256)
+    sections = []
+    for title, programs in (
+        (f"{num_leaves} leaves of shape (3, 3, 16, {units})", _sharing_programs(num_leaves, units)),
+        ("NFNet-F0's optimizer alone" + (" (narrow)" if small else ""), _optimizer_programs(small)),
+    ):
+        best = dict.fromkeys(programs, float("inf"))
+        for _ in range(max(repeats, 1)):
+            for label, (fn, args) in programs.items():
+                jax.clear_caches()
+                best[label] = min(best[label], _seconds_to_compile(fn, *args))
+        base = next(iter(best.values()))
+        rows = [(label, f"{v:.2f}", f"{v / base:.2f}") for label, v in best.items()]
+        sections.append(
+            f"#### {title}\n\n"
+            + common.markdown_table(("program", "compile s", "vs first row"), rows)
+        )
+    return "### Kernel sharing and XLA:CPU compile time\n\n" + "\n\n".join(sections)
+
+
 if __name__ == "__main__":
     print(run())
+    print()
+    print(run_kernel_sharing())

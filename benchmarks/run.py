@@ -29,6 +29,7 @@ BENCHMARKS = {
     "nf_vs_bn": train_step.run_nf_vs_bn,
     "vs_bare": train_step.run_vs_bare,
     "compile_time": compile_time.run,
+    "kernel_sharing": compile_time.run_kernel_sharing,
     "scan_blocks": scan_blocks.run,  # F0/F3/F6 train steps: tens of minutes on 2 cores
     "input_pipeline": input_pipeline.run,
 }

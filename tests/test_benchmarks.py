@@ -12,6 +12,7 @@ TITLES = {
     "nf_vs_bn": "BatchNorm ResNet-50",
     "vs_bare": "vs the bare step",
     "compile_time": "compile time",
+    "kernel_sharing": "Kernel sharing",
     "scan_blocks": "scan_blocks vs unrolled",
     "input_pipeline": "Input pipeline",
 }
