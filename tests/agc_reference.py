@@ -68,3 +68,13 @@ def run_steps(tx, params, grads_seq):
         params = optax.apply_updates(params, updates)
         outs.append(updates)
     return outs, params, state
+
+
+def with_entry(tree, path, entry, value):
+    """``tree`` with one entry of the leaf at ``path`` (keys) set to ``value``."""
+    tree = jax.tree.map(jnp.asarray, tree)
+    node = tree
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]] = node[path[-1]].at[entry].set(value)
+    return tree

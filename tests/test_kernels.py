@@ -257,16 +257,6 @@ def test_sgd_agc_step_equals_update_then_apply(small_leaves, implementation):
     assert ref.max_rel_diff(got_state.momentum, want_state.momentum) <= 1e-6
 
 
-def _with_entry(tree, path, entry, value):
-    """``tree`` with one entry of the leaf at ``path`` (keys) set to ``value``."""
-    tree = jax.tree.map(jnp.asarray, tree)
-    node = tree
-    for key in path[:-1]:
-        node = node[key]
-    node[path[-1]] = node[path[-1]].at[entry].set(value)
-    return tree
-
-
 @pytest.mark.parametrize("nesterov", [True, False])
 def test_pallas_skip_nonfinite_equals_xla(small_leaves, nesterov):
     # A NaN in a kernel leaf's gradient (caught by its unit norms), then an Inf in a leaf the
@@ -277,8 +267,8 @@ def test_pallas_skip_nonfinite_equals_xla(small_leaves, nesterov):
     pallas = agc_optax.sgd_agc(0.1, implementation="pallas", **kwargs)
     xla = agc_optax.sgd_agc(0.1, implementation="xla", **kwargs)
     grads = [_random_tree(10 + i, 0.1) for i in range(4)]
-    grads[1] = _with_entry(grads[1], ("stem", "conv", "kernel"), (0, 1, 2, 3), jnp.nan)
-    grads[2] = _with_entry(grads[2], ("embed", "embedding"), (1, 1), jnp.inf)
+    grads[1] = ref.with_entry(grads[1], ("stem", "conv", "kernel"), (0, 1, 2, 3), jnp.nan)
+    grads[2] = ref.with_entry(grads[2], ("embed", "embedding"), (1, 1), jnp.inf)
     assert _count_pallas_calls(pallas.update, grads[0], pallas.init(params), params) == (
         2 * KERNEL_LEAVES
     )
@@ -301,7 +291,7 @@ def test_pallas_skipped_step_keeps_the_momentum_bit_for_bit(small_leaves):
     tx = agc_optax.sgd_agc(0.1, clipping=0.05, skip_nonfinite=True, implementation="pallas")
     step = jax.jit(tx.update)
     _, state = step(_random_tree(10, 0.1), tx.init(params), params)
-    bad = _with_entry(
+    bad = ref.with_entry(
         _random_tree(11, 0.1), ("blocks", "0", "conv0", "kernel"), (0, 0, 5, 3), jnp.inf
     )
     updates, skipped = step(bad, state, params)

@@ -278,16 +278,6 @@ GUARDED = {
 }
 
 
-def _poison(tree, path, entry, value):
-    """``tree`` with one entry of the leaf at ``path`` (keys) set to ``value``."""
-    tree = jax.tree.map(jnp.asarray, tree)
-    node = tree
-    for key in path[:-1]:
-        node = node[key]
-    node[path[-1]] = node[path[-1]].at[entry].set(value)
-    return tree
-
-
 @pytest.mark.parametrize("name", GUARDED)
 def test_skip_nonfinite_skips_inside_the_update_and_otherwise_changes_nothing(name):
     # Reference: the unguarded optimizer run on the finite steps only. Bad steps, each caught
@@ -299,9 +289,13 @@ def test_skip_nonfinite_skips_inside_the_update_and_otherwise_changes_nothing(na
     clean = _grads_seq(3, 1.0)
     nan, inf, loss = jnp.float32(jnp.nan), jnp.float32(jnp.inf), jnp.float32(1.5)
     bad = [
-        (_poison(clean[0], ("blocks", "0", "conv0", "kernel"), (0, 0, 1, 2), nan), params, loss),
-        (_poison(clean[0], ("head", "kernel"), (1, 1), inf), params, loss),
-        (clean[0], _poison(params, ("stem", "conv", "gain"), 3, nan), loss),
+        (
+            ref.with_entry(clean[0], ("blocks", "0", "conv0", "kernel"), (0, 0, 1, 2), nan),
+            params,
+            loss,
+        ),
+        (ref.with_entry(clean[0], ("head", "kernel"), (1, 1), inf), params, loss),
+        (clean[0], ref.with_entry(params, ("stem", "conv", "gain"), 3, nan), loss),
         (clean[0], params, nan),
     ]
     update = jax.jit(lambda g, s, p, v: guarded.update(g, s, p, value=v))
@@ -334,7 +328,9 @@ def test_skip_nonfinite_skips_inside_the_update_and_otherwise_changes_nothing(na
 def test_skip_nonfinite_statistics_describe_the_skipped_step():
     tx = agc_optax.sgd_agc(0.1, stats=True, skip_nonfinite=True)
     params = _random_tree(0)
-    grads = _poison(_random_tree(1), ("blocks", "0", "conv0", "kernel"), (0, 0, 1, 2), jnp.nan)
+    grads = ref.with_entry(
+        _random_tree(1), ("blocks", "0", "conv0", "kernel"), (0, 0, 1, 2), jnp.nan
+    )
     _, state = tx.update(grads, tx.init(params), params)
     assert np.isnan(float(state.agc.max_ratio)) and not bool(state.guard.last_finite)
     assert optax.tree.get(state, "total_notfinite") == 1  # as with optax.apply_if_finite
