@@ -315,7 +315,8 @@ def test_large_leaves_only_by_default():
 
 
 def test_auto_selects_xla_on_cpu(small_leaves):
-    assert jax.default_backend() == "cpu"
+    if jax.default_backend() != "cpu":  # benchmarks/device_checks.sh runs this file on a GPU
+        pytest.skip("the CPU rule: run on CPU")
     assert kernels.resolve_implementation("auto") == "xla"
     assert kernels.resolve_implementation("auto", backend="gpu") == "pallas"
     assert kernels.resolve_implementation("auto", backend="tpu") == "pallas"
