@@ -3,7 +3,6 @@ what XLA:CPU's compile time is made of (kernels shared between leaves of one sha
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Callable
 from typing import Any
@@ -17,6 +16,7 @@ import agc_optax
 from agc_optax.models import create_model
 from agc_optax.training import init_state, make_train_step, split_model
 from benchmarks import common
+from benchmarks.train_step import _optax_chain
 
 
 def _compile_seconds(name: str, scan: bool, small: bool) -> tuple[float, int]:
@@ -97,14 +97,7 @@ def _optimizer_programs(small: bool) -> dict[str, tuple[Callable, tuple]]:
     model = create_model("nfnet_f0", 1000, rngs=nnx.Rngs(0), **overrides)
     _, params, _ = split_model(model)
     grads = jax.tree.map(lambda p: 0.01 * p, params)
-    not_head = jax.tree_util.tree_map_with_path(
-        lambda path, _: not re.search(agc_optax.HEAD_PATTERN, jax.tree_util.keystr(path)), params
-    )
-    chain = optax.chain(
-        optax.masked(optax.adaptive_grad_clip(0.01, eps=1e-3), not_head),
-        optax.add_decayed_weights(2e-5, mask=agc_optax.weight_decay_mask),
-        optax.sgd(0.1, momentum=0.9, nesterov=True),
-    )
+    chain = _optax_chain(params)
     programs = {}
     for label, tx in (
         ("optax chain (AGC, weight decay, Nesterov SGD)", chain),

@@ -6,7 +6,8 @@
 #
 # Each step has its own time limit, so a slow one cannot eat the others' time; the logs land
 # in $OUT (the tool brings them back) or in /tmp/device_checks elsewhere. Paste the tables into
-# benchmarks/RESULTS.md with the card's name, and compare ratios only within one run.
+# benchmarks/RESULTS.md with the card's name, and compare ratios only within one run. Written
+# without a GPU at hand (2026-12-06): its first run on one is also its test.
 set -o pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD" PYTHONUNBUFFERED=1

@@ -115,7 +115,7 @@ VARIANTS = {  # label -> (scan_blocks, JAX's own conv gradients, canonical_conv_
     "unrolled, canonical_conv_grads": (False, False, True),  # as agc-train builds it on CPU
     "scanned, JAX grads": (True, True, False),
     "scanned": (True, False, False),
-    "scanned, canonical_conv_grads": (True, False, True),  # canonical grads in and out of stacks
+    "scanned, canonical_conv_grads": (True, False, True),  # the flag: convs outside the stacks
 }
 
 

@@ -181,8 +181,6 @@ def column_sums_of_squares(
       w: the weight, same shape.
       block_rows: rows per program; ``None`` picks :func:`default_blocks`.
       block_cols: columns per program; ``None`` picks :func:`default_blocks`.
-      finite: the divergence guard's bool scalar (``skip_nonfinite``), passed to ``elementwise``
-        as its ``finite``; ``None`` without a guard.
     """
     num_rows, num_cols = g.shape
     platform, block_rows, block_cols = _blocks(g.shape, 1, block_rows, block_cols)
