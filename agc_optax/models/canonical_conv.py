@@ -108,9 +108,53 @@ def _canonical_conv_fwd(x, w, strides, padding, groups, precision):
     return _plain_conv(x, w, strides, padding, groups, precision), (x, w)
 
 
+def _pointwise_conv_grads(x, w, dy, strides, padding, precision):
+    """(dx, dw) of an ungrouped conv with a 1x1 kernel, as two matrix products.
+
+    Such a conv is ``y[j] = x_padded[stride * j] @ w`` per output position ``j``: ``dw`` is the
+    product of the read input positions and ``dy`` over batch and space, ``dx`` is ``dy @ w.T``
+    put back at the read positions (zeros between them, the padding cropped). XLA:CPU runs both
+    as plain GEMMs, where the convolution form of these gradients transposed the activations
+    and ``dy`` into batch-innermost layouts first (2-5x slower for NF-ResNet-50's 1x1 convs).
+    """
+    rank = w.ndim - 2
+    out_size = dy.shape[1:-1]
+    x_pad = jax.lax.pad(
+        x, jnp.zeros((), x.dtype), ((0, 0, 0), *((lo, hi, 0) for lo, hi in padding), (0, 0, 0))
+    )
+    reads = jax.lax.slice(
+        x_pad,
+        (0,) * (rank + 2),
+        (
+            x.shape[0],
+            *(s * (o - 1) + 1 for s, o in zip(strides, out_size, strict=True)),
+            x.shape[-1],
+        ),
+        (1, *strides, 1),
+    )
+    batch_and_space = tuple(range(rank + 1))
+    dw = jax.lax.dot_general(
+        reads, dy, ((batch_and_space, batch_and_space), ((), ())), precision=precision
+    )
+    dx_read = jax.lax.dot_general(
+        dy, w.reshape(w.shape[-2:]), (((rank + 1,), (1,)), ((), ())), precision=precision
+    )
+    # Stride - 1 zeros between the read positions, zeros after the last one up to the padded
+    # input's end, and the padding cut off both ends: (-lo, size_padded - 1 - last - hi, s - 1).
+    tails = (
+        (-lo, size + lo - 1 - s * (o - 1), s - 1)
+        for (lo, _), size, s, o in zip(padding, x.shape[1:-1], strides, out_size, strict=True)
+    )
+    dx = jax.lax.pad(dx_read, jnp.zeros((), dx_read.dtype), ((0, 0, 0), *tails, (0, 0, 0)))
+    return dx, dw.reshape(w.shape)
+
+
 def _canonical_conv_bwd(strides, padding, groups, precision, residuals, dy):
     x, w = residuals
     rank = w.ndim - 2
+    if groups == 1 and all(k == 1 for k in w.shape[:-2]):
+        dx, dw = _pointwise_conv_grads(x, w, dy, strides, padding, precision)
+        return dx.astype(x.dtype), dw.astype(w.dtype)
     spatial = tuple(range(rank))
     *kernel, in_per_group, out = w.shape
     out_per_group = out // groups

@@ -61,6 +61,10 @@ def _conv_and_grads_float64(x, w, dy, pads, groups, strides=(1, 1)):
         (3, 2, "SAME", ((1, 1), (0, 1)), (2, 2)),  # An F0 transition: grouped, strided.
         (3, 1, "VALID", ((0, 0), (0, 0)), (2, 2)),  # The last column is read by no window.
         (1, 2, "SAME", ((0, 0), (0, 0)), (2, 1)),
+        # Ungrouped 1x1 kernels take their gradients from matrix products.
+        (1, 1, "VALID", ((0, 0), (0, 0)), (2, 2)),  # Rows 1 and 3 are read by no window.
+        (1, 1, ((1, 0), (0, 2)), ((1, 0), (0, 2)), (2, 3)),  # Padding read, then cropped.
+        (1, 1, "SAME", ((0, 0), (0, 0)), (3, 1)),
         (3, 3, ((1, 1), (2, 0)), ((1, 1), (2, 0)), (3, 2)),
     ],
 )
@@ -83,6 +87,25 @@ def test_canonical_grads_match_float64_window_sums(kernel, groups, padding, pads
     np.testing.assert_allclose(np.asarray(y), want_y, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(np.asarray(dx), want_dx, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(np.asarray(dw), want_dw, rtol=1e-5, atol=1e-5)
+
+
+def test_pointwise_conv_gradients_are_matrix_products_on_cpu():
+    """An ungrouped 1x1 conv's gradients compile to matrix products, with no convolution (whose
+    weight gradient XLA:CPU ran on transposed copies of x and dy); a 3x3 one keeps its
+    convolutions."""
+    x, dy = jnp.ones((2, 8, 8, 16)), jnp.ones((2, 4, 4, 32))
+
+    def backward_hlo(kernel):
+        w = jnp.ones((kernel, kernel, 16, 32))
+
+        def vjp(x, w, dy):
+            return jax.vjp(lambda x, w: conv_canonical_grads(x, w, strides=2), x, w)[1](dy)
+
+        return jax.jit(vjp).lower(x, w, dy).compile().as_text()
+
+    pointwise, spatial = backward_hlo(1), backward_hlo(3)
+    assert "convolution(" not in pointwise and " dot(" in pointwise
+    assert "convolution(" in spatial
 
 
 def test_gradient_convolutions_in_a_scan_are_canonical_on_cpu():
