@@ -23,6 +23,7 @@ import functools
 import re
 import time
 from collections.abc import Iterator
+from typing import Any
 from unittest import mock
 
 import jax
@@ -247,24 +248,34 @@ STRIDED_CONVS = {
     "NF-ResNet-50 stage-1 projection": ((16, 32, 32, 256), (1, 1, 256, 512), 1),
 }
 
+# NF-ResNet-50's ungrouped 1x1 convs at batch 16, 128 px: (input, kernel, stride).
+POINTWISE_CONVS = {
+    "stage-0 conv0": ((16, 32, 32, 256), (1, 1, 256, 64), 1),
+    "stage-0 conv2": ((16, 32, 32, 64), (1, 1, 64, 256), 1),
+    "stage-1 projection": ((16, 32, 32, 256), (1, 1, 256, 512), 2),
+    "stage-2 conv0": ((16, 8, 8, 1024), (1, 1, 1024, 256), 1),
+    "stage-3 conv2": ((16, 4, 4, 512), (1, 1, 512, 2048), 1),
+}
 
-def run_strided_conv_grads(repeats: int = 20) -> str:
-    """Gradient of one stride-2 SAME conv, ``conv_canonical_grads`` against JAX's rule (both
-    jitted alone, in the entry computation), interleaved; also their largest difference."""
+
+def _conv_grad_rows(cases: dict[str, tuple[Any, ...]], repeats: int) -> list[tuple[str, ...]]:
+    """One row per ``label: (x_shape, w_shape, groups, stride)``: the gradient of one SAME conv,
+    ``conv_canonical_grads`` against JAX's rule (both jitted alone, in the entry computation),
+    interleaved; also their largest difference."""
     rows = []
     rng = np.random.default_rng(0)
     dn = ("NHWC", "HWIO", "NHWC")
-    for label, (x_shape, w_shape, groups) in STRIDED_CONVS.items():
+    for label, (x_shape, w_shape, groups, stride) in cases.items():
         x = jnp.asarray(rng.standard_normal(x_shape), jnp.float32)
         w = jnp.asarray(0.1 * rng.standard_normal(w_shape), jnp.float32)
 
-        def plain(x, w, groups=groups):
+        def plain(x, w, groups=groups, stride=stride):
             return jax.lax.conv_general_dilated(
-                x, w, (2, 2), "SAME", dimension_numbers=dn, feature_group_count=groups
+                x, w, (stride, stride), "SAME", dimension_numbers=dn, feature_group_count=groups
             )
 
-        def ours(x, w, groups=groups):
-            return conv_canonical_grads(x, w, strides=2, feature_group_count=groups)
+        def ours(x, w, groups=groups, stride=stride):
+            return conv_canonical_grads(x, w, strides=stride, feature_group_count=groups)
 
         grads = {
             name: jax.jit(jax.grad(lambda x, w, f=f: jnp.sum(jnp.sin(f(x, w))), (0, 1)))
@@ -277,16 +288,34 @@ def run_strided_conv_grads(repeats: int = 20) -> str:
         rows.append(
             (
                 label,
-                f"{x_shape}, {w_shape[:2]} kernel, {groups} group(s)",
+                f"{x_shape}, {w_shape[:2]} kernel, {groups} group(s), stride {stride}",
                 f"{times['jax'] * 1e3:.1f}",
                 f"{times['canonical'] * 1e3:.1f}",
                 f"{times['canonical'] / times['jax']:.2f}",
                 f"{difference:.1e}",
             )
         )
+    return rows
+
+
+_CONV_GRAD_HEADER = ("conv", "input, kernel", "JAX ms", "canonical ms", "ratio", "max rel. diff")
+
+
+def run_strided_conv_grads(repeats: int = 20) -> str:
+    """Gradient of one stride-2 SAME conv, ``conv_canonical_grads`` against JAX's rule."""
+    cases = {label: (*case, 2) for label, case in STRIDED_CONVS.items()}
     title = f"### Gradient of one stride-2 conv ({jax.default_backend()}, float32)\n\n"
-    header = ("conv", "input, kernel", "JAX ms", "canonical ms", "ratio", "max rel. diff")
-    return title + common.markdown_table(header, rows)
+    return title + common.markdown_table(_CONV_GRAD_HEADER, _conv_grad_rows(cases, repeats))
+
+
+def run_pointwise_conv_grads(repeats: int = 20, small: bool = False) -> str:
+    """Gradient of NF-ResNet-50's 1x1 convs: ``conv_canonical_grads`` (matrix products) against
+    JAX's rule (convolutions)."""
+    cases = {f"NF-ResNet-50 {label}": (x, w, 1, s) for label, (x, w, s) in POINTWISE_CONVS.items()}
+    if small:  # a smoke test: one tiny strided case
+        cases = {"tiny strided 1x1": ((2, 6, 6, 8), (1, 1, 8, 16), 1, 2)}
+    title = f"### Gradient of one 1x1 conv ({jax.default_backend()}, float32)\n\n"
+    return title + common.markdown_table(_CONV_GRAD_HEADER, _conv_grad_rows(cases, repeats))
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ TITLES = {
     "compile_time": "compile time",
     "kernel_sharing": "Kernel sharing",
     "scan_blocks": "scan_blocks vs unrolled",
+    "pointwise_conv_grads": "Gradient of one 1x1 conv",
     "input_pipeline": "Input pipeline",
 }
 

@@ -23,10 +23,14 @@ Outside loops it helps too: XLA:CPU turns JAX's grouped weight gradient into a 3
 the same rule, with ``dy`` dilated by the strides (``lhs_dilation`` for the input gradient,
 ``rhs_dilation`` for the weight gradient); alone, the gradient of an NFNet-F0 transition's
 grouped strided 3x3 conv took 0.28-0.53x the time of JAX's, an ungrouped one the same time.
-With every conv a `CanonicalGradWSConv`, NFNet-F0's unrolled train step (batch 8, 128 px) took
-0.46-0.49x the time (0.51-0.66x with the strided convs left to JAX's rule); NF-ResNet-50's (no
-grouped convs; batch 16, 128 px) 0.96-1.05x, a wash (benchmarks/RESULTS.md,
-"canonical_conv_grads"). The model families build all their convs this way with
+An ungrouped conv with a 1x1 kernel takes both gradients from matrix products instead
+(``dw``: the input positions it reads times ``dy``, contracted over batch and space; ``dx``:
+``dy @ w.T`` put back at those positions): the convolution form of its weight gradient, even
+canonicalized, first copied ``x`` and ``dy`` into batch-innermost transposes, and took 2-5x the
+time of the products for NF-ResNet-50's shapes. With every conv a `CanonicalGradWSConv`,
+NFNet-F0's unrolled train step (batch 8, 128 px) took 0.45-0.49x the time (0.51-0.66x with the
+strided convs left to JAX's rule); NF-ResNet-50's (batch 16, 128 px) 0.77-0.81x, all of it from
+the 1x1 rule (benchmarks/RESULTS.md, "canonical_conv_grads" and "1x1 convs"). The model families build all their convs this way with
 ``canonical_conv_grads=True`` (`wsconv_class`), which ``agc-train`` sets; by default only the
 stacked blocks of ``scan_blocks=True`` do, and unrolled models keep `WSConv`, whose gradients
 allow forward mode too.

@@ -246,9 +246,10 @@ class NFRegNet(layers.ClassifierHead, nnx.Module):
       canonical_conv_grads: build every weight-standardized conv (stem, blocks, transitions,
         ``final_conv``; unrolled or stacked) as `agc_optax.models.CanonicalGradWSConv`: same
         parameters, names, outputs and weight loading, but on CPU their gradients (of strided and
-        grouped convs too) are written as canonical convolutions, which XLA:CPU runs faster
-        (NFNet-F0's train step took 0.46-0.49x the time, `agc_optax.models.NFNet`; NF-RegNet's
-        grouped convs should gain likewise; not measured yet); programs for other backends are
+        grouped convs too) are written as canonical convolutions (those of ungrouped 1x1 convs as
+        matrix products), which XLA:CPU runs faster (NFNet-F0's train step took 0.45-0.49x the
+        time, NF-ResNet-50's 0.77-0.81x; NF-RegNet has both kinds of conv and should gain
+        likewise; not measured yet); programs for other backends are
         unchanged. The trade: reverse-mode differentiation only (``jax.grad``, ``jax.vjp``,
         ``jax.hessian``); ``jax.jvp`` or ``jax.jacfwd`` of the model raise ``TypeError`` ("...
         supports reverse-mode differentiation only ...", or under ``jax.jit`` JAX's "can't apply

@@ -297,9 +297,9 @@ class NFResNet(layers.ClassifierHead, nnx.Module):
       canonical_conv_grads: build every weight-standardized conv (stem, blocks, transitions,
         ``final_conv``; unrolled or stacked) as `agc_optax.models.CanonicalGradWSConv`: same
         parameters, names, outputs and weight loading, but on CPU their gradients (of strided and
-        grouped convs too) are written as canonical convolutions. The gain is in grouped convs,
-        which NF-ResNet lacks: NF-ResNet-50's train step took 0.96-1.05x the time (batch 16, 128 px;
-        a wash, ``benchmarks/RESULTS.md``); programs for other backends are unchanged. The trade:
+        grouped convs too) are written as canonical convolutions, and those of the ungrouped 1x1
+        convs as matrix products: NF-ResNet-50's train step took 0.77-0.81x the time (batch 16,
+        128 px, ``benchmarks/RESULTS.md``); programs for other backends are unchanged. The trade:
         reverse-mode differentiation only (``jax.grad``, ``jax.vjp``, ``jax.hessian``); ``jax.jvp``
         or ``jax.jacfwd`` of the model raise ``TypeError`` ("... supports reverse-mode
         differentiation only ...", or under ``jax.jit`` JAX's "can't apply forward-mode autodiff
