@@ -26,14 +26,15 @@ grouped strided 3x3 conv took 0.28-0.53x the time of JAX's, an ungrouped one the
 An ungrouped conv with a 1x1 kernel takes both gradients from matrix products instead
 (``dw``: the input positions it reads times ``dy``, contracted over batch and space; ``dx``:
 ``dy @ w.T`` put back at those positions): the convolution form of its weight gradient, even
-canonicalized, first copied ``x`` and ``dy`` into batch-innermost transposes, and took 2-5x the
-time of the products for NF-ResNet-50's shapes. With every conv a `CanonicalGradWSConv`,
+canonicalized, first copied ``x`` and ``dy`` into batch-innermost transposes, and took 1.6-2.9x
+the time of the products for NF-ResNet-50's shapes. With every conv a `CanonicalGradWSConv`,
 NFNet-F0's unrolled train step (batch 8, 128 px) took 0.45-0.49x the time (0.51-0.66x with the
-strided convs left to JAX's rule); NF-ResNet-50's (batch 16, 128 px) 0.77-0.81x, all of it from
-the 1x1 rule (benchmarks/RESULTS.md, "canonical_conv_grads" and "1x1 convs"). The model families build all their convs this way with
-``canonical_conv_grads=True`` (`wsconv_class`), which ``agc-train`` sets; by default only the
-stacked blocks of ``scan_blocks=True`` do, and unrolled models keep `WSConv`, whose gradients
-allow forward mode too.
+strided convs left to JAX's rule); NF-ResNet-50's (batch 16, 128 px) 0.77-0.82x, all of it from
+the 1x1 rule; ECA-NFNet-L0's bare step 0.41x and NF-RegNet-B0's (8-channel groups) 0.034x
+(benchmarks/RESULTS.md, "canonical_conv_grads" and "1x1 convs"). The model families build all
+their convs this way with ``canonical_conv_grads=True`` (`wsconv_class`), which ``agc-train``
+sets; by default only the stacked blocks of ``scan_blocks=True`` do, and unrolled models keep
+`WSConv`, whose gradients allow forward mode too.
 
 Forward mode applied to these convs (``jax.jvp``, ``jax.jacfwd``) raises ``TypeError``:
 `FORWARD_MODE_ERROR` when the jvp meets the conv eagerly, JAX's own "can't apply forward-mode
@@ -119,7 +120,7 @@ def _pointwise_conv_grads(x, w, dy, strides, padding, precision):
     product of the read input positions and ``dy`` over batch and space, ``dx`` is ``dy @ w.T``
     put back at the read positions (zeros between them, the padding cropped). XLA:CPU runs both
     as plain GEMMs, where the convolution form of these gradients transposed the activations
-    and ``dy`` into batch-innermost layouts first (2-5x slower for NF-ResNet-50's 1x1 convs).
+    and ``dy`` into batch-innermost layouts first (1.6-2.9x slower for NF-ResNet-50's 1x1 convs).
     """
     rank = w.ndim - 2
     out_size = dy.shape[1:-1]

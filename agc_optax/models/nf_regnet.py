@@ -247,9 +247,10 @@ class NFRegNet(layers.ClassifierHead, nnx.Module):
         ``final_conv``; unrolled or stacked) as `agc_optax.models.CanonicalGradWSConv`: same
         parameters, names, outputs and weight loading, but on CPU their gradients (of strided and
         grouped convs too) are written as canonical convolutions (those of ungrouped 1x1 convs as
-        matrix products), which XLA:CPU runs faster (NFNet-F0's train step took 0.45-0.49x the
-        time, NF-ResNet-50's 0.77-0.81x; NF-RegNet has both kinds of conv and should gain
-        likewise; not measured yet); programs for other backends are
+        matrix products), which XLA:CPU runs faster: NF-RegNet-B0's bare train step took
+        **0.034x** the time (470 ms against 13.6 s at batch 16, 128 px; JAX's gradients of its
+        8-channel groups are XLA:CPU's slowest convolutions, ``benchmarks/RESULTS.md``). On CPU, a
+        training loop of your own wants it on. Programs for other backends are
         unchanged. The trade: reverse-mode differentiation only (``jax.grad``, ``jax.vjp``,
         ``jax.hessian``); ``jax.jvp`` or ``jax.jacfwd`` of the model raise ``TypeError`` ("...
         supports reverse-mode differentiation only ...", or under ``jax.jit`` JAX's "can't apply

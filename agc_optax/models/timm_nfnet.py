@@ -421,9 +421,10 @@ class TimmNFNet(ClassifierHead, nnx.Module):
       canonical_conv_grads: build every weight-standardized conv (stem, blocks, transitions,
         ``final_conv``; unrolled or stacked) as `agc_optax.models.CanonicalGradWSConv`: same
         parameters, names, outputs and weight loading, but on CPU their gradients (of strided and
-        grouped convs too) are written as canonical convolutions, which XLA:CPU runs faster
-        (NFNet-F0's train step took 0.46-0.49x the time, `agc_optax.models.NFNet`; the same
-        architecture; not measured for these models yet); programs for other backends are unchanged.
+        grouped convs too) are written as canonical convolutions (those of ungrouped 1x1 convs as
+        matrix products), which XLA:CPU runs faster (ECA-NFNet-L0's bare train step took 0.41x
+        the time at batch 8, 128 px, ``benchmarks/RESULTS.md``); programs for other backends are
+        unchanged. On CPU, a training loop of your own wants it on.
         The trade: reverse-mode differentiation only (``jax.grad``, ``jax.vjp``, ``jax.hessian``);
         ``jax.jvp`` or ``jax.jacfwd`` of the model raise ``TypeError`` ("... supports reverse-mode
         differentiation only ...", or under ``jax.jit`` JAX's "can't apply forward-mode autodiff
