@@ -89,6 +89,39 @@ def test_canonical_grads_match_float64_window_sums(kernel, groups, padding, pads
     np.testing.assert_allclose(np.asarray(dw), want_dw, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize(
+    ("x_shape", "strides", "dtype", "tol"),
+    [
+        ((2, 7, 5), (2,), jnp.float32, 1e-5),  # 1-D
+        ((2, 5, 4, 6, 5), (2, 1, 3), jnp.float32, 1e-5),  # 3-D
+        ((2, 6, 5, 5), (2, 2), jnp.bfloat16, 2e-2),
+    ],
+)
+def test_pointwise_conv_grads_equal_jax_in_any_rank_and_dtype(x_shape, strides, dtype, tol):
+    """The 1x1 rule for 1 to 3 spatial axes and in bfloat16: JAX's own gradients, in x's dtype."""
+    rank = len(x_shape) - 2
+    rng = np.random.default_rng(rank)
+    x = jnp.asarray(rng.standard_normal(x_shape), dtype)
+    w = jnp.asarray(rng.standard_normal((1,) * rank + (5, 3)), dtype)
+    sp = "DHW"[-rank:]
+
+    def plain(x, w):
+        dn = (f"N{sp}C", f"{sp}IO", f"N{sp}C")
+        return jax.lax.conv_general_dilated(x, w, strides, "SAME", dimension_numbers=dn)
+
+    def ours(x, w):
+        return conv_canonical_grads(x, w, strides=strides)
+
+    y, vjp = jax.vjp(ours, x, w)
+    want_y, want_vjp = jax.vjp(plain, x, w)
+    dy = jnp.asarray(rng.standard_normal(y.shape), dtype)
+    for got, want in zip((y, *vjp(dy)), (want_y, *want_vjp(dy)), strict=True):
+        assert got.dtype == want.dtype == dtype
+        np.testing.assert_allclose(
+            np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=tol, atol=tol
+        )
+
+
 def test_pointwise_conv_gradients_are_matrix_products_on_cpu():
     """An ungrouped 1x1 conv's gradients compile to matrix products, with no convolution (whose
     weight gradient XLA:CPU ran on transposed copies of x and dy); a 3x3 one keeps its
