@@ -105,6 +105,12 @@ def _parser() -> argparse.ArgumentParser:
     add("--checkpoint-every", type=int, help="steps between checkpoints (default: each epoch)")
     add("--resume", action="store_true", help="continue from the newest readable checkpoint")
     add(
+        "--compile-cache",
+        metavar="DIR",
+        help="JAX's persistent compilation cache: a rerun or --resume of the same configuration "
+        "loads its compiled steps instead of compiling them (as JAX_COMPILATION_CACHE_DIR)",
+    )
+    add(
         "--max-bad-steps",
         type=int,
         help="steps with a non-finite loss or gradient norm are skipped; stop (exit code 3) "
@@ -149,6 +155,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         "run_dir",
         "checkpoint_dir",
         "checkpoint_every",
+        "compile_cache",
         "max_bad_steps",
         "eval_every",
         "log_every",

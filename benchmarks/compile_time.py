@@ -3,6 +3,10 @@ what XLA:CPU's compile time is made of (kernels shared between leaves of one sha
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Callable
 from typing import Any
@@ -151,3 +155,58 @@ if __name__ == "__main__":
     print(run())
     print()
     print(run_kernel_sharing())
+
+
+def _trainer_step_compile_seconds(name: str, small: bool) -> float:
+    """Seconds to compile the step ``agc-train`` runs for model ``name`` (its model, optimizer,
+    guard and EMA; batch 16 at 128 px, or 2 at 16 px with ``small``), in this process."""
+    overrides = {"widths": (16, 32, 48, 64), "depths": (1, 1, 1, 1)} if small else {}
+    model = create_model(name, 1000, rngs=nnx.Rngs(0), canonical_conv_grads=True, **overrides)
+    tx = agc_optax.sgd_agc(0.1, unit_axes=model.agc_unit_axes, stats=True, skip_nonfinite=True)
+    split, params, stats = split_model(model)
+    state = init_state(params, stats, tx, ema=True)
+    batch_size, res = (2, 16) if small else (16, 128)
+    batch = (jnp.zeros((batch_size, res, res, 3), jnp.float32), jnp.zeros((batch_size,), jnp.int32))
+    step = make_train_step(split, tx, seed=0, ema=0.9999, skip_nonfinite=True, log_every=100)
+    lowered = jax.jit(step, donate_argnums=0).lower(state, batch)
+    start = time.perf_counter()
+    lowered.compile()
+    return time.perf_counter() - start
+
+
+def _compile_in_new_process(name: str, small: bool, cache_dir: str | None) -> float:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION_CACHE")}
+    if cache_dir is not None:
+        env |= {
+            "JAX_COMPILATION_CACHE_DIR": cache_dir,
+            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+        }
+    code = (
+        "from benchmarks.compile_time import _trainer_step_compile_seconds as f; "
+        f"print(f({name!r}, {small!r}))"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True, check=True
+    )
+    return float(out.stdout.split()[-1])
+
+
+def run_persistent_cache(repeats: int = 1, small: bool = False) -> str:
+    """The trainer's step compiled in a fresh process: without JAX's persistent compilation
+    cache, with an empty cache (compile and write), and again with the cache filled (a rerun or
+    ``--resume`` of the same configuration)."""
+    names = ["nf_resnet26"] if small else ["nf_resnet50", "nfnet_f0"]
+    rows = []
+    for name in names:
+        for _ in range(repeats):
+            without = _compile_in_new_process(name, small, None)
+            with tempfile.TemporaryDirectory() as cache_dir:
+                cold = _compile_in_new_process(name, small, cache_dir)
+                warm = _compile_in_new_process(name, small, cache_dir)
+            rows.append(
+                (name, f"{without:.1f}", f"{cold:.1f}", f"{warm:.1f}", f"{warm / without:.2f}")
+            )
+    header = ("model", "no cache s", "empty cache s", "filled cache s", "filled / no cache")
+    title = "### The trainer's step from JAX's persistent compilation cache (fresh processes)\n\n"
+    return title + common.markdown_table(header, rows)

@@ -30,6 +30,7 @@ BENCHMARKS = {
     "vs_bare": train_step.run_vs_bare,
     "compile_time": compile_time.run,
     "kernel_sharing": compile_time.run_kernel_sharing,
+    "persistent_cache": compile_time.run_persistent_cache,
     "scan_blocks": scan_blocks.run,  # F0/F3/F6 train steps: tens of minutes on 2 cores
     "pointwise_conv_grads": scan_blocks.run_pointwise_conv_grads,
     "input_pipeline": input_pipeline.run,

@@ -13,6 +13,7 @@ TITLES = {
     "vs_bare": "vs the bare step",
     "compile_time": "compile time",
     "kernel_sharing": "Kernel sharing",
+    "persistent_cache": "persistent compilation cache",
     "scan_blocks": "scan_blocks vs unrolled",
     "pointwise_conv_grads": "Gradient of one 1x1 conv",
     "input_pipeline": "Input pipeline",

@@ -13,6 +13,7 @@ import os
 import signal
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -107,6 +108,23 @@ def _check_writable_dir(path: str, what: str, flag: str) -> None:
         ) from None
 
 
+def _use_compile_cache(path: str) -> None:
+    """Points JAX's persistent compilation cache at ``path`` unless the process already has one.
+
+    JAX opens its cache once, at the first compilation, so another directory set earlier (by
+    ``JAX_COMPILATION_CACHE_DIR`` or ``jax.config``) stays in use; the warning says which.
+    """
+    current = jax.config.jax_compilation_cache_dir
+    if not current:
+        jax.config.update("jax_compilation_cache_dir", path)
+    elif os.path.abspath(current) != path:
+        warnings.warn(
+            f"--compile-cache `{path}` ignored: this process already uses JAX's compilation "
+            f"cache at `{current}` (JAX_COMPILATION_CACHE_DIR or jax.config)",
+            stacklevel=3,
+        )
+
+
 def _agree_on_setup(problem: str | None, process_count: int) -> None:
     """Raises on every process when process 0 found ``problem``, so none waits for the others."""
     if process_count > 1:
@@ -160,9 +178,15 @@ def train(
         try:
             _check_writable_dir(run_dir, "run directory", "--run-dir")
             _check_writable_dir(checkpoint_dir, "checkpoint directory", "--checkpoint-dir")
+            if config.compile_cache:
+                _check_writable_dir(
+                    config.compile_cache, "compile cache directory", "--compile-cache"
+                )
         except ConfigError as e:
             problem = str(e)
     _agree_on_setup(problem, process_count)
+    if config.compile_cache:
+        _use_compile_cache(os.path.abspath(config.compile_cache))
 
     # --- Mesh -----------------------------------------------------------------------------------
     placement = parallel.make_placement(config.parallel, shard_params=config.shard_params)

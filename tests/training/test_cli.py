@@ -27,6 +27,7 @@ from tensorboard_events import read_scalars
         (["--lr", "inf"], None, "`--lr` must be a finite number, got inf"),
         (["--max-bad-steps", "0"], None, "`--max-bad-steps` must be > 0, got 0"),
         (["--checkpoint-dir", "{tmp}/file"], None, "is a file, not a directory"),
+        (["--compile-cache", "{tmp}/file"], None, "compile cache directory `"),
     ],
 )
 def test_bad_input_is_one_clear_line(tmp_path, args, devices, message):
@@ -85,14 +86,23 @@ def test_help_explains_every_flag():
         "--num-processes",
         "--process-id",
         "--update-norm",
+        "--compile-cache",
     ):
         assert flag in proc.stdout
 
 
 def test_smoke_run_writes_everything(tmp_path):
-    run_dir = tmp_path / "run"
-    proc = run_cli("--preset", "smoke", "--run-dir", str(run_dir), "--no-progress", "--update-norm")
+    run_dir, cache = tmp_path / "run", tmp_path / "xla_cache"
+    env = cli_env() | {"JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}  # cache every program
+    proc = run_cli(
+        *("--preset", "smoke", "--run-dir", str(run_dir), "--no-progress", "--update-norm"),
+        *("--compile-cache", str(cache)),
+        env=env,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # The compiled train step (`with_stop_vote`'s wrapper) went into the cache, for a rerun or
+    # --resume to load.
+    assert any(name.startswith("jit_voting_step-") for name in os.listdir(cache)), os.listdir(cache)
     for name in ("metrics.jsonl", "metrics.png", "config.json", "summary.json"):
         assert (run_dir / name).is_file(), name
         assert str(run_dir / name) in proc.stdout  # says where everything went
@@ -181,3 +191,26 @@ def test_help_states_each_default_once():
     assert "(default nf_resnet26)" in text and "(default digits)" in text
     # Where a run goes, as run_dir_of names it.
     assert "(default runs/<model>-<dataset>-<time>)" in text
+
+
+def test_compile_cache_leaves_a_cache_set_elsewhere_with_a_warning(tmp_path):
+    """JAX opens its cache once per process, so `--compile-cache` only fills an empty setting;
+    a directory set before (JAX_COMPILATION_CACHE_DIR, jax.config) stays, and a warning says so.
+    Nothing compiles in between, so JAX's own cache is never opened here."""
+    import jax
+
+    from agc_optax.training.trainer import _use_compile_cache
+
+    previous = jax.config.jax_compilation_cache_dir
+    mine, elsewhere = str(tmp_path / "mine"), str(tmp_path / "elsewhere")
+    try:
+        jax.config.update("jax_compilation_cache_dir", None)
+        _use_compile_cache(mine)
+        assert jax.config.jax_compilation_cache_dir == mine
+        _use_compile_cache(mine)  # the same directory again: silent
+        jax.config.update("jax_compilation_cache_dir", elsewhere)
+        with pytest.warns(UserWarning, match=rf"--compile-cache `{mine}` ignored: .*`{elsewhere}`"):
+            _use_compile_cache(mine)
+        assert jax.config.jax_compilation_cache_dir == elsewhere
+    finally:
+        jax.config.update("jax_compilation_cache_dir", previous)
