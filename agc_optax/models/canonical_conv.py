@@ -29,7 +29,7 @@ An ungrouped conv with a 1x1 kernel takes both gradients from matrix products in
 canonicalized, first copied ``x`` and ``dy`` into batch-innermost transposes, and took 1.6-2.9x
 the time of the products for NF-ResNet-50's shapes. With every conv a `CanonicalGradWSConv`,
 NFNet-F0's unrolled train step (batch 8, 128 px) took 0.45-0.49x the time (0.51-0.66x with the
-strided convs left to JAX's rule); NF-ResNet-50's (batch 16, 128 px) 0.77-0.82x, all of it from
+strided convs left to JAX's rule); NF-ResNet-50's (batch 16, 128 px) 0.75-0.82x, all of it from
 the 1x1 rule; ECA-NFNet-L0's bare step 0.41x and NF-RegNet-B0's (8-channel groups) 0.034x
 (benchmarks/RESULTS.md, "canonical_conv_grads" and "1x1 convs"). The model families build all
 their convs this way with ``canonical_conv_grads=True`` (`wsconv_class`), which ``agc-train``

@@ -298,7 +298,7 @@ class NFResNet(layers.ClassifierHead, nnx.Module):
         ``final_conv``; unrolled or stacked) as `agc_optax.models.CanonicalGradWSConv`: same
         parameters, names, outputs and weight loading, but on CPU their gradients (of strided and
         grouped convs too) are written as canonical convolutions, and those of the ungrouped 1x1
-        convs as matrix products: NF-ResNet-50's train step took 0.77-0.82x the time (batch 16,
+        convs as matrix products: NF-ResNet-50's train step took 0.75-0.82x the time (batch 16,
         128 px, ``benchmarks/RESULTS.md``); programs for other backends are unchanged. The trade:
         reverse-mode differentiation only (``jax.grad``, ``jax.vjp``, ``jax.hessian``); ``jax.jvp``
         or ``jax.jacfwd`` of the model raise ``TypeError`` ("... supports reverse-mode

@@ -68,7 +68,7 @@ def training_model_defaults(name: str) -> dict[str, Any]:
     """Constructor keywords training adds to model ``name``'s defaults (``--model-arg`` wins).
 
     ``canonical_conv_grads=True`` where the family takes it (every NF family): on CPU the train
-    step is faster (NFNet-F0 0.45-0.49x the time, NF-ResNet-50 0.77-0.82x, NF-RegNet-B0 0.034x;
+    step is faster (NFNet-F0 0.45-0.49x the time, NF-ResNet-50 0.75-0.82x, NF-RegNet-B0 0.034x;
     ``benchmarks/RESULTS.md``), other backends' programs are unchanged, and all it gives up is
     forward-mode differentiation, which training does not use. Evaluation (``agc-eval``) builds
     the model with its plain default.
