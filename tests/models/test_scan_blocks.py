@@ -90,19 +90,22 @@ def test_canonical_grads_match_float64_window_sums(kernel, groups, padding, pads
 
 
 @pytest.mark.parametrize(
-    ("x_shape", "strides", "dtype", "tol"),
+    ("x_shape", "strides", "c_out", "dtype", "tol"),
     [
-        ((2, 7, 5), (2,), jnp.float32, 1e-5),  # 1-D
-        ((2, 5, 4, 6, 5), (2, 1, 3), jnp.float32, 1e-5),  # 3-D
-        ((2, 6, 5, 5), (2, 2), jnp.bfloat16, 2e-2),
+        ((2, 7, 5), (2,), 3, jnp.float32, 1e-5),  # 1-D
+        ((2, 5, 4, 6, 5), (2, 1, 3), 3, jnp.float32, 1e-5),  # 3-D
+        ((2, 6, 5, 5), (2, 2), 3, jnp.bfloat16, 2e-2),
+        # Wider out than in: dw multiplies with x on the left (above: dy on the left).
+        ((2, 6, 5, 5), (1, 2), 8, jnp.float32, 1e-5),
+        ((1, 2, 2, 5), (1, 1), 4, jnp.float32, 1e-5),  # 4 x (4 + 5) > 4 x 5: x on the left
     ],
 )
-def test_pointwise_conv_grads_equal_jax_in_any_rank_and_dtype(x_shape, strides, dtype, tol):
+def test_pointwise_conv_grads_equal_jax_in_any_rank_and_dtype(x_shape, strides, c_out, dtype, tol):
     """The 1x1 rule for 1 to 3 spatial axes and in bfloat16: JAX's own gradients, in x's dtype."""
     rank = len(x_shape) - 2
     rng = np.random.default_rng(rank)
     x = jnp.asarray(rng.standard_normal(x_shape), dtype)
-    w = jnp.asarray(rng.standard_normal((1,) * rank + (5, 3)), dtype)
+    w = jnp.asarray(rng.standard_normal((1,) * rank + (5, c_out)), dtype)
     sp = "DHW"[-rank:]
 
     def plain(x, w):
