@@ -324,7 +324,7 @@ class NFNet(ClassifierHead, nnx.Module):
         parameters, names, outputs and weight loading, but on CPU their gradients (of strided and
         grouped convs too) are written as canonical convolutions (those of ungrouped 1x1 convs as
         matrix products), which XLA:CPU runs faster
-        (NFNet-F0's unrolled train step: 0.46-0.49x the time at batch 8, 128 px,
+        (NFNet-F0's unrolled train step: 0.45-0.49x the time at batch 8, 128 px,
         ``benchmarks/RESULTS.md``); programs for other backends are unchanged. The trade:
         reverse-mode differentiation only (``jax.grad``, ``jax.vjp``, ``jax.hessian``); ``jax.jvp``
         or ``jax.jacfwd`` of the model raise ``TypeError`` ("... supports reverse-mode
