@@ -61,8 +61,8 @@ def run(repeats: int = 1, small: bool = False) -> str:
     )
 
 
-def _seconds_to_compile(fn: Callable[..., Any], *args: Any) -> float:
-    lowered = jax.jit(fn).lower(*args)
+def _seconds_to_compile(fn: Callable[..., Any], *args: Any, donate_argnums: Any = ()) -> float:
+    lowered = jax.jit(fn, donate_argnums=donate_argnums).lower(*args)
     start = time.perf_counter()
     lowered.compile()
     return time.perf_counter() - start
@@ -151,12 +151,6 @@ def run_kernel_sharing(repeats: int = 2, small: bool = False) -> str:
     return "### Kernel sharing and XLA:CPU compile time\n\n" + "\n\n".join(sections)
 
 
-if __name__ == "__main__":
-    print(run())
-    print()
-    print(run_kernel_sharing())
-
-
 def _trainer_step_compile_seconds(name: str, small: bool) -> float:
     """Seconds to compile the step ``agc-train`` runs for model ``name`` (its model, optimizer,
     guard and EMA; batch 16 at 128 px, or 2 at 16 px with ``small``), in this process."""
@@ -168,10 +162,7 @@ def _trainer_step_compile_seconds(name: str, small: bool) -> float:
     batch_size, res = (2, 16) if small else (16, 128)
     batch = (jnp.zeros((batch_size, res, res, 3), jnp.float32), jnp.zeros((batch_size,), jnp.int32))
     step = make_train_step(split, tx, seed=0, ema=0.9999, skip_nonfinite=True, log_every=100)
-    lowered = jax.jit(step, donate_argnums=0).lower(state, batch)
-    start = time.perf_counter()
-    lowered.compile()
-    return time.perf_counter() - start
+    return _seconds_to_compile(step, state, batch, donate_argnums=0)
 
 
 def _compile_in_new_process(name: str, small: bool, cache_dir: str | None) -> float:
@@ -210,3 +201,11 @@ def run_persistent_cache(repeats: int = 1, small: bool = False) -> str:
     header = ("model", "no cache s", "empty cache s", "filled cache s", "filled / no cache")
     title = "### The trainer's step from JAX's persistent compilation cache (fresh processes)\n\n"
     return title + common.markdown_table(header, rows)
+
+
+if __name__ == "__main__":
+    print(run())
+    print()
+    print(run_kernel_sharing())
+    print()
+    print(run_persistent_cache())
