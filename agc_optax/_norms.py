@@ -259,6 +259,7 @@ def unit_clip_scales(
     clipping: Any,
     eps: Any,
     norm: NormOrder = 2,
+    offsets: Sequence[jax.Array] | None = None,
 ) -> UnitScales:
     """:func:`clip_scale` for every clipped leaf, exact also where a powered norm overflowed.
 
@@ -275,12 +276,27 @@ def unit_clip_scales(
     obeys ``||G_i|| <= clipping * max(||W_i||, eps)`` to float rounding. The common case pays for
     the flag (a reduction over the unit norms, not over the leaves) and nothing else. XLA's
     ``cost_analysis()`` counts the branch that does not run as if it did.
+
+    ``offsets``: where each leaf's units start in that vector, as int32 scalars that are
+    runtime values (an optimizer's state, see ``clipping.unit_offsets``). A slice at a constant
+    offset becomes part of the kernel that reads it, so XLA generates one update kernel per
+    leaf; a slice at a runtime offset lets leaves of one shape share one kernel (NF-ResNet-50's
+    optimizer: 177 kernels of each update loop become 30). Used when every leaf's norms share
+    one dtype (the offsets count all clipped units in order); otherwise, or when ``None``, each
+    leaf takes a static slice.
     """
     groups: dict[Any, list[int]] = {}
     for i, (*_, g_pow, w_pow) in enumerate(leaves):
         groups.setdefault(jnp.result_type(g_pow, w_pow), []).append(i)
     if not groups:
         return UnitScales([], jnp.zeros(0, bool), jnp.zeros(0, jnp.float32), jnp.array(True))
+    if offsets is not None and len(offsets) != len(leaves):
+        raise ValueError(
+            f"the optimizer state holds unit offsets for {len(offsets)} clipped leaves, but the "
+            f"parameters have {len(leaves)}: create the state with `tx.init(params)` for these "
+            "parameters"
+        )
+    runtime_offsets = offsets is not None and len(groups) == 1
     scales: list[Any] = [None] * len(leaves)
     clipped, ratios, finite = [], [], []
     for dtype, members in groups.items():
@@ -291,7 +307,11 @@ def unit_clip_scales(
         for i in members:
             shape = leaves[i][3].shape
             size = math.prod(shape)
-            scales[i] = scale[offset : offset + size].reshape(shape)
+            if runtime_offsets:
+                part = jax.lax.dynamic_slice(scale, (offsets[i],), (size,))
+            else:
+                part = scale[offset : offset + size]
+            scales[i] = part.reshape(shape)
             offset += size
         clipped.append(clip)
         ratios.append(ratio.astype(jnp.float32))

@@ -22,7 +22,7 @@ from agc_optax._checks import check_hyperparameter, check_static_flag, is_static
 from agc_optax._guard import decay, initial_guard, kept, next_count, next_guard
 from agc_optax._norms import apply_scale
 from agc_optax._plan import PlanCache, UnitInfo
-from agc_optax.clipping import clip_leaves, initial_stats
+from agc_optax.clipping import clip_leaves, initial_stats, unit_offsets
 from agc_optax.unit_axes import ExcludeRule, UnitAxesRule, gets_weight_decay, path_from_keys
 
 #: The classifier's kernel, which the NFNet recipe leaves unclipped (Brock et al. 2021, sec. 4.1).
@@ -41,24 +41,29 @@ def weight_decay_mask(params: Any) -> Any:
 
 
 class SgdAgcState(NamedTuple):
-    """State of :func:`sgd_agc`: step count, momentum buffers, AGC statistics (if kept), and
-    the guard's record (``skip_nonfinite=True``; else empty)."""
+    """State of :func:`sgd_agc`: step count, momentum buffers, AGC statistics (if kept), the
+    guard's record (``skip_nonfinite=True``; else empty), and where each clipped leaf's units
+    start in AGC's vector of all units (:func:`agc_optax.clipping.unit_offsets`; constants,
+    kept in the state so XLA shares update kernels between leaves of one shape)."""
 
     count: jax.Array
     momentum: Any
     agc: Any
     guard: Any = optax.EmptyState()
+    unit_offsets: tuple[jax.Array, ...] = ()
 
 
 class AdamWAgcState(NamedTuple):
-    """State of :func:`adamw_agc`: step count, first and second moments, AGC statistics, and
-    the guard's record (``skip_nonfinite=True``; else empty)."""
+    """State of :func:`adamw_agc`: step count, first and second moments, AGC statistics, the
+    guard's record (``skip_nonfinite=True``; else empty), and the unit offsets (as in
+    :class:`SgdAgcState`)."""
 
     count: jax.Array
     mu: Any
     nu: Any
     agc: Any
     guard: Any = optax.EmptyState()
+    unit_offsets: tuple[jax.Array, ...] = ()
 
 
 def _check_learning_rate(learning_rate: optax.ScalarOrSchedule) -> None:
@@ -165,6 +170,7 @@ def _sgd_agc_parts(
             momentum=buffers,
             agc=_agc_state(plans, params, stats),
             guard=initial_guard(skip_nonfinite),
+            unit_offsets=unit_offsets(plans(params)),
         )
 
     def update(
@@ -203,12 +209,14 @@ def _sgd_agc_parts(
             unit_norms=unit_norms,
             guard=skip_nonfinite,
             value=value,
+            offsets=state.unit_offsets,
         )
         new_state = SgdAgcState(
             count=next_count(finite, state.count),
             momentum=new_momentum if has_momentum else state.momentum,
             agc=agc if stats else optax.EmptyState(),
             guard=next_guard(state.guard, finite),
+            unit_offsets=state.unit_offsets,
         )
         return out, new_state
 
@@ -441,6 +449,7 @@ def adamw_agc(
             nu=jax.tree.map(jnp.zeros_like, params),
             agc=_agc_state(plans, params, stats),
             guard=initial_guard(skip_nonfinite),
+            unit_offsets=unit_offsets(plans(params)),
         )
 
     def update_fn(
@@ -480,6 +489,7 @@ def adamw_agc(
             num_outputs=3,
             guard=skip_nonfinite,
             value=value,
+            offsets=state.unit_offsets,
         )
         new_state = AdamWAgcState(
             count=next_count(finite, state.count),
@@ -487,6 +497,7 @@ def adamw_agc(
             nu=nu,
             agc=agc if stats else optax.EmptyState(),
             guard=next_guard(state.guard, finite),
+            unit_offsets=state.unit_offsets,
         )
         return out, new_state
 

@@ -1,5 +1,7 @@
 """The fused recipes equal their optax chains; masks, schedules and state behave."""
 
+import re
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -358,3 +360,82 @@ def test_skip_nonfinite_is_a_static_flag():
 def test_bad_hyperparameters_are_named(make, message):
     with pytest.raises(ValueError, match=message):
         make()
+
+
+def test_state_holds_where_each_clipped_leaf_starts_in_the_unit_vector():
+    params = _random_tree(0)
+    # Leaf order: conv0 kernel (16 output units), skip_gain (1), embedding (10 rows),
+    # head/bias (1), head/kernel (excluded: no offset), stem bias, gain (1 each), kernel.
+    want = [0, 16, 17, 27, 28, 29, 30]
+    for tx in (agc_optax.sgd_agc(0.1), agc_optax.adamw_agc(1e-3)):
+        offsets = tx.init(params).unit_offsets
+        assert [int(o) for o in offsets] == want
+        assert all(o.dtype == jnp.int32 and o.shape == () for o in offsets)
+
+
+def _fused_bodies(hlo_text):
+    """Distinct fused computations of an optimized HLO module, names stripped: XLA:CPU
+    generates one kernel per distinct body."""
+    bodies = set()
+    for block in hlo_text.split("\n\n"):
+        head, _, body = block.strip().partition("\n")
+        if "fused" in head.split("(")[0] or "fusion" in head.split("(")[0]:
+            body = re.sub(r"metadata=\{[^}]*\}", "", body)
+            bodies.add(re.sub(r"%[\w.\-]+", "%x", body))
+    return bodies
+
+
+@pytest.mark.parametrize(
+    "make", [lambda: agc_optax.sgd_agc(0.1), lambda: agc_optax.adamw_agc(1e-3)]
+)
+def test_leaves_of_one_shape_share_their_update_kernels(make):
+    tx = make()
+
+    def step(p, s, g):
+        u, s = tx.update(g, s, p)
+        return optax.apply_updates(p, u), s
+
+    def kernels(num_leaves, constant_offsets=False):
+        params = {
+            f"conv{i}": {"kernel": jnp.full((3, 3, 4, 8), i + 1.0)} for i in range(num_leaves)
+        }
+        state = tx.init(params)
+        if constant_offsets:  # a state without offsets: each leaf slices at a constant
+            state = state._replace(unit_offsets=())
+        return len(_fused_bodies(jax.jit(step).lower(params, state, params).compile().as_text()))
+
+    # The joined norms' kernels depend on the leaf count too; from 6 leaves on, they do not.
+    assert kernels(12) == kernels(6)
+    assert kernels(12, constant_offsets=True) >= kernels(6, constant_offsets=True) + 6  # control
+
+
+@pytest.mark.parametrize(
+    "make",
+    [lambda: agc_optax.sgd_agc(0.1, stats=True), lambda: agc_optax.adamw_agc(1e-3, stats=True)],
+)
+@pytest.mark.parametrize("mixed_dtypes", [False, True])
+def test_runtime_offsets_give_exactly_the_constant_slices_step(make, mixed_dtypes):
+    tx = make()
+    params = _random_tree(0)
+    if mixed_dtypes:  # two norm dtypes: two unit vectors, then each leaf slices at a constant
+        params["embed"]["embedding"] = params["embed"]["embedding"].astype(jnp.bfloat16)
+    grads = jax.tree.map(lambda p: (3.0 * p).astype(p.dtype), params)
+
+    @jax.jit
+    def step(p, s, g):
+        u, s = tx.update(g, s, p)
+        return optax.apply_updates(p, u), s
+
+    state = tx.init(params)
+    got = step(params, state, grads)
+    want = step(params, state._replace(unit_offsets=()), grads)
+    chex.assert_trees_all_equal(got[0], want[0])
+    chex.assert_trees_all_equal(got[1]._replace(unit_offsets=()), want[1])
+    assert float(got[1].agc.clip_fraction) > 0  # the scales were used
+
+
+def test_a_state_made_for_other_parameters_is_named():
+    params = _random_tree(0)
+    state = agc_optax.sgd_agc(0.1, exclude=r"head/").init(params)  # head/bias not clipped
+    with pytest.raises(ValueError, match=r"unit offsets for 6 clipped leaves.*have 7.*tx.init"):
+        agc_optax.sgd_agc(0.1).update(params, state, params)
