@@ -132,7 +132,7 @@ class _NaNGradient(nnx.Module):
         self.p = nnx.Param(jnp.zeros(()))
 
     def __call__(self, x):
-        return self.dense(x.reshape(x.shape[0], -1)) + 0.0 * jnp.sqrt(self.p.value)
+        return self.dense(x.reshape(x.shape[0], -1)) + 0.0 * jnp.sqrt(self.p[...])
 
 
 OPTIMIZERS = {
