@@ -358,7 +358,10 @@ def _mismatch(meta: dict[str, Any], signature: dict[str, Any], require: Mapping[
     """Why a checkpoint's metadata does not fit this run; empty when it does."""
     if meta.get("signature") != signature:
         diff = _diff(meta.get("signature") or {}, signature)
-        return f"holds a different model or optimizer state ({diff})"
+        return (
+            f"holds a different model or optimizer state ({diff}), or was written by an "
+            "agc_optax version whose state had another layout"
+        )
     saved = meta.get("config") or {}
     for name, value in require.items():
         if saved.get(name) != value:

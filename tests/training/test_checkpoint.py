@@ -43,6 +43,20 @@ def test_a_run_without_ema_resumes_from_one_with_it_and_not_the_reverse(tmp_path
     without.close()
 
 
+def test_a_state_of_another_layout_is_refused_with_its_first_difference(tmp_path):
+    # As a checkpoint written before the optimizer state gained a field reads to a newer run.
+    checkpointer = Checkpointer(str(tmp_path), async_save=False)
+    checkpointer.save(_state(5), {})
+    newer = _state(0)._replace(opt_state=(jnp.zeros((), jnp.int32),))
+    with pytest.raises(
+        CheckpointMismatchError,
+        match=r"different model or optimizer state \(1 missing leaves, first `\.opt_state\[0\]`\)"
+        r", or was written by an agc_optax version whose state had another layout",
+    ):
+        checkpointer.restore_latest(newer)
+    checkpointer.close()
+
+
 def test_orphaned_orbax_read_reports_are_dropped_others_kept():
     """After a failed restore, asyncio's "Task exception was never retrieved" reports of orbax's
     own read tasks are noise (the fallback warning said it); any other report still shows."""
