@@ -4,7 +4,7 @@ from agc_optax._guard import SkipNonfiniteState
 from agc_optax._norms import unitwise_norm
 from agc_optax._plan import UnitInfo, UnitTable, describe
 from agc_optax.adagc import AdaGCState, adagc
-from agc_optax.clipping import AdaptiveGradClipState, adaptive_grad_clip
+from agc_optax.clipping import AdaptiveGradClipState, UnitOffsetsState, adaptive_grad_clip
 from agc_optax.optimizers import (
     HEAD_PATTERN,
     AdamWAgcState,
@@ -45,6 +45,7 @@ __all__ = [
     "SgdAgcState",
     "SkipNonfiniteState",
     "UnitInfo",
+    "UnitOffsetsState",
     "UnitTable",
     "ZClipState",
     "adagc",

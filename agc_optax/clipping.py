@@ -39,11 +39,21 @@ class AdaptiveGradClipState(NamedTuple):
         which are never clipped.
       max_ratio: the largest ``||G_i|| / max(||W_i||, eps)`` over all eligible units.
       num_units: how many units are eligible, int32 scalar.
+      unit_offsets: in :func:`adaptive_grad_clip`'s state, :func:`unit_offsets` (constants,
+        kept so that XLA shares kernels between leaves of one shape); empty in the fused
+        optimizers' statistics, whose state keeps its own beside them.
     """
 
     clip_fraction: jax.Array
     max_ratio: jax.Array
     num_units: jax.Array
+    unit_offsets: tuple[jax.Array, ...] = ()
+
+
+class UnitOffsetsState(NamedTuple):
+    """State of :func:`adaptive_grad_clip` without statistics: :func:`unit_offsets` only."""
+
+    unit_offsets: tuple[jax.Array, ...] = ()
 
 
 def initial_stats(plan: UnitTable) -> AdaptiveGradClipState:
@@ -325,7 +335,11 @@ def adaptive_grad_clip(
         comparison use the same norm.
 
     Returns:
-      An ``optax.GradientTransformation`` whose ``update`` needs ``params``.
+      An ``optax.GradientTransformation`` whose ``update`` needs ``params``. Its state
+      (:class:`UnitOffsetsState`, or :class:`AdaptiveGradClipState` with ``stats``) holds where
+      each leaf's units start among all units, as runtime values: XLA then compiles one kernel
+      per leaf shape, not one per leaf (on NFNet-F0's parameters, XLA:CPU: 2.0 s against 3.2 s
+      with constant offsets; ``optax.adaptive_grad_clip`` 1.4 s).
 
     References:
       Brock, De, Smith, Simonyan. High-Performance Large-Scale Image Recognition Without
@@ -365,12 +379,16 @@ def adaptive_grad_clip(
 
     def init_fn(params: Any) -> optax.OptState:
         plan = plans(params)  # and bad leaves at init, not at step 1
-        return initial_stats(plan) if stats else optax.EmptyState()
+        offsets = unit_offsets(plan)
+        if stats:
+            return initial_stats(plan)._replace(unit_offsets=offsets)
+        return UnitOffsetsState(offsets)
 
     def keep_or_scale(row: UnitInfo, g: jax.Array, w: jax.Array, scale: jax.Array | None):
         return (g if scale is None else apply_scale(g, scale),)
 
     def update_fn(updates: Any, state: optax.OptState, params: Any = None):
+        offsets = getattr(state, "unit_offsets", ())  # () also from a state made by hand
         (clipped,), new_stats, _ = clip_leaves(
             "adaptive_grad_clip",
             plans,
@@ -381,7 +399,8 @@ def adaptive_grad_clip(
             eps=eps,
             norm=norm,
             stats=stats,
+            offsets=offsets,
         )
-        return clipped, (new_stats if stats else state)
+        return clipped, (new_stats._replace(unit_offsets=offsets) if stats else state)
 
     return optax.GradientTransformation(init_fn, update_fn)

@@ -367,7 +367,12 @@ def test_state_holds_where_each_clipped_leaf_starts_in_the_unit_vector():
     # Leaf order: conv0 kernel (16 output units), skip_gain (1), embedding (10 rows),
     # head/bias (1), head/kernel (excluded: no offset), stem bias, gain (1 each), kernel.
     want = [0, 16, 17, 27, 28, 29, 30]
-    for tx in (agc_optax.sgd_agc(0.1), agc_optax.adamw_agc(1e-3)):
+    for tx in (
+        agc_optax.sgd_agc(0.1),
+        agc_optax.adamw_agc(1e-3),
+        agc_optax.adaptive_grad_clip(0.01, exclude=agc_optax.HEAD_PATTERN),
+        agc_optax.adaptive_grad_clip(0.01, exclude=agc_optax.HEAD_PATTERN, stats=True),
+    ):
         offsets = tx.init(params).unit_offsets
         assert [int(o) for o in offsets] == want
         assert all(o.dtype == jnp.int32 and o.shape == () for o in offsets)
@@ -386,7 +391,12 @@ def _fused_bodies(hlo_text):
 
 
 @pytest.mark.parametrize(
-    "make", [lambda: agc_optax.sgd_agc(0.1), lambda: agc_optax.adamw_agc(1e-3)]
+    "make",
+    [
+        lambda: agc_optax.sgd_agc(0.1),
+        lambda: agc_optax.adamw_agc(1e-3),
+        lambda: agc_optax.adaptive_grad_clip(0.01),
+    ],
 )
 def test_leaves_of_one_shape_share_their_update_kernels(make):
     tx = make()
@@ -411,7 +421,11 @@ def test_leaves_of_one_shape_share_their_update_kernels(make):
 
 @pytest.mark.parametrize(
     "make",
-    [lambda: agc_optax.sgd_agc(0.1, stats=True), lambda: agc_optax.adamw_agc(1e-3, stats=True)],
+    [
+        lambda: agc_optax.sgd_agc(0.1, stats=True),
+        lambda: agc_optax.adamw_agc(1e-3, stats=True),
+        lambda: agc_optax.adaptive_grad_clip(0.01, stats=True),
+    ],
 )
 @pytest.mark.parametrize("mixed_dtypes", [False, True])
 def test_runtime_offsets_give_exactly_the_constant_slices_step(make, mixed_dtypes):
@@ -431,7 +445,7 @@ def test_runtime_offsets_give_exactly_the_constant_slices_step(make, mixed_dtype
     want = step(params, state._replace(unit_offsets=()), grads)
     chex.assert_trees_all_equal(got[0], want[0])
     chex.assert_trees_all_equal(got[1]._replace(unit_offsets=()), want[1])
-    assert float(got[1].agc.clip_fraction) > 0  # the scales were used
+    assert float(optax.tree.get(got[1], "clip_fraction")) > 0  # the scales were used
 
 
 def test_a_state_made_for_other_parameters_is_named():
@@ -439,3 +453,13 @@ def test_a_state_made_for_other_parameters_is_named():
     state = agc_optax.sgd_agc(0.1, exclude=r"head/").init(params)  # head/bias not clipped
     with pytest.raises(ValueError, match=r"unit offsets for 6 clipped leaves.*have 7.*tx.init"):
         agc_optax.sgd_agc(0.1).update(params, state, params)
+
+
+def test_adaptive_grad_clip_also_takes_an_empty_state():
+    # A state made by hand (or by optax's own adaptive_grad_clip) slices at constant offsets.
+    tx, params = agc_optax.adaptive_grad_clip(0.01), _random_tree(0)
+    grads = jax.tree.map(lambda p: 3.0 * p, params)
+    want, _ = tx.update(grads, tx.init(params), params)
+    got, state = tx.update(grads, optax.EmptyState(), params)
+    chex.assert_trees_all_equal(got, want)
+    assert state == optax.EmptyState()
