@@ -736,9 +736,10 @@ def nf_residual(
 # NFNet step is no slower than the plain unrolled one (F0 0.62-0.91x, F3 0.93x, F6 0.99x) and F3
 # and F6 compile 3-9x faster (F6: 23 vs 209 s), but the unrolled model with
 # `canonical_conv_grads=True`, which agc-train builds, steps faster still (F6 0.87x the plain
-# one, F0 0.46-0.49x), F0's compile is a wash and the other families' scanned steps were not
-# timed, so "auto" unrolls on CPU (ask for True on CPU for F3 and deeper when compile time
-# matters more than a few hundred steps). GPU and TPU, not measured here:
+# one, F0 0.46-0.49x), F0's compile is a wash, and NF-ResNet-50's scanned trainer step compiles
+# slower than its unrolled one (12.8 vs 11.5 s) and steps slower (0.80x vs 0.76x the bare step),
+# so "auto" unrolls on CPU (ask for True on CPU for F3 and deeper when compile time matters more
+# than a few hundred steps). GPU and TPU, not measured here:
 # scanning repeated layers is the usual way to bound compile time there (MaxText defaults to
 # ``scan_layers: True``; big_vision's large-model configs set ``scan=True``), and the CPU problem
 # the canonical convs work around is a CPU compiler pass's scope, so "auto" scans.
