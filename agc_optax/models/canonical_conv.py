@@ -292,6 +292,17 @@ class CanonicalGradWSConv(WSConv):
 def wsconv_class(canonical_conv_grads: bool) -> type[WSConv]:
     """The conv class of a model built with ``canonical_conv_grads`` (the families' option).
 
+    What the option changes: `CanonicalGradWSConv` has `WSConv`'s parameters, names, outputs and
+    weight loading, but on CPU its gradients (of strided and grouped convs too) are written as
+    canonical convolutions, and those of ungrouped 1x1 convs as matrix products, which XLA:CPU
+    runs faster (each family's docstring gives its measured step; ``benchmarks/RESULTS.md``).
+    Programs for other backends are unchanged. The cost: reverse-mode differentiation only
+    (``jax.grad``, ``jax.vjp``, ``jax.hessian``); ``jax.jvp`` or ``jax.jacfwd`` of the model
+    raise ``TypeError`` ("... supports reverse-mode differentiation only ...", or under
+    ``jax.jit`` JAX's "can't apply forward-mode autodiff (jvp) to a custom_vjp function.").
+    ``agc-train`` turns the option on for training (``--model-arg canonical_conv_grads=false``
+    keeps the default); a CPU training loop of your own wants it on.
+
     Args:
       canonical_conv_grads: True for `CanonicalGradWSConv`, False for `WSConv`.
 

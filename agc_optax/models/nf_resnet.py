@@ -295,17 +295,11 @@ class NFResNet(layers.ClassifierHead, nnx.Module):
         ``"auto"`` resolves per backend as for every family
         (`agc_optax.models.layers.resolve_scan_blocks`); the attribute holds the resolved bool.
       canonical_conv_grads: build every weight-standardized conv (stem, blocks, transitions,
-        ``final_conv``; unrolled or stacked) as `agc_optax.models.CanonicalGradWSConv`: same
-        parameters, names, outputs and weight loading, but on CPU their gradients (of strided and
-        grouped convs too) are written as canonical convolutions, and those of the ungrouped 1x1
-        convs as matrix products: NF-ResNet-50's train step took 0.75-0.82x the time (batch 16,
-        128 px, ``benchmarks/RESULTS.md``); programs for other backends are unchanged. The trade:
-        reverse-mode differentiation only (``jax.grad``, ``jax.vjp``, ``jax.hessian``); ``jax.jvp``
-        or ``jax.jacfwd`` of the model raise ``TypeError`` ("... supports reverse-mode
-        differentiation only ...", or under ``jax.jit`` JAX's "can't apply forward-mode autodiff
-        (jvp) to a custom_vjp function."; see `agc_optax.models.canonical_conv`). ``agc-train``
-        turns it on for training (its ``--model-arg canonical_conv_grads=false`` keeps the default);
-        the attribute holds the bool.
+        ``final_conv``; unrolled or stacked) as `agc_optax.models.CanonicalGradWSConv`, whose
+        gradients XLA:CPU runs faster (NF-ResNet-50's train step: 0.75-0.82x the time at batch 16,
+        128 px); reverse-mode differentiation only (what it changes and costs:
+        `agc_optax.models.canonical_conv.wsconv_class`). ``agc-train`` turns it on for training; the
+        attribute holds the bool.
       in_features: input channels.
       dtype: computation dtype (e.g. ``jnp.bfloat16``); weight standardization stays float32.
       param_dtype: parameter dtype.

@@ -320,18 +320,11 @@ class NFNet(ClassifierHead, nnx.Module):
         The stacked blocks' convs have a custom VJP (fast on CPU, see
         `agc_optax.models.conv_canonical_grads`): reverse-mode differentiation only.
       canonical_conv_grads: build every weight-standardized conv (stem, blocks, transitions,
-        ``final_conv``; unrolled or stacked) as `agc_optax.models.CanonicalGradWSConv`: same
-        parameters, names, outputs and weight loading, but on CPU their gradients (of strided and
-        grouped convs too) are written as canonical convolutions (those of ungrouped 1x1 convs as
-        matrix products), which XLA:CPU runs faster
-        (NFNet-F0's unrolled train step: 0.45-0.49x the time at batch 8, 128 px,
-        ``benchmarks/RESULTS.md``); programs for other backends are unchanged. The trade:
-        reverse-mode differentiation only (``jax.grad``, ``jax.vjp``, ``jax.hessian``); ``jax.jvp``
-        or ``jax.jacfwd`` of the model raise ``TypeError`` ("... supports reverse-mode
-        differentiation only ...", or under ``jax.jit`` JAX's "can't apply forward-mode autodiff
-        (jvp) to a custom_vjp function."; see `agc_optax.models.canonical_conv`). ``agc-train``
-        turns it on for training (its ``--model-arg canonical_conv_grads=false`` keeps the default);
-        the attribute holds the bool.
+        ``final_conv``; unrolled or stacked) as `agc_optax.models.CanonicalGradWSConv`, whose
+        gradients XLA:CPU runs faster (NFNet-F0's unrolled train step: 0.44-0.49x the time at batch
+        8, 128 px); reverse-mode differentiation only (what it changes and costs:
+        `agc_optax.models.canonical_conv.wsconv_class`). ``agc-train`` turns it on for training; the
+        attribute holds the bool.
       dtype: computation dtype (e.g. ``jnp.bfloat16``); weight standardization
         always runs in float32.
       param_dtype: parameter dtype.
