@@ -259,7 +259,7 @@ def unit_clip_scales(
     clipping: Any,
     eps: Any,
     norm: NormOrder = 2,
-    offsets: Sequence[jax.Array] | None = None,
+    offsets: Sequence[jax.Array] = (),
 ) -> UnitScales:
     """:func:`clip_scale` for every clipped leaf, exact also where a powered norm overflowed.
 
@@ -282,7 +282,7 @@ def unit_clip_scales(
     offset becomes part of the kernel that reads it, so XLA generates one update kernel per
     leaf; a slice at a runtime offset lets leaves of one shape share one kernel (NF-ResNet-50's
     optimizer: 177 kernels of each update loop become 30). Used when every leaf's norms share
-    one dtype (the offsets count all clipped units in order); otherwise, or when ``None``, each
+    one dtype (the offsets count all clipped units in order); otherwise, or when empty, each
     leaf takes a static slice.
     """
     groups: dict[Any, list[int]] = {}
@@ -290,13 +290,13 @@ def unit_clip_scales(
         groups.setdefault(jnp.result_type(g_pow, w_pow), []).append(i)
     if not groups:
         return UnitScales([], jnp.zeros(0, bool), jnp.zeros(0, jnp.float32), jnp.array(True))
-    if offsets is not None and len(offsets) != len(leaves):
+    if offsets and len(offsets) != len(leaves):
         raise ValueError(
             f"the optimizer state holds unit offsets for {len(offsets)} clipped leaves, but the "
             f"parameters have {len(leaves)}: create the state with `tx.init(params)` for these "
             "parameters"
         )
-    runtime_offsets = offsets is not None and len(groups) == 1
+    runtime_offsets = bool(offsets) and len(groups) == 1
     scales: list[Any] = [None] * len(leaves)
     clipped, ratios, finite = [], [], []
     for dtype, members in groups.items():

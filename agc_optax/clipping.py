@@ -174,7 +174,7 @@ def clip_leaves(
         row, g, w, *leaf_state = leaves[i]
         check_float_leaf(row.path, g, "the gradient")
         norms.append((g, w, row.unit_axes, *unit_norms(row, g, w, *leaf_state)))
-    units = unit_clip_scales(norms, clipping, eps, norm, offsets=offsets or None)
+    units = unit_clip_scales(norms, clipping, eps, norm, offsets=offsets)
     scales = dict(zip(clipped, units.scales, strict=True))
     finite = None
     if guard:

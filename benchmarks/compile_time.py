@@ -20,7 +20,7 @@ import agc_optax
 from agc_optax.models import create_model
 from agc_optax.training import init_state, make_train_step, split_model
 from benchmarks import common
-from benchmarks.train_step import _optax_chain
+from benchmarks.train_step import _library_step, _optax_chain, _trainers_optimizer
 
 
 def _compile_seconds(name: str, scan: bool, small: bool) -> tuple[float, int]:
@@ -166,14 +166,12 @@ def _trainer_step_compile_seconds(name: str, small: bool) -> float:
     guard and EMA; batch 16 at 128 px, or 2 at 16 px with ``small``), in this process."""
     overrides = {"widths": (16, 32, 48, 64), "depths": (1, 1, 1, 1)} if small else {}
     model = create_model(name, 1000, rngs=nnx.Rngs(0), canonical_conv_grads=True, **overrides)
-    tx = agc_optax.sgd_agc(0.1, unit_axes=model.agc_unit_axes, stats=True, skip_nonfinite=True)
+    tx = _trainers_optimizer(model.agc_unit_axes)
     split, params, stats = split_model(model)
     state = init_state(params, stats, tx, ema=True)
     batch_size, res = (2, 16) if small else (16, 128)
     batch = (jnp.zeros((batch_size, res, res, 3), jnp.float32), jnp.zeros((batch_size,), jnp.int32))
-    step = make_train_step(
-        split, tx, seed=0, ema=0.9999, skip_nonfinite=True, log_every=100, update_norm=False
-    )
+    step = _library_step(split, tx, ema=0.9999)
     return _seconds_to_compile(step, state, batch, donate_argnums=0)
 
 

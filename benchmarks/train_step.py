@@ -155,6 +155,21 @@ def _bare_step(split: Any, tx: optax.GradientTransformation) -> Callable[..., An
     return step_fn
 
 
+def _trainers_optimizer(unit_axes: Any) -> optax.GradientTransformation:
+    """The optimizer ``agc-train`` builds: ``sgd_agc`` with AGC statistics and the guard."""
+    return agc_optax.sgd_agc(0.1, unit_axes=unit_axes, stats=True, skip_nonfinite=True)
+
+
+def _library_step(
+    split: Any, tx: optax.GradientTransformation, ema: float | None, update_norm: bool = False
+) -> Callable[..., Any]:
+    """``make_train_step`` as ``agc-train`` builds it: the guard, and the norms only on logging
+    steps (every 100), without ``update_norm`` unless asked."""
+    return make_train_step(
+        split, tx, seed=0, ema=ema, skip_nonfinite=True, log_every=100, update_norm=update_norm
+    )
+
+
 def _optax_chain(params: Any) -> optax.GradientTransformation:
     """sgd_agc's recipe from optax's own transforms: AGC (not on the classifier kernel), coupled
     weight decay (not on gains and biases), SGD with Nesterov momentum."""
@@ -212,7 +227,7 @@ def run_vs_bare(
         model = create_model(name, 10 if small else 1000, rngs=nnx.Rngs(0), **overrides)
         split, params, stats = split_model(model)
         unit_axes = getattr(model, "agc_unit_axes", None)
-        tx = agc_optax.sgd_agc(0.1, unit_axes=unit_axes, stats=True, skip_nonfinite=True)
+        tx = _trainers_optimizer(unit_axes)
         chain = _optax_chain(params)
         batch = _batch(batch_size, res)
         programs = {}
@@ -232,16 +247,7 @@ def run_vs_bare(
         )
         for label, model_split, ema, update_norm in steps[3:] if small else steps:
             state = init_state(jax.tree.map(jnp.copy, params), stats, tx, ema=ema is not None)
-            step = make_train_step(
-                model_split,
-                tx,
-                seed=0,
-                ema=ema,
-                skip_nonfinite=True,
-                log_every=100,
-                update_norm=update_norm,
-            )
-            programs[label] = (step, (state,))
+            programs[label] = (_library_step(model_split, tx, ema, update_norm), (state,))
         thunks, facts = {}, {}
         for label, (fn, args) in programs.items():
             executable, seconds, nbytes, copies = _compiled(fn, *args, batch)

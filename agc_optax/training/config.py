@@ -57,7 +57,7 @@ class Config:
       compile_cache: directory of JAX's persistent compilation cache, ``None`` for none (unless
         ``JAX_COMPILATION_CACHE_DIR`` sets one). A rerun or ``resume`` of the same configuration
         then loads its compiled steps instead of compiling them (NF-ResNet-50's train step on
-        2 CPU cores: 2.2 s instead of 12.5 s, ``benchmarks/RESULTS.md``). The cache is trusted
+        2 CPU cores: 2.3 s instead of 10.2 s, ``benchmarks/RESULTS.md``). The cache is trusted
         code: keep it where only you can write.
       resume: continue from the newest readable checkpoint.
       max_bad_steps: the run stops (:class:`~agc_optax.training.trainer.TrainingDiverged`) after
