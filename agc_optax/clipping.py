@@ -132,6 +132,7 @@ def clip_leaves(
     guard: bool = False,
     value: Any = None,
     offsets: Sequence[jax.Array] = (),
+    previous_stats: Any = None,
 ) -> ClippedLeaves:
     """Runs AGC and a transform's leaf function over every leaf; the driver of all AGC transforms.
 
@@ -156,6 +157,11 @@ def clip_leaves(
       value: the loss, checked by ``guard`` when given.
       offsets: :func:`unit_offsets` of the plan, from the transform's state (runtime values,
         so that leaves of one shape share their update kernels); empty: constant slices.
+      previous_stats: the statistics in the transform's state; with ``stats``, their
+        ``num_units`` (which never changes) is returned as it came in. A jitted step drops
+        inputs it does not read, and donation pairs the remaining inputs with outputs of the
+        same shape in order: a fresh ``num_units`` output shifted every later int32 scalar of a
+        donated state (the unit offsets) by one, and XLA copied each of them every step.
 
     Returns:
       :class:`ClippedLeaves`.
@@ -191,11 +197,12 @@ def clip_leaves(
     if not stats:
         return ClippedLeaves(trees, None, finite)
     zero = initial_stats(plan)
+    zero = zero._replace(num_units=getattr(previous_stats, "num_units", zero.num_units))
     if units.ratios.size == 0:  # no clipped units (e.g. only zero-size leaves): 0, not 0 / 0
         return ClippedLeaves(trees, zero, finite)
     num_clipped = jnp.sum(units.clipped, dtype=jnp.int32)
     agc_stats = AdaptiveGradClipState(
-        clip_fraction=num_clipped.astype(jnp.float32) / zero.num_units.astype(jnp.float32),
+        clip_fraction=num_clipped.astype(jnp.float32) / plan.num_units,
         max_ratio=jnp.max(units.ratios),
         num_units=zero.num_units,
     )
@@ -400,6 +407,7 @@ def adaptive_grad_clip(
             norm=norm,
             stats=stats,
             offsets=offsets,
+            previous_stats=state,
         )
         return clipped, (new_stats._replace(unit_offsets=offsets) if stats else state)
 

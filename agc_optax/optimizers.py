@@ -210,6 +210,7 @@ def _sgd_agc_parts(
             guard=skip_nonfinite,
             value=value,
             offsets=state.unit_offsets,
+            previous_stats=state.agc,
         )
         new_state = SgdAgcState(
             count=next_count(finite, state.count),
@@ -490,6 +491,7 @@ def adamw_agc(
             guard=skip_nonfinite,
             value=value,
             offsets=state.unit_offsets,
+            previous_stats=state.agc,
         )
         new_state = AdamWAgcState(
             count=next_count(finite, state.count),

@@ -448,6 +448,33 @@ def test_runtime_offsets_give_exactly_the_constant_slices_step(make, mixed_dtype
     assert float(optax.tree.get(got[1], "clip_fraction")) > 0  # the scales were used
 
 
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: agc_optax.sgd_agc(0.1, stats=True, skip_nonfinite=True),
+        lambda: agc_optax.adamw_agc(1e-3, stats=True),
+        lambda: agc_optax.adaptive_grad_clip(0.01, stats=True),
+    ],
+)
+def test_a_donated_state_keeps_its_unit_offsets_in_place(make):
+    # jit drops inputs the step does not read (the old statistics) and pairs the donated
+    # inputs left with same-shaped outputs in order; a fresh `num_units` output once shifted
+    # every offset onto its neighbour's buffer, and XLA copied each offset every step.
+    tx, params = make(), _random_tree(0)
+
+    def step(p, s, g):
+        u, s = tx.update(g, s, p)
+        return optax.apply_updates(p, u), s
+
+    state = tx.init(params)
+    hlo = jax.jit(step, donate_argnums=(0, 1)).lower(params, state, params).compile().as_text()
+    copied = re.findall(r"copy\(%([\w.]+)\)", hlo)
+    assert len(state.unit_offsets) >= 7
+    assert not [name for name in copied if "unit_offsets" in name or "num_units" in name]
+    got = jax.jit(step)(params, state, params)[1]
+    assert int(optax.tree.get(got, "num_units")) == int(optax.tree.get(state, "num_units"))
+
+
 def test_a_state_made_for_other_parameters_is_named():
     params = _random_tree(0)
     state = agc_optax.sgd_agc(0.1, exclude=r"head/").init(params)  # head/bias not clipped
