@@ -8,6 +8,7 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from jax.sharding import Mesh
 from tiny_model import TinyNet
 
 import agc_optax
@@ -20,6 +21,7 @@ from agc_optax.training import (
     make_train_step,
     split_model,
 )
+from agc_optax.training.parallel import DATA_AXIS, Placement
 
 
 def test_ema_decay_follows_deepmind_warmup():
@@ -133,3 +135,35 @@ def test_eval_step_counts_only_unmasked_rows():
     mask = jnp.array([1, 1, 1, 0, 0, 0, 0, 0], jnp.float32)
     sums = jax.jit(make_eval_step(split))(state.params, state.batch_stats, images, labels, mask)
     assert float(sums["count"]) == 3 and 0 <= float(sums["correct"]) <= 3
+
+
+class _ScalarGains(TinyNet):
+    """TinyNet with two scalar parameters, shaped like the unused AGC statistics (float32 ())."""
+
+    def __init__(self, num_classes, *, rngs):
+        super().__init__(num_classes, rngs=rngs)
+        self.gain_a = nnx.Param(jnp.ones(()))
+        self.gain_b = nnx.Param(jnp.ones(()))
+
+    def __call__(self, x):
+        return super().__call__(x * self.gain_a[...] * self.gain_b[...])
+
+
+def test_the_trainers_compiled_step_does_not_copy_the_ema():
+    # The step reads nothing of the last AGC statistics. Had jit dropped those inputs, the
+    # donated state's later float32 scalars (the EMA's gains) would pair with their
+    # neighbours' buffers, and XLA would copy each of them every step.
+    split, params, stats = split_model(_ScalarGains(10, rngs=nnx.Rngs(0)))
+    tx = build_optimizer(PRESETS["smoke"], optax.constant_schedule(0.1))
+    state = init_state(params, stats, tx, ema=True)
+    assert optax.tree.get(state.opt_state, "max_ratio").shape == ()
+    placement = Placement(Mesh(np.array(jax.devices()[:1]), (DATA_AXIS,)))
+    step = placement.compile(
+        make_train_step(split, tx, seed=0, ema=0.9, skip_nonfinite=True),
+        donate_argnums=0,
+        state_output=True,
+    )
+    hlo = step.lower(state, _batch()).compile().as_text()
+    assert "copy(%state_ema_params" not in hlo
+    new, _ = step(state, _batch())
+    assert float(new.ema_params["gain_a"]) == pytest.approx(1.0, abs=1e-2)
