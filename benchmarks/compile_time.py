@@ -61,8 +61,8 @@ def run(repeats: int = 1, small: bool = False) -> str:
     )
 
 
-def _seconds_to_compile(fn: Callable[..., Any], *args: Any, donate_argnums: Any = ()) -> float:
-    lowered = jax.jit(fn, donate_argnums=donate_argnums).lower(*args)
+def _seconds_to_compile(fn: Callable[..., Any], *args: Any, **jit_options: Any) -> float:
+    lowered = jax.jit(fn, **jit_options).lower(*args)
     start = time.perf_counter()
     lowered.compile()
     return time.perf_counter() - start
@@ -172,7 +172,7 @@ def _trainer_step_compile_seconds(name: str, small: bool) -> float:
     batch_size, res = (2, 16) if small else (16, 128)
     batch = (jnp.zeros((batch_size, res, res, 3), jnp.float32), jnp.zeros((batch_size,), jnp.int32))
     step = _library_step(split, tx, ema=0.9999)
-    return _seconds_to_compile(step, state, batch, donate_argnums=0)
+    return _seconds_to_compile(step, state, batch, donate_argnums=0, keep_unused=True)
 
 
 def _compile_in_new_process(name: str, small: bool, cache_dir: str | None) -> float:
