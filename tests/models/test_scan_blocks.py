@@ -194,6 +194,37 @@ def test_forward_mode_is_a_clear_error_and_forward_over_reverse_works():
     np.testing.assert_allclose(hessians[0], hessians[1], rtol=1e-5, atol=1e-4)
 
 
+def test_traced_for_another_backend_the_conv_keeps_jaxs_own_rule(monkeypatch):
+    # The rule is picked when the program is traced, from the default backend.
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((2, 6, 6, 4)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((3, 3, 2, 6)), jnp.float32)
+
+    def loss(x, w):
+        return jnp.sum(conv_canonical_grads(x, w, strides=2, feature_group_count=2) ** 2)
+
+    def traced(backend):
+        monkeypatch.setattr(jax, "default_backend", lambda: backend)
+        fresh = lambda x, w: loss(x, w)  # noqa: E731 (a new function: JAX caches traces)
+        return str(jax.make_jaxpr(fresh)(x, w)), str(jax.make_jaxpr(jax.grad(fresh, 1))(x, w))
+
+    cpu, tpu = traced("cpu"), traced("tpu")
+    assert "custom_vjp_call" in cpu[0] and "custom_vjp_call" not in tpu[0]
+    assert tpu[1] == str(jax.make_jaxpr(jax.grad(_plain_loss, 1))(x, w))
+    assert cpu[1] != tpu[1]
+    # ... where forward mode works, as for the plain model.
+    tangent = jax.jvp(lambda w: loss(x, w), (w,), (w,))[1]
+    want = jax.jvp(lambda w: _plain_loss(x, w), (w,), (w,))[1]
+    np.testing.assert_allclose(tangent, want, rtol=1e-6)
+
+
+def _plain_loss(x, w):
+    dn = ("NHWC", "HWIO", "NHWC")
+    y = jax.lax.conv_general_dilated(x, w, (2, 2), "SAME", dimension_numbers=dn,
+                                     feature_group_count=2)  # fmt: skip
+    return jnp.sum(y**2)
+
+
 def _filled(module_fn, seed):
     """A module built under eval_shape, its parameters filled with NumPy normals (non-zero
     skip gains, so that every branch counts)."""
