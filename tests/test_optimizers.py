@@ -378,6 +378,16 @@ def test_state_holds_where_each_clipped_leaf_starts_in_the_unit_vector():
         assert all(o.dtype == jnp.int32 and o.shape == () for o in offsets)
 
 
+def _update_and_apply(tx):
+    """``(params, state, grads) -> (new params, new state)``: one step of ``tx``."""
+
+    def step(p, s, g):
+        u, s = tx.update(g, s, p)
+        return optax.apply_updates(p, u), s
+
+    return step
+
+
 def _fused_bodies(hlo_text):
     """Distinct fused computations of an optimized HLO module, names stripped: XLA:CPU
     generates one kernel per distinct body."""
@@ -400,10 +410,7 @@ def _fused_bodies(hlo_text):
 )
 def test_leaves_of_one_shape_share_their_update_kernels(make):
     tx = make()
-
-    def step(p, s, g):
-        u, s = tx.update(g, s, p)
-        return optax.apply_updates(p, u), s
+    step = _update_and_apply(tx)
 
     def kernels(num_leaves, constant_offsets=False):
         params = {
@@ -435,10 +442,7 @@ def test_runtime_offsets_give_exactly_the_constant_slices_step(make, mixed_dtype
         params["embed"]["embedding"] = params["embed"]["embedding"].astype(jnp.bfloat16)
     grads = jax.tree.map(lambda p: (3.0 * p).astype(p.dtype), params)
 
-    @jax.jit
-    def step(p, s, g):
-        u, s = tx.update(g, s, p)
-        return optax.apply_updates(p, u), s
+    step = jax.jit(_update_and_apply(tx))
 
     state = tx.init(params)
     got = step(params, state, grads)
@@ -461,10 +465,7 @@ def test_a_donated_state_keeps_its_unit_offsets_in_place(make):
     # inputs left with same-shaped outputs in order; a fresh `num_units` output once shifted
     # every offset onto its neighbour's buffer, and XLA copied each offset every step.
     tx, params = make(), _random_tree(0)
-
-    def step(p, s, g):
-        u, s = tx.update(g, s, p)
-        return optax.apply_updates(p, u), s
+    step = _update_and_apply(tx)
 
     state = tx.init(params)
     hlo = jax.jit(step, donate_argnums=(0, 1)).lower(params, state, params).compile().as_text()
