@@ -125,6 +125,13 @@ def _parser() -> argparse.ArgumentParser:
         help="also record update_norm, the norm of each logged step's change to the weights "
         "(costs a copy of every weight on every step)",
     )
+    add(
+        "--step-programs",
+        type=int,
+        choices=(1, 2),
+        help="2: compile the train step as two XLA programs, gradients and update, side by "
+        "side (faster to compile); 1: as one program (default 2)",
+    )
     add("--no-progress", action="store_true", help="no progress bar")
     add("--coordinator", metavar="HOST:PORT", help="multi-process: address of process 0")
     add("--num-processes", type=int, help="multi-process: number of processes")
@@ -160,6 +167,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         "eval_every",
         "log_every",
         "seed",
+        "step_programs",
         "coordinator",
         "num_processes",
         "process_id",

@@ -20,8 +20,11 @@ from agc_optax.training.data import (
 from agc_optax.training.metrics import MetricsWriter, plot_metrics, read_metrics
 from agc_optax.training.recipe import build_optimizer, learning_rate_schedule
 from agc_optax.training.step import (
+    Gradients,
     SplitModel,
     TrainState,
+    TrainStep,
+    TwoProgramStep,
     ema_decay,
     init_state,
     make_eval_step,
@@ -40,6 +43,7 @@ __all__ = [
     "DataError",
     "DataPosition",
     "Dataset",
+    "Gradients",
     "MetricsWriter",
     "Preempted",
     "RunResult",
@@ -47,7 +51,9 @@ __all__ = [
     "SplitModel",
     "TrainBatches",
     "TrainState",
+    "TrainStep",
     "TrainingDiverged",
+    "TwoProgramStep",
     "build_optimizer",
     "ema_decay",
     "eval_batches",

@@ -69,6 +69,9 @@ class Config:
       update_norm: also record ``update_norm``, the norm of each logged step's change to the
         weights; off by default because it costs a copy of every weight on every step (see
         :func:`agc_optax.training.make_train_step`).
+      step_programs: 2 compiles the train step as two XLA programs, the gradients and the
+        update, side by side (faster to compile, as fast to run; see
+        :class:`~agc_optax.training.step.TwoProgramStep`); 1 as one program.
       progress: show the progress bar.
       coordinator: ``host:port`` of process 0 for multi-process runs.
       num_processes: number of processes.
@@ -108,6 +111,7 @@ class Config:
     eval_every: int | None = None
     log_every: int = 10
     update_norm: bool = False
+    step_programs: int = 2
     progress: bool = True
     coordinator: str | None = None
     num_processes: int = 1
@@ -304,6 +308,8 @@ def validate(config: Config, valid_models: list[str]) -> None:
         raise ConfigError(f"`--label-smoothing` must be in [0, 1), got {config.label_smoothing}")
     if config.dtype not in DTYPES:
         raise ConfigError(f"`--dtype` must be one of {', '.join(DTYPES)}, got `{config.dtype}`")
+    if config.step_programs not in (1, 2):
+        raise ConfigError(f"`--step-programs` must be 1 or 2, got {config.step_programs!r}")
     if config.parallel not in PARALLEL_MODES:
         raise ConfigError(f"`--parallel` must be one of {', '.join(PARALLEL_MODES)}")
     if config.shard_params and config.parallel != "jit":

@@ -173,12 +173,15 @@ class Placement:
         fn: Callable[..., Any],
         *,
         donate_argnums: int | tuple[int, ...] = (),
-        state_output: bool = False,
+        output_layout: Callable[[Any, NamedSharding], Any] | None = None,
     ):
         """``fn`` compiled for this placement; arguments placed, results replicated.
 
-        ``state_output``: ``fn`` returns ``(state, metrics)``, and the new state keeps the
-        state's layout (only a sharded placement tells the two apart).
+        ``output_layout``: where ``fn``'s results live, given the state's layout (a state of
+        shardings) and the replicated sharding; e.g. ``lambda state, replicated: (state,
+        replicated)`` for a step that returns ``(state, metrics)``, whose new state keeps the
+        state's layout. Only a placement that splits the state reads it: every other one
+        replicates all results.
 
         Every input stays an input of the program, read or not (``keep_unused``): ``jit`` pairs
         donated inputs with outputs of the same shape in order, and a dropped input (the last
@@ -220,9 +223,9 @@ class ShardedPlacement(Placement):
         fn: Callable[..., Any],
         *,
         donate_argnums: int | tuple[int, ...] = (),
-        state_output: bool = False,
+        output_layout: Callable[[Any, NamedSharding], Any] | None = None,
     ):
-        if not state_output:
+        if output_layout is None:
             return super().compile(fn, donate_argnums=donate_argnums)
         if self._state_layout is None:
             raise RuntimeError("create or restore the state (`init`, `abstract`) before `compile`")
@@ -230,7 +233,7 @@ class ShardedPlacement(Placement):
             fn,
             donate_argnums=donate_argnums,
             keep_unused=True,  # as in Placement.compile
-            out_shardings=(self._state_layout, self.replicated),
+            out_shardings=output_layout(self._state_layout, self.replicated),
         )
 
     def to_host(self, tree: Any) -> Any:
@@ -290,7 +293,7 @@ class PmapPlacement(Placement):
         fn: Callable[..., Any],
         *,
         donate_argnums: int | tuple[int, ...] = (),
-        state_output: bool = False,
+        output_layout: Callable[[Any, NamedSharding], Any] | None = None,
     ):
         return jax.pmap(fn, axis_name=DATA_AXIS, donate_argnums=donate_argnums)
 

@@ -8,6 +8,7 @@ streams. Parameters travel as pure nested dicts, so optax, AGC (which names leav
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
@@ -18,7 +19,7 @@ import optax
 from flax import nnx
 
 from agc_optax._guard import decay, find_guard, kept
-from agc_optax.training.parallel import DATA_AXIS
+from agc_optax.training.parallel import DATA_AXIS, Placement
 
 
 class TrainState(NamedTuple):
@@ -130,6 +131,93 @@ def _cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float)
     return optax.softmax_cross_entropy(logits.astype(jnp.float32), one_hot)
 
 
+class Gradients(NamedTuple):
+    """What the first half of a train step hands the second: the gradients of the loss
+    (averaged over devices under ``pmap``) and what the forward pass measured.
+
+    Attributes:
+      grads: the gradients, shaped like ``state.params``.
+      batch_stats: the batch statistics after this batch (not yet guarded).
+      loss: the mean loss of the batch.
+      accuracy: the batch's top-1 accuracy.
+    """
+
+    grads: Any
+    batch_stats: Any
+    loss: jax.Array
+    accuracy: jax.Array
+
+    @staticmethod
+    def layout(state_layout: TrainState, replicated: Any) -> Gradients:
+        """Where each part lives when the state lives as ``state_layout`` (a state of
+        shardings): the gradients as the parameters, so that a split state
+        (``--shard-params``) gets its gradients split alike, and the scalars replicated."""
+        return Gradients(state_layout.params, state_layout.batch_stats, replicated, replicated)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainStep:
+    """A train step in two halves: ``step(state, batch)`` is
+    ``step.update(state, step.gradients(state, batch))``.
+
+    Jitted whole, the two halves are one XLA program. Jitted apart, they are two, which
+    XLA compiles faster (separately, or at the same time: :class:`TwoProgramStep`) and runs
+    at about the same speed: every update waits for every gradient anyway, because the
+    divergence guard decides from all of them (``benchmarks/RESULTS.md``).
+
+    Attributes:
+      gradients: ``(state, batch) -> Gradients``: the forward and backward pass.
+      update: ``(state, gradients) -> (state, metrics)``: the optimizer, the guard, the EMA
+        and the metrics.
+    """
+
+    gradients: Callable[[TrainState, Any], Gradients]
+    update: Callable[[TrainState, Gradients], tuple[TrainState, dict[str, jax.Array]]]
+
+    def __call__(self, state: TrainState, batch: Any) -> tuple[TrainState, dict[str, jax.Array]]:
+        return self.update(state, self.gradients(state, batch))
+
+
+class TwoProgramStep:
+    """A :class:`TrainStep` run as two compiled programs, compiled at the same time:
+    ``update(state, gradients(state, batch), *rest)``.
+
+    The first call lowers both halves (the update for the shapes and shardings that the
+    gradients half reports, ``jax.stages.Lowered.out_info``) and compiles them on two threads;
+    later calls find both executables in ``jax.jit``'s cache. Two smaller programs compile
+    faster than one (XLA's copy insertion grows faster than the program), and side by side
+    faster still: NF-ResNet-50's train step on 2 CPU cores about 10.4 s instead of 13-14 s
+    (``benchmarks/RESULTS.md``).
+
+    Args:
+      gradients: the first half jitted (``jax.jit(step.gradients)``), its state not donated:
+        the update reads it.
+      update: the second half jitted, the state donated; a call's arguments after the batch
+        go to it (the trainer's stop votes, :func:`with_stop_vote`).
+      compile_ahead: compile both halves on the first call, side by side. ``False`` for
+        ``jax.pmap`` halves, whose calls do not reuse ahead-of-time compiles: each then
+        compiles at its own first call, one after the other.
+    """
+
+    def __init__(self, gradients: Any, update: Any, *, compile_ahead: bool = True):
+        self.gradients, self.update = gradients, update
+        self._pending = compile_ahead
+
+    def compile(self, state: TrainState, batch: Any, *rest: Any) -> tuple[Any, Any]:
+        """Both halves compiled for these arguments, side by side: ``(gradients, update)``
+        executables (``jax.stages.Compiled``, for their ``cost_analysis()`` and HLO)."""
+        first = self.gradients.lower(state, batch)
+        second = self.update.lower(state, first.out_info, *rest)
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            return tuple(pool.map(lambda lowered: lowered.compile(), (first, second)))
+
+    def __call__(self, state: TrainState, batch: Any, *rest: Any) -> Any:
+        if self._pending:
+            self.compile(state, batch, *rest)
+            self._pending = False
+        return self.update(state, self.gradients(state, batch), *rest)
+
+
 def make_train_step(
     model: SplitModel,
     tx: optax.GradientTransformation,
@@ -144,8 +232,12 @@ def make_train_step(
     log_every: int = 1,
     total_steps: int | None = None,
     update_norm: bool = True,
-) -> Callable[[TrainState, tuple[jax.Array, jax.Array]], tuple[TrainState, dict[str, jax.Array]]]:
+) -> TrainStep:
     """Builds the (not yet jitted) train step ``(state, (images, labels)) -> (state, metrics)``.
+
+    The step is a :class:`TrainStep`: called, it runs both halves in one function (jit it as
+    one program); its ``gradients`` and ``update`` halves can also be compiled as two
+    programs, as the trainer does (:class:`TwoProgramStep`).
 
     Args:
       model: the split model.
@@ -193,19 +285,18 @@ def make_train_step(
         ``param_norm`` read only buffers that exist anyway.
 
     Returns:
-      The step function. Metrics: ``loss``, ``accuracy``, ``grad_norm`` (of the averaged
-      gradients, before clipping), ``param_norm`` (of the weights after the step),
+      The step, a :class:`TrainStep`. Metrics: ``loss``, ``accuracy``, ``grad_norm`` (of the
+      averaged gradients, before clipping), ``param_norm`` (of the weights after the step),
       ``update_norm`` (with ``update_norm=True``: of the change the step made to them, 0 for
-      a skipped step),
-      ``clip_fraction`` when the optimizer keeps AGC statistics, and with ``skip_nonfinite`` or
-      an optimizer that guards itself ``skipped`` (1.0 when this step's update was dropped,
-      else 0.0).
+      a skipped step), ``clip_fraction`` when the optimizer keeps AGC statistics, and with
+      ``skip_nonfinite`` or an optimizer that guards itself ``skipped`` (1.0 when this step's
+      update was dropped, else 0.0).
     """
     if not isinstance(log_every, int) or log_every < 1:
         raise ValueError(f"`log_every` must be a positive integer, got {log_every!r}")
     root = jax.random.key(seed)
 
-    def step_fn(state: TrainState, batch: tuple[jax.Array, jax.Array]):
+    def gradients(state: TrainState, batch: tuple[jax.Array, jax.Array]) -> Gradients:
         images, labels = batch
         key = jax.random.fold_in(root, state.step)
         if pmap:  # distinct masks per device, as the jit version draws distinct masks per row
@@ -231,6 +322,10 @@ def make_train_step(
             grads, loss, accuracy, batch_stats = jax.lax.pmean(
                 (grads, loss, accuracy, batch_stats), DATA_AXIS
             )
+        return Gradients(grads, batch_stats, loss, accuracy)
+
+    def update(state: TrainState, measured: Gradients):
+        grads, batch_stats, loss, accuracy = measured
         # The loss goes to optimizers that take it (optax's extra-args protocol): a fused
         # optimizer with skip_nonfinite=True checks it along with the gradients.
         extra = {"value": loss} if isinstance(tx, optax.GradientTransformationExtraArgs) else {}
@@ -278,7 +373,41 @@ def make_train_step(
         new_state = TrainState(state.step + 1, params, batch_stats, opt_state, ema_params)
         return new_state, metrics
 
-    return step_fn
+    return TrainStep(gradients, update)
+
+
+def _state_and_metrics(state_layout: Any, replicated: Any) -> tuple[Any, Any]:
+    # A step's results: the new state where the old one lives, the metrics replicated.
+    return state_layout, replicated
+
+
+def compile_train_step(
+    placement: Placement, step: TrainStep, *, programs: int = 2
+) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
+    """The trainer's compiled step ``(state, batch, votes) -> (state, metrics)`` for
+    ``placement``: ``step`` with the stop vote (:func:`with_stop_vote`), the state donated,
+    the new state laid out like the old.
+
+    ``programs``: 2 compiles the gradients and the update as two programs, side by side
+    (:class:`TwoProgramStep`); 1 compiles the whole step as one.
+    """
+    if programs not in (1, 2):
+        raise ValueError(f"`programs` must be 1 or 2, got {programs!r}")
+    if programs == 1:
+        return placement.compile(
+            with_stop_vote(step, pmap=placement.pmap),
+            donate_argnums=0,
+            output_layout=_state_and_metrics,
+        )
+    return TwoProgramStep(
+        placement.compile(step.gradients, output_layout=Gradients.layout),
+        placement.compile(
+            with_stop_vote(step.update, pmap=placement.pmap),
+            donate_argnums=0,
+            output_layout=_state_and_metrics,
+        ),
+        compile_ahead=not placement.pmap,
+    )
 
 
 #: Leaves up to this size are joined into one vector before :func:`_sum_of_squares` reduces it.

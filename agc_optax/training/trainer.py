@@ -271,26 +271,23 @@ def train(
 
     # --- Steps -----------------------------------------------------------------------------------
     dtype = jnp.dtype(config.dtype)
-    train_step = placement.compile(
-        step_lib.with_stop_vote(
-            step_lib.make_train_step(
-                split,
-                tx,
-                seed=config.seed,
-                label_smoothing=config.label_smoothing,
-                ema=config.ema,
-                dtype=dtype,
-                pmap=placement.pmap,
-                skip_nonfinite=True,
-                preprocess=dataset.device_preprocess(),  # streamed data: normalise, mix
-                log_every=config.log_every,  # the norms only on the steps logged
-                total_steps=total_steps,
-                update_norm=config.update_norm,
-            ),
+    train_step = step_lib.compile_train_step(
+        placement,
+        step_lib.make_train_step(
+            split,
+            tx,
+            seed=config.seed,
+            label_smoothing=config.label_smoothing,
+            ema=config.ema,
+            dtype=dtype,
             pmap=placement.pmap,
+            skip_nonfinite=True,
+            preprocess=dataset.device_preprocess(),  # streamed data: normalise, mix
+            log_every=config.log_every,  # the norms only on the steps logged
+            total_steps=total_steps,
+            update_norm=config.update_norm,
         ),
-        donate_argnums=0,
-        state_output=True,  # --shard-params: the new state stays split
+        programs=config.step_programs,
     )
     eval_step = placement.compile(
         step_lib.make_eval_step(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -22,6 +24,7 @@ from agc_optax.training import (
     split_model,
 )
 from agc_optax.training.parallel import DATA_AXIS, Placement
+from agc_optax.training.step import compile_train_step
 
 
 def test_ema_decay_follows_deepmind_warmup():
@@ -149,7 +152,16 @@ class _ScalarGains(TinyNet):
         return super().__call__(x * self.gain_a[...] * self.gain_b[...])
 
 
-def test_the_trainers_compiled_step_does_not_copy_the_ema():
+def _votes():
+    return jnp.zeros(1, jnp.int32)
+
+
+def _placement():
+    return Placement(Mesh(np.array(jax.devices()[:1]), (DATA_AXIS,)))
+
+
+@pytest.mark.parametrize("programs", [1, 2])
+def test_the_trainers_compiled_step_does_not_copy_the_ema(programs):
     # The step reads nothing of the last AGC statistics. Had jit dropped those inputs, the
     # donated state's later float32 scalars (the EMA's gains) would pair with their
     # neighbours' buffers, and XLA would copy each of them every step.
@@ -157,13 +169,82 @@ def test_the_trainers_compiled_step_does_not_copy_the_ema():
     tx = build_optimizer(PRESETS["smoke"], optax.constant_schedule(0.1))
     state = init_state(params, stats, tx, ema=True)
     assert optax.tree.get(state.opt_state, "max_ratio").shape == ()
-    placement = Placement(Mesh(np.array(jax.devices()[:1]), (DATA_AXIS,)))
-    step = placement.compile(
+    step = compile_train_step(
+        _placement(),
         make_train_step(split, tx, seed=0, ema=0.9, skip_nonfinite=True),
-        donate_argnums=0,
-        state_output=True,
+        programs=programs,
     )
-    hlo = step.lower(state, _batch()).compile().as_text()
+    if programs == 2:  # the EMA is the update program's
+        hlo = step.compile(state, _batch(), _votes())[1].as_text()
+    else:
+        hlo = step.lower(state, _batch(), _votes()).compile().as_text()
     assert "copy(%state_ema_params" not in hlo
-    new, _ = step(state, _batch())
+    new, _ = step(state, _batch(), _votes())
     assert float(new.ema_params["gain_a"]) == pytest.approx(1.0, abs=1e-2)
+
+
+def _three_steps(step, state):
+    """Three steps of ``step`` from ``state``; the second batch holds a NaN (a skipped step)."""
+    metrics = []
+    for i in range(3):
+        images, labels = _batch(i)
+        if i == 1:
+            images = images.at[0, 0, 0, 0].set(jnp.nan)
+        state, m = step(state, (images, labels), _votes())
+        metrics.append(m)
+    return state, metrics
+
+
+def test_two_programs_train_exactly_as_one():
+    config = PRESETS["smoke"].replace(ema=0.9)
+    split, tx, _ = _setup(config)
+    train_step = make_train_step(
+        split, tx, seed=0, ema=0.9, skip_nonfinite=True, log_every=3, update_norm=True
+    )
+    results = []
+    for programs in (1, 2):
+        _, _, state = _setup(config)  # fresh buffers: the steps donate their state
+        step = compile_train_step(_placement(), train_step, programs=programs)
+        results.append(_three_steps(step, state))
+    (one_state, one_metrics), (two_state, two_metrics) = results
+    assert [float(m["skipped"]) for m in two_metrics] == [0.0, 1.0, 0.0]
+    assert np.isnan(float(two_metrics[0]["grad_norm"])) and float(two_metrics[2]["grad_norm"]) > 0
+    for a, b in zip(jax.tree.leaves(one_state), jax.tree.leaves(two_state), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    for a, b in zip(one_metrics, two_metrics, strict=True):
+        assert set(a) == set(b)
+        for key in a:
+            np.testing.assert_array_equal(np.asarray(a[key]), np.asarray(b[key]))
+
+
+def test_two_programs_compile_once_each_side_by_side_on_the_first_call():
+    split, tx, state = _setup(PRESETS["smoke"])
+    placement = _placement()
+    step = compile_train_step(placement, make_train_step(split, tx, seed=0), programs=2)
+    # Placed as the trainer places it (a fresh, uncommitted state would compile anew at the
+    # second call, in one program as in two), and made before listening.
+    state = jax.device_put(state, placement.replicated)
+    batches, votes = [_batch(0), _batch(1)], _votes()
+    threads = []
+    listener = lambda event, _seconds, **_: (  # noqa: E731
+        threads.append(threading.get_ident())
+        if event == "/jax/core/compile/backend_compile_duration"
+        else None
+    )
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        state, _ = step(state, batches[0], votes)
+        first = list(threads)
+        state, _ = step(state, batches[1], votes)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    # One compile per program, on two threads; the later call reuses both executables.
+    assert len(first) == 2 and len(set(first)) == 2, first
+    assert threads == first
+    assert int(state.step) == 2
+
+
+def test_compile_train_step_takes_one_or_two_programs():
+    split, tx, _ = _setup(PRESETS["smoke"])
+    with pytest.raises(ValueError, match="`programs` must be 1 or 2, got 3"):
+        compile_train_step(_placement(), make_train_step(split, tx, seed=0), programs=3)
