@@ -193,3 +193,46 @@ def test_two_processes_stream_disjoint_train_shards_and_exact_eval_totals(tmp_pa
     val_id_sum = num_val * (num_val - 1) / 2
     for r in (first, second):
         assert r["eval"] == {"count": num_val, "correct": num_val, "id_sum": val_id_sum}
+
+
+def test_split_state_gets_its_gradients_split_alike_between_the_two_programs():
+    # --shard-params with the two-program step: the gradients program hands over each
+    # gradient split as its parameter is (a replicated hand-over would hold every gradient
+    # whole on each device), and the update keeps the state's layout.
+    from tests.multidevice import run_on_cpu_devices
+
+    out = run_on_cpu_devices(
+        """
+        import sys
+        import numpy as np, optax
+        from flax import nnx
+        sys.path.insert(0, "tests/training")
+        from tiny_model import TinyNet
+        from agc_optax.training import PRESETS, build_optimizer, init_state, split_model
+        from agc_optax.training import make_train_step
+        from agc_optax.training.parallel import make_placement
+        from agc_optax.training.step import compile_train_step
+
+        placement = make_placement("jit", shard_params=True)
+        split, params, stats = split_model(TinyNet(10, rngs=nnx.Rngs(0)))
+        tx = build_optimizer(PRESETS["smoke"], optax.constant_schedule(0.1))
+        state = placement.init(lambda: init_state(params, stats, tx))
+        rng = np.random.default_rng(0)
+        batch = placement.shard((rng.normal(size=(8, 8, 8, 3)).astype(np.float32),
+                                 np.arange(8, dtype=np.int32)))
+        votes = placement.shard(np.zeros(8, np.int32))
+        step = compile_train_step(placement, make_train_step(split, tx, seed=0))
+        gradients, _ = step.compile(state, batch, votes)
+        handed = gradients.output_shardings.grads
+        for g, p in zip(jax.tree.leaves(handed), jax.tree.leaves(state.params), strict=True):
+            assert g.is_equivalent_to(p.sharding, p.ndim), (g, p.sharding)
+        layout = [p.sharding for p in jax.tree.leaves(state.params)]
+        new, metrics = step(state, batch, votes)  # donates `state`
+        for p, sharding in zip(jax.tree.leaves(new.params), layout, strict=True):
+            assert p.sharding.is_equivalent_to(sharding, p.ndim)
+        split_leaves = sum(not s.is_fully_replicated for s in layout)
+        print(split_leaves, float(metrics["loss"]))
+        """
+    )
+    split_leaves, loss = out.split()
+    assert int(split_leaves) >= 3 and np.isfinite(float(loss))
