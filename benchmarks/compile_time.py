@@ -20,7 +20,7 @@ import agc_optax
 from agc_optax.models import create_model
 from agc_optax.training import init_state, make_train_step, split_model
 from benchmarks import common
-from benchmarks.train_step import _library_step, _optax_chain, _trainers_optimizer
+from benchmarks.train_step import _compiled_two, _library_step, _optax_chain, _trainers_optimizer
 
 
 def _compile_seconds(name: str, scan: bool, small: bool) -> tuple[float, int]:
@@ -162,8 +162,9 @@ def run_kernel_sharing(repeats: int = 2, small: bool = False) -> str:
 
 
 def _trainer_step_compile_seconds(name: str, small: bool) -> float:
-    """Seconds to compile the step ``agc-train`` runs for model ``name`` (its model, optimizer,
-    guard and EMA; batch 16 at 128 px, or 2 at 16 px with ``small``), in this process."""
+    """Seconds to trace, lower and compile the step ``agc-train`` runs for model ``name`` (its
+    model, optimizer, guard and EMA, as two programs compiled side by side; batch 16 at 128 px,
+    or 2 at 16 px with ``small``), in this process."""
     overrides = {"widths": (16, 32, 48, 64), "depths": (1, 1, 1, 1)} if small else {}
     model = create_model(name, 1000, rngs=nnx.Rngs(0), canonical_conv_grads=True, **overrides)
     tx = _trainers_optimizer(model.agc_unit_axes)
@@ -171,8 +172,8 @@ def _trainer_step_compile_seconds(name: str, small: bool) -> float:
     state = init_state(params, stats, tx, ema=True)
     batch_size, res = (2, 16) if small else (16, 128)
     batch = (jnp.zeros((batch_size, res, res, 3), jnp.float32), jnp.zeros((batch_size,), jnp.int32))
-    step = _library_step(split, tx, ema=0.9999)
-    return _seconds_to_compile(step, state, batch, donate_argnums=0, keep_unused=True)
+    _, seconds, *_ = _compiled_two(_library_step(split, tx, ema=0.9999), state, batch)
+    return seconds
 
 
 def _compile_in_new_process(name: str, small: bool, cache_dir: str | None) -> float:
