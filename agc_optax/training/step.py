@@ -182,9 +182,10 @@ class TwoProgramStep:
     """A :class:`TrainStep` run as two compiled programs, compiled at the same time:
     ``update(state, gradients(state, batch), *rest)``.
 
-    The first call lowers both halves (the update for the shapes and shardings that the
-    gradients half reports, ``jax.stages.Lowered.out_info``) and compiles them on two threads;
-    later calls find both executables in ``jax.jit``'s cache. Two smaller programs compile
+    The first call lowers the gradients half and compiles it on a second thread while it
+    lowers the update (for the shapes and shardings that the gradients half reports,
+    ``jax.stages.Lowered.out_info``) and compiles that; later calls find both executables in
+    ``jax.jit``'s cache. Two smaller programs compile
     faster than one (XLA's copy insertion grows faster than the program), and side by side
     faster still: NF-ResNet-50's train step on 2 CPU cores about 10.4 s instead of 13-14 s
     (``benchmarks/RESULTS.md``).
@@ -207,9 +208,11 @@ class TwoProgramStep:
         """Both halves compiled for these arguments, side by side: ``(gradients, update)``
         executables (``jax.stages.Compiled``, for their ``cost_analysis()`` and HLO)."""
         first = self.gradients.lower(state, batch)
-        second = self.update.lower(state, first.out_info, *rest)
-        with concurrent.futures.ThreadPoolExecutor(2) as pool:
-            return tuple(pool.map(lambda lowered: lowered.compile(), (first, second)))
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            # XLA compiles the gradients while Python traces and lowers the update.
+            compiling = pool.submit(first.compile)
+            second = self.update.lower(state, first.out_info, *rest).compile()
+            return compiling.result(), second
 
     def __call__(self, state: TrainState, batch: Any, *rest: Any) -> Any:
         if self._pending:
