@@ -185,10 +185,19 @@ class TwoProgramStep:
     The first call lowers the gradients half and compiles it on a second thread while it
     lowers the update (for the shapes and shardings that the gradients half reports,
     ``jax.stages.Lowered.out_info``) and compiles that; later calls find both executables in
-    ``jax.jit``'s cache. Two smaller programs compile
-    faster than one (XLA's copy insertion grows faster than the program), and side by side
-    faster still: NF-ResNet-50's train step on 2 CPU cores about 10.4 s instead of 13-14 s
-    (``benchmarks/RESULTS.md``).
+    ``jax.jit``'s cache. Two programs compile faster than one that holds both (XLA's passes,
+    copy insertion the largest, cost more than linearly in a program's size), and at the same
+    time faster still: NF-ResNet-50's train step on 2 CPU cores in 9.0 s instead of 13-14 s,
+    F0's in 11.3 s instead of 17-19 s (``benchmarks/RESULTS.md``). The price is a second
+    dispatch per step, about 0.3 ms on CPU.
+
+    Example::
+
+      step = make_train_step(split, tx, seed=0, ema=0.9999, skip_nonfinite=True)
+      train_step = TwoProgramStep(
+          jax.jit(step.gradients), jax.jit(step.update, donate_argnums=0)
+      )
+      state, metrics = train_step(state, batch)  # compiles both, then runs both
 
     Args:
       gradients: the first half jitted (``jax.jit(step.gradients)``), its state not donated:
