@@ -253,3 +253,7 @@ def test_a_step_is_one_or_two_programs():
     config = PRESETS["smoke"].replace(step_programs=0)
     with pytest.raises(ConfigError, match="`--step-programs` must be 1 or 2, got 0"):
         validate(config, [config.model])
+    from agc_optax.train import _parser, config_from_args
+
+    assert config_from_args(_parser().parse_args([])).step_programs == 2
+    assert config_from_args(_parser().parse_args(["--step-programs", "1"])).step_programs == 1
