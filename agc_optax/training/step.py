@@ -162,7 +162,7 @@ class TrainStep:
 
     Jitted whole, the two halves are one XLA program. Jitted apart, they are two, which
     XLA compiles faster (separately, or at the same time: :class:`TwoProgramStep`) and runs
-    about as fast, one dispatch (~0.3 ms on CPU) apart: every update waits for every gradient
+    almost as fast (0.3-0.5 ms more per step on CPU): every update waits for every gradient
     anyway, because the divergence guard decides from all of them (``benchmarks/RESULTS.md``).
     The two forms fuse differently, so their float32 results agree to rounding.
 
@@ -189,8 +189,8 @@ class TwoProgramStep:
     ``jax.jit``'s cache. Two programs compile faster than one that holds both (XLA's passes,
     copy insertion the largest, cost more than linearly in a program's size), and at the same
     time faster still: NF-ResNet-50's train step on 2 CPU cores in 9.0 s instead of 13-14 s,
-    F0's in 11.3 s instead of 17-19 s (``benchmarks/RESULTS.md``). The price is a second
-    dispatch per step, about 0.3 ms on CPU.
+    F0's in 11.3 s instead of 17-19 s (``benchmarks/RESULTS.md``). The price: the update no
+    longer overlaps the end of the backward pass, about 0.3-0.5 ms per step on CPU.
 
     Example::
 
