@@ -162,8 +162,9 @@ class TrainStep:
 
     Jitted whole, the two halves are one XLA program. Jitted apart, they are two, which
     XLA compiles faster (separately, or at the same time: :class:`TwoProgramStep`) and runs
-    almost as fast (0.3-0.5 ms more per step on CPU): every update waits for every gradient
-    anyway, because the divergence guard decides from all of them (``benchmarks/RESULTS.md``).
+    almost as fast (on CPU 0.3-0.5 ms more for a 4 ms step, within 2% for NF-ResNet-50 and
+    F0): every update waits for every gradient anyway, because the divergence guard decides
+    from all of them (``benchmarks/RESULTS.md``).
     The two forms fuse differently, so their float32 results agree to rounding.
 
     Attributes:
@@ -190,7 +191,8 @@ class TwoProgramStep:
     copy insertion the largest, cost more than linearly in a program's size), and at the same
     time faster still: NF-ResNet-50's train step on 2 CPU cores in 9.0 s instead of 13-14 s,
     F0's in 11.3 s instead of 17-19 s (``benchmarks/RESULTS.md``). The price: the update no
-    longer overlaps the end of the backward pass, about 0.3-0.5 ms per step on CPU.
+    longer overlaps the end of the backward pass (on CPU 0.3-0.5 ms of the default run's 4 ms
+    step; within noise, 0-2%, of NF-ResNet-50's and F0's).
 
     Example::
 
