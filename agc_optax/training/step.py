@@ -164,8 +164,8 @@ class TrainStep:
     XLA compiles faster (separately, or at the same time: :class:`TwoProgramStep`) and runs
     almost as fast (on CPU 0.3-0.5 ms more for a 4 ms step, within 2% for NF-ResNet-50 and
     F0): every update waits for every gradient anyway, because the divergence guard decides
-    from all of them (``benchmarks/RESULTS.md``).
-    The two forms fuse differently, so their float32 results agree to rounding.
+    from all of them (``benchmarks/RESULTS.md``). The two forms fuse differently, so their
+    float32 results agree to rounding.
 
     Attributes:
       gradients: ``(state, batch) -> Gradients``: the forward and backward pass.

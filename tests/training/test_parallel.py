@@ -14,6 +14,8 @@ from collections.abc import Callable
 
 import numpy as np
 
+from tests.multidevice import run_on_cpu_devices
+
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "parallel_worker.py")
 # Reduction order differs between layouts, so float32 results agree to rounding, not bits.
 RTOL = 1e-5
@@ -199,8 +201,6 @@ def test_split_state_gets_its_gradients_split_alike_between_the_two_programs():
     # --shard-params with the two-program step: the gradients program hands over each
     # gradient split as its parameter is (a replicated hand-over would hold every gradient
     # whole on each device), and the update keeps the state's layout.
-    from tests.multidevice import run_on_cpu_devices
-
     out = run_on_cpu_devices(
         """
         import sys
